@@ -1,0 +1,45 @@
+"""Evaluation datasets in their standard layouts, and the table of named splits."""
+
+from emerdiff.data.datasets import (
+    ADE20K150,
+    VOC2012,
+    Cityscapes19,
+    Cityscapes27,
+    CocoStuff27,
+    CocoStuff171,
+    DatasetMetadata,
+    DatasetNotFoundError,
+    EmptySplitError,
+    PascalContext59,
+    PascalContext459,
+    Sample,
+    SegmentationDataset,
+    load_metadata,
+    resize_and_center_crop,
+    voc_colormap,
+)
+from emerdiff.data.registry import DATASETS, DatasetSpec, build_dataset, dataset_metadata, dataset_spec
+
+__all__ = [
+    "ADE20K150",
+    "DATASETS",
+    "VOC2012",
+    "Cityscapes19",
+    "Cityscapes27",
+    "CocoStuff27",
+    "CocoStuff171",
+    "DatasetMetadata",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "EmptySplitError",
+    "PascalContext59",
+    "PascalContext459",
+    "Sample",
+    "SegmentationDataset",
+    "build_dataset",
+    "dataset_metadata",
+    "dataset_spec",
+    "load_metadata",
+    "resize_and_center_crop",
+    "voc_colormap",
+]

@@ -1,0 +1,377 @@
+"""Semantic segmentation evaluation datasets, read from their standard on-disk layouts.
+
+Every dataset returns one dict per image::
+
+    {"image": uint8 numpy array, H x W x 3 (RGB),
+     "label": int64 numpy array, H x W, class ids 0..C-1 and the ignore index elsewhere,
+     "meta":  {"id": unique image id usable as a file name, "path": image file path}}
+
+Images stay uint8 numpy arrays so that the segmentor owns its own normalisation; the
+default collate turns them into tensors (use batch size 1 or a custom collate when
+``size`` is None, since full images differ in size).
+
+Class names, ignore index and palette are class-level metadata (``Dataset.metadata()``),
+read on first use from the JSON files in ``emerdiff/data/metadata/``, which also hold the
+map from raw annotation values to class ids. The ignore index is 255 everywhere except
+PASCAL-Context-459, where 255 is a real class and the ignore index is 65535.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+Interpolation = Literal["bilinear", "bicubic"]
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset root does not have the expected directory layout."""
+
+
+class EmptySplitError(DatasetNotFoundError):
+    """A dataset split was found on disk but lists no images."""
+
+
+@dataclass(frozen=True)
+class DatasetMetadata:
+    """Facts about a label set: class names (index = class id), ignore index, colours."""
+
+    name: str
+    classes: tuple[str, ...]
+    ignore_index: int
+    palette: tuple[tuple[int, int, int], ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, excluding the ignore index."""
+        return len(self.classes)
+
+
+def voc_colormap(num_colors: int) -> np.ndarray:
+    """PASCAL VOC colour map (bits of the index spread over R, G, B), num_colors x 3 uint8."""
+    index = np.arange(num_colors)
+    colormap = np.zeros((num_colors, 3), dtype=np.uint8)
+    for shift in range(7, -1, -1):
+        for channel in range(3):
+            colormap[:, channel] |= ((index >> channel) & 1).astype(np.uint8) << shift
+        index = index >> 3
+    return colormap
+
+
+@functools.cache
+def _load_label_set(label_set: str) -> tuple[DatasetMetadata, np.ndarray]:
+    """Read one metadata JSON file: its metadata and a raw-value -> class-id lookup table."""
+    text = resources.files("emerdiff.data").joinpath("metadata", f"{label_set}.json").read_text()
+    spec = json.loads(text)
+    classes = tuple(spec["classes"])
+    palette = spec.get("palette") or voc_colormap(len(classes)).tolist()
+    metadata = DatasetMetadata(
+        name=spec["name"],
+        classes=classes,
+        ignore_index=int(spec["ignore_index"]),
+        palette=tuple(tuple(int(v) for v in color) for color in palette),
+    )
+    # Raw annotations are 8- or 16-bit, so a 65536-entry table covers every raw value.
+    lookup = np.full(1 << 16, metadata.ignore_index, dtype=np.int64)
+    for raw, class_id in spec["label_map"].items():
+        lookup[int(raw)] = class_id
+    lookup.setflags(write=False)
+    return metadata, lookup
+
+
+def load_metadata(label_set: str) -> DatasetMetadata:
+    """Metadata of a label set by file stem, e.g. "ade20k150" (cached)."""
+    return _load_label_set(label_set)[0]
+
+
+def resize_and_center_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
+    """Resize so the shorter side is `size`, then cut the central size x size square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_width, new_height = max(size, int(width * scale)), max(size, int(height * scale))
+    image = image.resize((new_width, new_height), resample=resample)
+    left = int(round((new_width - size) / 2.0))
+    top = int(round((new_height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split: its id and the two files it is read from."""
+
+    id: str
+    image_path: Path
+    label_path: Path
+
+
+class SegmentationDataset(Dataset):
+    """Base class: lists a split's samples on construction and decodes one per item.
+
+    Args:
+        root: the dataset's top folder (see each subclass's LAYOUT).
+        split: split folder or list name; None means the validation split (DEFAULT_SPLIT).
+        size: None keeps full images; an int resizes the shorter side to `size` (image with
+            `interpolation`, label with nearest neighbour) and centre-crops size x size.
+        interpolation: "bicubic" or "bilinear", for the image only.
+    """
+
+    LABEL_SET: ClassVar[str]
+    LAYOUT: ClassVar[str]
+    DEFAULT_SPLIT: ClassVar[str]
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        size: int | None = None,
+        interpolation: Interpolation = "bicubic",
+    ) -> None:
+        if size is not None and size <= 0:
+            raise ValueError(f"size must be a positive int or None, got {size}")
+        if interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}")
+        self.root = Path(root).expanduser()
+        self.split = self.DEFAULT_SPLIT if split is None else split
+        self.size = size
+        self.interpolation = interpolation
+        self._require(self.root)
+        self.samples = self._find_samples()
+        if not self.samples:
+            raise EmptySplitError(self._layout_message("no images found"))
+
+    @classmethod
+    def metadata(cls) -> DatasetMetadata:
+        """Class names, ignore index and palette of this dataset."""
+        return load_metadata(cls.LABEL_SET)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        with Image.open(sample.image_path) as image_file:
+            image = image_file.convert("RGB")
+        with Image.open(sample.label_path) as label_file:
+            raw = label_file.copy()  # P, L and I;16 images keep their raw values
+        if image.size != raw.size:
+            raise ValueError(
+                f"{sample.label_path}: label size {raw.size} differs from image size {image.size}"
+            )
+        if self.size is not None:
+            image = resize_and_center_crop(image, self.size, _RESAMPLE[self.interpolation])
+            raw = resize_and_center_crop(raw, self.size, Image.Resampling.NEAREST)
+        return {
+            "image": np.array(image, dtype=np.uint8),
+            "label": self._decode_label(np.array(raw), sample.label_path),
+            "meta": {"id": sample.id, "path": str(sample.image_path)},
+        }
+
+    def _decode_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Map raw annotation values to class ids; unlisted values become the ignore index."""
+        if raw.ndim != 2 or raw.dtype not in (np.uint8, np.uint16):
+            raise ValueError(
+                f"{path}: expected a single-channel 8- or 16-bit label image, "
+                f"got shape {raw.shape} and dtype {raw.dtype}"
+            )
+        return _load_label_set(self.LABEL_SET)[1][raw]
+
+    def _find_samples(self) -> list[Sample]:
+        """List the split's samples, checking the layout on the way."""
+        raise NotImplementedError
+
+    def _layout_message(self, problem: str) -> str:
+        name = type(self).__name__
+        return (
+            f"{name} (root={str(self.root)!r}, split={self.split!r}): {problem}.\n"
+            f"Expected layout under the root:\n{self.LAYOUT.format(split=self.split)}"
+        )
+
+    def _require(self, path: Path) -> Path:
+        """Return `path`, or raise DatasetNotFoundError showing the expected layout."""
+        if not path.exists():
+            raise DatasetNotFoundError(self._layout_message(f"missing {str(path)!r}"))
+        return path
+
+    def _samples_from_ids(
+        self, ids: list[str], image_dir: Path, image_suffix: str, label_dir: Path, label_suffix: str
+    ) -> list[Sample]:
+        """Pair each id with its image and label file; every one of them must exist."""
+        samples = [
+            Sample(i, image_dir / f"{i}{image_suffix}", label_dir / f"{i}{label_suffix}") for i in ids
+        ]
+        missing = [p for s in samples for p in (s.image_path, s.label_path) if not p.is_file()]
+        if missing:
+            raise DatasetNotFoundError(
+                self._layout_message(f"{len(missing)} listed files are missing, e.g. {str(missing[0])!r}")
+            )
+        return samples
+
+    def _samples_from_image_dir(
+        self, image_dir: Path, image_suffix: str, label_dir: Path, label_suffix: str
+    ) -> list[Sample]:
+        """One sample per image file in `image_dir`, with the label of the same stem."""
+        self._require(image_dir)
+        self._require(label_dir)
+        ids = sorted(p.name[: -len(image_suffix)] for p in image_dir.glob(f"*{image_suffix}"))
+        return self._samples_from_ids(ids, image_dir, image_suffix, label_dir, label_suffix)
+
+    def _read_id_list(self, path: Path) -> list[str]:
+        """Image ids from a text file, one per line."""
+        lines = self._require(path).read_text().splitlines()
+        return [line.strip() for line in lines if line.strip()]
+
+
+class CocoStuff171(SegmentationDataset):
+    """COCO-Stuff-164k with 171 classes (stuffthingmaps PNGs: COCO id - 1, 255 unlabeled).
+
+    Args:
+        image_list: optional text file of image ids (one per line) restricting the split,
+            e.g. STEGO's ``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt``.
+    """
+
+    LABEL_SET = "coco_stuff171"
+    DEFAULT_SPLIT = "val2017"
+    LAYOUT = (
+        "  images/{split}/<id>.jpg\n"
+        "  annotations/{split}/<id>.png   (stuffthingmaps_trainval2017: 8-bit, COCO id - 1, 255 unlabeled)"
+    )
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        size: int | None = None,
+        interpolation: Interpolation = "bicubic",
+        image_list: str | Path | None = None,
+    ) -> None:
+        self.image_list = None if image_list is None else Path(image_list)
+        super().__init__(root, split, size, interpolation)
+
+    def _find_samples(self) -> list[Sample]:
+        image_dir = self._require(self.root / "images" / self.split)
+        label_dir = self._require(self.root / "annotations" / self.split)
+        if self.image_list is None:
+            return self._samples_from_image_dir(image_dir, ".jpg", label_dir, ".png")
+        ids = self._read_id_list(self.image_list)
+        return self._samples_from_ids(ids, image_dir, ".jpg", label_dir, ".png")
+
+
+class CocoStuff27(CocoStuff171):
+    """COCO-Stuff-164k with the 27 coarse classes of IIC/PiCIE/STEGO (same files as 171)."""
+
+    LABEL_SET = "coco_stuff27"
+
+
+class ADE20K150(SegmentationDataset):
+    """ADE20K SceneParsing, 150 classes (annotation 0 = unlabeled, k = class k - 1)."""
+
+    LABEL_SET = "ade20k150"
+    DEFAULT_SPLIT = "validation"
+    LAYOUT = (
+        "  (root is the ADEChallengeData2016 folder)\n"
+        "  images/{split}/<id>.jpg\n"
+        "  annotations/{split}/<id>.png   (8-bit, 0 = unlabeled, 1..150 = classes)"
+    )
+
+    def _find_samples(self) -> list[Sample]:
+        return self._samples_from_image_dir(
+            self.root / "images" / self.split, ".jpg", self.root / "annotations" / self.split, ".png"
+        )
+
+
+class PascalContext59(SegmentationDataset):
+    """PASCAL-Context, 59 classes, mmsegmentation layout (0 = background, ignored)."""
+
+    LABEL_SET = "pascal_context59"
+    DEFAULT_SPLIT = "val"
+    LAYOUT = (
+        "  (root is VOCdevkit/VOC2010)\n"
+        "  JPEGImages/<id>.jpg\n"
+        "  SegmentationClassContext/<id>.png   (8-bit, 0 = background, 1..59 = classes)\n"
+        "  ImageSets/SegmentationContext/{split}.txt   (one id per line)"
+    )
+
+    def _find_samples(self) -> list[Sample]:
+        ids = self._read_id_list(self.root / "ImageSets" / "SegmentationContext" / f"{self.split}.txt")
+        return self._samples_from_ids(
+            ids, self.root / "JPEGImages", ".jpg", self.root / "SegmentationClassContext", ".png"
+        )
+
+
+class PascalContext459(SegmentationDataset):
+    """PASCAL-Context, all 459 classes, detectron2 ``pascal_ctx_d2`` layout (16-bit TIFF labels).
+
+    Labels are the full PASCAL-Context ids minus one (0..458); 65535 (unlabeled) is the
+    ignore index, because 255 is a real class here.
+    """
+
+    LABEL_SET = "pascal_context459"
+    DEFAULT_SPLIT = "validation"
+    LAYOUT = (
+        "  (root is the pascal_ctx_d2 folder)\n"
+        "  images/{split}/<id>.jpg\n"
+        "  annotations_ctx459/{split}/<id>.tif   (16-bit, 0..458 = classes, 65535 = unlabeled)"
+    )
+
+    def _find_samples(self) -> list[Sample]:
+        return self._samples_from_image_dir(
+            self.root / "images" / self.split, ".jpg", self.root / "annotations_ctx459" / self.split, ".tif"
+        )
+
+
+class Cityscapes19(SegmentationDataset):
+    """Cityscapes fine annotations mapped from labelIds to the 19 trainIds."""
+
+    LABEL_SET = "cityscapes19"
+    DEFAULT_SPLIT = "val"
+    LAYOUT = (
+        "  leftImg8bit/{split}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n"
+        "  gtFine/{split}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png   (8-bit labelIds 0..33)"
+    )
+    _IMAGE_SUFFIX: ClassVar[str] = "_leftImg8bit.png"
+    _LABEL_SUFFIX: ClassVar[str] = "_gtFine_labelIds.png"
+
+    def _find_samples(self) -> list[Sample]:
+        image_root = self._require(self.root / "leftImg8bit" / self.split)
+        label_root = self._require(self.root / "gtFine" / self.split)
+        samples = []
+        for city_dir in sorted(p for p in image_root.iterdir() if p.is_dir()):
+            samples += self._samples_from_image_dir(
+                city_dir, self._IMAGE_SUFFIX, label_root / city_dir.name, self._LABEL_SUFFIX
+            )
+        return samples
+
+
+class Cityscapes27(Cityscapes19):
+    """Cityscapes with the 27 classes of PiCIE/STEGO: labelIds 7..33 -> 0..26, others ignored."""
+
+    LABEL_SET = "cityscapes27"
+
+
+class VOC2012(SegmentationDataset):
+    """PASCAL VOC 2012 segmentation, 21 classes with background (255 = void boundary)."""
+
+    LABEL_SET = "voc2012"
+    DEFAULT_SPLIT = "val"
+    LAYOUT = (
+        "  (root is VOCdevkit/VOC2012)\n"
+        "  JPEGImages/<id>.jpg\n"
+        "  SegmentationClass/<id>.png   (palette PNG: 0 = background, 1..20 = classes, 255 = void)\n"
+        "  ImageSets/Segmentation/{split}.txt   (one id per line)"
+    )
+
+    def _find_samples(self) -> list[Sample]:
+        ids = self._read_id_list(self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt")
+        return self._samples_from_ids(
+            ids, self.root / "JPEGImages", ".jpg", self.root / "SegmentationClass", ".png"
+        )

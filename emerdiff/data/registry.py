@@ -1,0 +1,71 @@
+"""Named evaluation splits: an explicit, read-only table from split name to dataset class.
+
+Nothing is registered at import time; callers look names up with ``build_dataset`` or
+``dataset_metadata``. To add a split, add an entry to ``DATASETS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from emerdiff.data.datasets import (
+    ADE20K150,
+    VOC2012,
+    Cityscapes19,
+    Cityscapes27,
+    CocoStuff27,
+    CocoStuff171,
+    DatasetMetadata,
+    PascalContext59,
+    PascalContext459,
+    SegmentationDataset,
+)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named split: the dataset class that reads it and the split it passes."""
+
+    dataset_cls: type[SegmentationDataset]
+    split: str
+
+    @property
+    def metadata(self) -> DatasetMetadata:
+        """Class names, ignore index and palette of the split."""
+        return self.dataset_cls.metadata()
+
+
+DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
+    {
+        "coco_stuff171_val": DatasetSpec(CocoStuff171, "val2017"),
+        "coco_stuff27_val": DatasetSpec(CocoStuff27, "val2017"),
+        "ade20k_val": DatasetSpec(ADE20K150, "validation"),
+        "pascal_context59_val": DatasetSpec(PascalContext59, "val"),
+        "pascal_context459_val": DatasetSpec(PascalContext459, "validation"),
+        "cityscapes19_val": DatasetSpec(Cityscapes19, "val"),
+        "cityscapes27_val": DatasetSpec(Cityscapes27, "val"),
+        "voc2012_val": DatasetSpec(VOC2012, "val"),
+    }
+)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec of a named split; a ValueError lists the valid names for an unknown one."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from None
+
+
+def dataset_metadata(name: str) -> DatasetMetadata:
+    """Class names, ignore index and palette of a named split, without touching the disk."""
+    return dataset_spec(name).metadata
+
+
+def build_dataset(name: str, root: str | Path, **options: Any) -> SegmentationDataset:
+    """Construct a named split from `root`; options go to the dataset (size, interpolation, ...)."""
+    spec = dataset_spec(name)
+    return spec.dataset_cls(root, split=spec.split, **options)

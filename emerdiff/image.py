@@ -1,0 +1,106 @@
+"""SPEC step 1: read any supported image into RGB and resize it to SD's working resolution."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+
+
+class ImageLoadError(ValueError):
+    """An input that cannot be read as an image; the message names the file and the problem."""
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    """HxWx3 uint8; 16/32-bit and float modes are rescaled, alpha is dropped, gray is replicated."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_image(path: Union[str, Path]) -> np.ndarray:
+    """Decode an image file to HxWx3 uint8, or raise ImageLoadError naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image '{path}' does not exist")
+    if path.is_dir():
+        raise ImageLoadError(f"'{path}' is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"cannot read image '{path}': the file is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_array(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(
+            f"cannot read image '{path}': not a readable image ({exc}); use PNG, JPEG, BMP, TIFF or WebP"
+        ) from exc
+
+
+def _array_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageLoadError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {arr.shape}")
+    arr = arr[..., :3] if arr.shape[2] == 4 else np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr
+    if arr.dtype == np.uint8:
+        scaled = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        scaled = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        scaled = arr.astype(np.float32)
+    else:
+        raise ImageLoadError(f"unsupported array dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+    return torch.from_numpy(np.ascontiguousarray(scaled)).permute(2, 0, 1)
+
+
+def load_image(image: ImageInput) -> torch.Tensor:
+    """Any supported input -> float32 RGB tensor [3, H, W] in [0, 1].
+
+    Paths and PIL images are decoded; arrays are HxW(x3|x4) uint8/uint16/float; tensors are
+    CHW (1, 3 or 4 channels) float in [0, 1] or uint8.
+    """
+    if isinstance(image, (str, Path)):
+        rgb = _array_to_tensor(read_image(image))
+    elif isinstance(image, Image.Image):
+        rgb = _array_to_tensor(_pil_to_array(image))
+    elif isinstance(image, np.ndarray):
+        rgb = _array_to_tensor(image)
+    elif isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ImageLoadError(f"expected a CHW tensor with 1, 3 or 4 channels, got shape {tuple(image.shape)}")
+        rgb = image[:3].float() / 255.0 if image.dtype == torch.uint8 else image[:3].float()
+        rgb = rgb.expand(3, -1, -1) if rgb.shape[0] == 1 else rgb
+    else:
+        raise ImageLoadError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor")
+    if min(rgb.shape[1:]) < 1:
+        raise ImageLoadError(f"image has no pixels (size {tuple(rgb.shape[1:])})")
+    return rgb.clamp(0, 1).contiguous()
+
+
+def to_model_input(rgb: torch.Tensor, resolution: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """[3, H, W] in [0, 1] -> [1, 3, R, R] in [-1, 1], anti-aliased resize (SPEC step 1)."""
+    if interpolation not in ("bicubic", "bilinear"):
+        raise ValueError(f"segmentor.interpolation must be bicubic or bilinear, got '{interpolation}'")
+    resized = F.interpolate(rgb[None], size=(resolution, resolution), mode=interpolation,
+                            antialias=True, align_corners=False)
+    return resized.clamp(0, 1) * 2 - 1
+
+
+def image_seed(rgb: torch.Tensor, base_seed: int) -> int:
+    """A 63-bit seed from the base seed and the image content, so results never depend on batch-mates."""
+    pixels = (rgb * 255).round().to(torch.uint8).cpu().numpy()
+    digest = hashlib.sha256(str(base_seed).encode() + str(pixels.shape).encode() + pixels.tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -1,0 +1,114 @@
+"""SPEC steps 2 and 6: VAE encoding and edit-friendly DDPM inversion.
+
+Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., 2023): every grid latent
+x_t, t <= t_m, is drawn independently from q(x_t | z0); the UNet runs on all of them
+in one batch, and the per-step noise maps z_t are solved so that the eta = 1 DDIM
+reverse step maps x_t exactly onto the next grid latent (z0 after the last step).
+Replaying the reverse steps with these z_t and no modulation reproduces z0.
+All scheduler arithmetic is float32 whatever the UNet's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+
+# (latents [B, 4, h, w], timesteps [B]) -> UNet output (epsilon or v), float32
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def encode_image(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """SPEC step 2: z0 = mean of the VAE posterior x scaling factor, float32 [B, 4, R/8, R/8]."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean.float() * vae.config.scaling_factor
+
+
+@dataclass
+class DDPMGrid:
+    """The reverse-step grid (descending timesteps) and its eta = 1 DDIM coefficients."""
+
+    timesteps: List[int]  # e.g. 981, 961, ..., 1
+    alpha_bar: torch.Tensor  # [S] cumulative alpha at each grid step
+    alpha_bar_prev: torch.Tensor  # [S] at the next (smaller) step; final_alpha_cumprod after the last
+    prediction_type: str
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_inference_steps: int) -> "DDPMGrid":
+        scheduler.set_timesteps(num_inference_steps)
+        steps = [int(t) for t in scheduler.timesteps]
+        gap = scheduler.config.num_train_timesteps // num_inference_steps
+        acp = scheduler.alphas_cumprod.double()
+        final = torch.as_tensor(scheduler.final_alpha_cumprod).double()
+        prev = [acp[t - gap] if t - gap >= 0 else final for t in steps]
+        return cls(steps, acp[steps].float(), torch.stack(prev).float(), scheduler.config.prediction_type)
+
+    def index(self, timestep: int) -> int:
+        if timestep not in self.timesteps:
+            raise ValueError(f"timestep {timestep} is not on the scheduler grid {self.timesteps}; "
+                             "choose segmentor.t_modulate from it")
+        return self.timesteps.index(timestep)
+
+    def tail(self, timestep: int) -> List[int]:
+        """Grid steps from `timestep` down to the last one."""
+        return self.timesteps[self.index(timestep):]
+
+    def sigma(self, i: int) -> torch.Tensor:
+        """Std of the eta = 1 reverse step (the DDPM posterior's)."""
+        a, a_prev = self.alpha_bar[i], self.alpha_bar_prev[i]
+        return ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+
+    def mean(self, x: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
+        """Deterministic part of the eta = 1 DDIM step (Song et al. eq. 12)."""
+        a, a_prev = self.alpha_bar[i], self.alpha_bar_prev[i]
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        elif self.prediction_type == "v_prediction":
+            x0 = a.sqrt() * x - (1 - a).sqrt() * model_output
+            eps = a.sqrt() * model_output + (1 - a).sqrt() * x
+        else:
+            raise ValueError(f"unsupported prediction_type '{self.prediction_type}'")
+        return a_prev.sqrt() * x0 + (1 - a_prev - self.sigma(i) ** 2).clamp_min(0).sqrt() * eps
+
+    def step(self, x: torch.Tensor, model_output: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
+        """One reverse step x_t -> x_{t-1} with the given noise map."""
+        return self.mean(x, model_output, i) + self.sigma(i) * noise
+
+
+@dataclass
+class Inversion:
+    """The grid latents from t_m down (x_t, first is x_{t_m}) and the noise maps that reproduce them."""
+
+    timesteps: List[int]  # t_m, ..., 1
+    latents: torch.Tensor  # [S, 4, h, w] float32, sampled x_t
+    noise: torch.Tensor  # [S, 4, h, w] float32, z_t
+    clean: torch.Tensor  # [1, 4, h, w] z0
+
+
+@torch.no_grad()
+def ddpm_inversion(
+    denoise: Denoiser, grid: DDPMGrid, z0: torch.Tensor, t_max: int, generator: torch.Generator,
+    chunk_size: int = 0,
+) -> Inversion:
+    """SPEC step 6: edit-friendly DDPM inversion of z0 [1, 4, h, w] over the grid steps <= t_max."""
+    steps = grid.tail(t_max)
+    first = grid.index(t_max)
+    if any(grid.sigma(i) <= 0 for i in range(first, len(grid.timesteps))):
+        raise ValueError("exact inversion needs a noisy reverse step everywhere: use a scheduler with "
+                         "set_alpha_to_one=False (SD's own configuration)")
+    a = grid.alpha_bar[first:].to(z0.device)[:, None, None, None]
+    eps = torch.randn((len(steps), *z0.shape[1:]), generator=generator).to(z0)
+    latents = a.sqrt() * z0 + (1 - a).sqrt() * eps  # x_t ~ q(x_t | z0), independent per step
+    t = torch.as_tensor(steps, device=z0.device)
+    size = chunk_size if chunk_size > 0 else len(steps)
+    outputs = torch.cat([denoise(latents[s:s + size], t[s:s + size]) for s in range(0, len(steps), size)])
+    targets = torch.cat([latents[1:], z0])  # x_{t-1} for each step: the next grid latent, then z0
+    noise = torch.stack([
+        (targets[j] - grid.mean(latents[j], outputs[j], first + j)) / grid.sigma(first + j)
+        for j in range(len(steps))
+    ])
+    return Inversion(steps, latents, noise, z0)

@@ -1,0 +1,88 @@
+"""The whole recipe (SPEC steps 1-11) on the miniature SD and real photos."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from conftest import assert_same_segmentation, tiny_segmentor
+
+
+@pytest.fixture(scope="module")
+def coffee() -> np.ndarray:
+    """A second real photo, non-square and odd-sized: 333 x 517."""
+    return np.asarray(Image.fromarray(data.coffee()).resize((517, 333), Image.BICUBIC))
+
+
+def test_lambda_zero_gives_exactly_zero_difference_maps(tiny_components, photo):
+    out = tiny_segmentor(tiny_components, resolution=128, num_masks=3, lam=0.0, keep_diff_maps=True).segment(photo)
+    assert out.diff_maps is not None and out.diff_maps.shape == (3, 128, 160)
+    assert out.diff_maps.abs().max() == 0
+
+
+def test_labels_are_at_the_input_size_and_index_existing_masks(tiny_components, coffee):
+    out = tiny_segmentor(tiny_components, resolution=128, num_masks=4, keep_diff_maps=True).segment(coffee)
+    assert out.labels.shape == (333, 517) and out.labels.dtype == torch.int64
+    assert out.labels_bilinear.shape == (333, 517)
+    k = out.num_masks
+    assert 1 <= k <= 4 and out.lowres_masks.shape == (k, 4, 4) and out.mask_embeddings.shape == (k, 32)
+    assert set(out.labels.unique().tolist()) <= set(range(k))
+    assert out.labels.unique().numel() > 1  # a real modulation separates the masks
+    # the labels are the argmax of the (resized) difference maps, and masks partition the grid
+    torch.testing.assert_close(out.labels, out.diff_maps.argmax(0))
+    assert torch.equal(out.lowres_masks.sum(0), torch.ones(4, 4, dtype=torch.long))
+    assert torch.equal(out.lowres_masks.float().argmax(0), out.lowres_labels)
+
+
+def test_mask_embeddings_are_the_mean_feature_inside_each_mask(tiny_components, photo):
+    from emerdiff.features import extract_queries
+    from emerdiff.image import image_seed, load_image, to_model_input
+    from emerdiff.inversion import encode_image
+
+    model = tiny_segmentor(tiny_components, resolution=128, num_masks=3)
+    out = model.segment(photo)
+    rgb = load_image(photo)
+    z0 = encode_image(model.vae, to_model_input(rgb, 128))
+    feats = extract_queries(model.unet, model.components.scheduler, z0, model.prompt, model.params.feature_layer,
+                            1, 1, torch.Generator().manual_seed(image_seed(rgb, 0)))
+    for i, mask in enumerate(out.lowres_masks):
+        torch.testing.assert_close(out.mask_embeddings[i], feats.queries[mask.flatten()].mean(0))
+
+
+def test_a_single_mask_labels_every_pixel_zero(tiny_components, photo):
+    out = tiny_segmentor(tiny_components, resolution=128, num_masks=1).segment(photo)
+    assert out.num_masks == 1 and out.labels.unique().tolist() == [0]
+
+
+def test_chunk_sizes_one_three_and_all_give_identical_labels(tiny_components, photo):
+    results = [tiny_segmentor(tiny_components, resolution=128, num_masks=3, chunk_size=c,
+                              keep_diff_maps=True).segment(photo) for c in (1, 3, 0)]
+    for other in results[1:]:
+        assert_same_segmentation(other, results[0])
+
+
+def test_same_seed_same_output_and_batch_mates_do_not_matter(tiny_components, photo, coffee):
+    model = tiny_segmentor(tiny_components, resolution=128, num_masks=3)
+    alone = model.segment(photo)
+    batch = model.segment_batch([coffee, photo])
+    assert batch[1].seed == alone.seed
+    assert torch.equal(batch[1].labels, alone.labels) and torch.equal(batch[1].lowres_labels, alone.lowres_labels)
+    other_seed = tiny_segmentor(tiny_components, resolution=128, num_masks=3, seed=1).segment(photo)
+    assert other_seed.seed != alone.seed
+
+
+@pytest.mark.parametrize("num_masks,chunk_size,injection", [(2, 0, True), (3, 2, True), (3, 0, False)])
+def test_fast_path_equals_reference_path(tiny_components, photo, num_masks, chunk_size, injection):
+    common = dict(resolution=128, num_masks=num_masks, chunk_size=chunk_size, attention_injection=injection,
+                  keep_diff_maps=True)
+    fast = tiny_segmentor(tiny_components, impl="fast", **common).segment(photo)
+    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
+    assert_same_segmentation(fast, ref)
+
+
+def test_attention_injection_switch_changes_the_result(tiny_components, photo):
+    on = tiny_segmentor(tiny_components, resolution=128, num_masks=3, keep_diff_maps=True).segment(photo)
+    off = tiny_segmentor(tiny_components, resolution=128, num_masks=3, keep_diff_maps=True,
+                         attention_injection=False).segment(photo)
+    assert (on.diff_maps - off.diff_maps).abs().max() > 1e-3
