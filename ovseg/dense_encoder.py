@@ -14,9 +14,11 @@ value path ``out_proj(v_proj(ln_1(x)))`` (no residual, no MLP), the variant Clea
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import open_clip
 import torch
@@ -84,18 +86,26 @@ def load_clip(
 
 
 def _weights_help(model_name: str, pretrained: str, cache_dir: str | None) -> str:
-    """Explain where open_clip looked for the weights and how to provide them offline."""
+    """Explain which weights were missing, where open_clip looked, and how to provide them offline."""
     from huggingface_hub import constants
 
+    if os.path.isfile(pretrained):
+        return f"Could not load the checkpoint file {pretrained!r} into open_clip model {model_name!r} (see the cause)."
     source = open_clip.get_pretrained_cfg(model_name, pretrained)
-    origin = source.get("hf_hub") or source.get("url") or "(not a known tag nor an existing file)"
+    if not source:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        return (
+            f"pretrained={pretrained!r} is neither a known open_clip tag for model {model_name!r} {tags} "
+            "nor an existing checkpoint file."
+        )
+    origin = source.get("hf_hub") or source.get("url")
     looked = cache_dir or f"{constants.HF_HUB_CACHE} (Hugging Face cache; URL downloads go to ~/.cache/clip)"
     return (
-        f"Could not load CLIP weights for model {model_name!r}, pretrained {pretrained!r} from {origin}. "
+        f"Could not load CLIP weights for model {model_name!r}, pretrained {pretrained!r} (from {origin}). "
         f"open_clip looked in {looked}. To run offline: download them on a connected machine "
         f"(open_clip.create_model({model_name!r}, pretrained={pretrained!r})) and copy the cache over, "
         "point HF_HOME (or the cache_dir argument) at that cache, or pass a local checkpoint file as "
-        f"`pretrained`. Known tags for {model_name!r}: {open_clip.list_pretrained_tags_by_model(model_name)}."
+        "`pretrained`. With HF_HUB_OFFLINE=1, open_clip uses the cache without retrying the network."
     )
 
 
@@ -182,7 +192,7 @@ class MaskCLIPEncoder(nn.Module):
         """The last block with self-only attention: out_proj(v), plus residual and MLP if kept."""
         attn = block.attn
         width = x.shape[-1]
-        value = F.linear(block.ln_1(x), attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+        value = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :])
         value = block.ls_1(attn.out_proj(value))
         if not self.keep_residual:
             return value
@@ -202,9 +212,9 @@ class MaskCLIPEncoder(nn.Module):
         count = images.new_zeros(1, 1, height // p, width // p)
         for start in range(0, len(origins), self.windows_per_pass):
             chunk = origins[start : start + self.windows_per_pass]
-            crops = torch.cat([images[..., t : t + win_h, l : l + win_w] for t, l in chunk])
+            crops = torch.cat([images[..., top : top + win_h, left : left + win_w] for top, left in chunk])
             features = F.normalize(self.encode_window(crops), dim=1).split(batch)
-            for (top, left), feature in zip(chunk, features):
+            for (top, left), feature in zip(chunk, features, strict=True):
                 cells = (..., slice(top // p, (top + win_h) // p), slice(left // p, (left + win_w) // p))
                 total[cells] += feature
                 count[cells] += 1

@@ -1,12 +1,15 @@
 """Name class-agnostic masks: pool dense CLIP embeddings inside each mask, pick the closest class text.
 
+Masks and dense embeddings must cover the same image extent (at any resolutions).
+
 Mask embedding (choice and why): each mask is resampled onto the embedding grid as coverage
 weights (how many of the mask's pixels fall in each cell, a pixel belonging to the cell that
 contains its centre), and the mask embedding is the weighted mean of the cell embeddings,
-L2-normalised. This equals upsampling the embeddings to image size with nearest-neighbour
-and averaging them over the mask's pixels, exactly, at a cost of K*h*w*D instead of
-K*H*W*D and without materialising image-size embeddings. (Bilinear upsampling would only
-blend neighbouring cells near mask borders; MaskCLIP's embeddings are per patch anyway.)
+L2-normalised. This equals upsampling the embeddings to image size by pixel-centre nearest
+neighbour (``mode="nearest-exact"``) and averaging them over the mask's pixels, exactly, at
+a cost of K*h*w*D instead of K*H*W*D and without materialising image-size embeddings.
+(Bilinear upsampling would only blend neighbouring cells near mask borders; MaskCLIP's
+embeddings are per patch anyway.)
 """
 
 from __future__ import annotations

@@ -136,6 +136,14 @@ def test_label_map_and_equivalent_mask_stack_give_the_same_result_at_non_divisib
     assert torch.equal(from_map.label_map, from_stack.label_map)
 
 
+def test_mask_embedding_equals_averaging_pixel_centre_upsampled_embeddings_over_the_mask():
+    torch.manual_seed(0)
+    dense, segments = torch.randn(8, 3, 5), torch.randint(0, 4, (23, 37))
+    upsampled = F.interpolate(dense[None], size=(23, 37), mode="nearest-exact")[0]
+    expected = torch.stack([F.normalize(upsampled[:, segments == k].mean(dim=1), dim=0) for k in range(4)])
+    torch.testing.assert_close(label_masks(dense, segments, _basis()).mask_embeddings, expected)
+
+
 def test_each_pixel_is_pooled_from_the_cell_containing_its_centre():
     e = _basis()
     dense = _dense_from_cells(e[:3, None, :])  # 3 cell rows: e0, e1, e2
@@ -166,7 +174,7 @@ def test_masks_below_the_threshold_become_background():
     e = _basis()
     text = torch.stack([e[7], e[0], e[1]])  # class 0 = background
     weak = F.normalize(e[0] + 2 * e[5], dim=0)  # cosine to class 1 is 1/sqrt(5) ~ 0.45
-    cells = torch.stack([weak, e[2 - 1]])[None].expand(1, 2, 8)  # right cell is exactly class 2
+    cells = torch.stack([weak, e[1]])[None].expand(1, 2, 8)  # right cell is exactly class 2 (e1)
     segments = torch.tensor([[0] * 4 + [1] * 4] * 4)
     kept = label_masks(_dense_from_cells(cells), segments, text)
     assert kept.class_ids.tolist() == [1, 2]
