@@ -27,6 +27,19 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, chunk_size: int = 
     ])
 
 
+def resize_latents(latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Trade-off switch: latents [V, 4, h, w] resized (bilinear, antialiased) to decode at `resolution` px."""
+    side = resolution // 8
+    return F.interpolate(latents, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def resize_maps(maps: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Difference maps [K, h, w] bilinearly resized to the working resolution (no-op when already there)."""
+    if maps.shape[-2:] == (resolution, resolution):
+        return maps
+    return F.interpolate(maps[:, None], size=(resolution, resolution), mode="bilinear", align_corners=False)[:, 0]
+
+
 def difference_maps(images: torch.Tensor) -> torch.Tensor:
     """Per-pixel RGB L2 distance between each variant pair (2i: -lambda, 2i+1: +lambda) -> [K, H, W]."""
     pairs = images.unflatten(0, (-1, 2))  # [K, 2, 3, H, W]

@@ -54,7 +54,12 @@ class SegmentorConfig:
     kmeans_iters: int = 50
     kmeans_device: str = "auto"  # auto = faiss GPU index when faiss sees a GPU
     chunk_size: int = 0  # (mask, sign) variants per UNet batch; 0 = all at once
+    memory_budget_gb: float = 16.0  # activation memory per image, beyond the weights; chunks are sized to fit
     impl: str = "fast"  # fast (shared prefix, shared attention) or reference (one variant at a time)
+    channels_last: bool = False  # UNet/VAE convolutions in channels_last memory format (same results)
+    denoise_steps: int = 0  # trade-off: steps from t_m to the end, evenly spaced; 0 = every grid step
+    min_mask_fraction: float = 0.0  # trade-off: masks below this share of the grid are not modulated
+    decode_resolution: int = 0  # trade-off: decode the variants at this square size; 0 = resolution
     keep_diff_maps: bool = False  # return the K difference maps at the input size
     seed: int = 0  # mixed with the image content into the per-image seed
 
@@ -63,9 +68,11 @@ class SegmentorConfig:
 class DataConfig:
     """Which images are read and how (prediction inputs and evaluation datasets)."""
 
+    input: Optional[str] = None  # prediction input: image file, folder (recursive), glob, or .txt list of paths
     dataset: Optional[str] = None  # registered evaluation split, e.g. voc2012_val (emerdiff.data.registry)
     root: Optional[str] = None  # dataset root in its standard layout
     size: Optional[int] = None  # evaluation: resize the shorter side and centre-crop; null = full image
+    image_list: Optional[str] = None  # evaluation: text file of image ids restricting a COCO-Stuff split
     num_workers: int = 2  # DataLoader workers
 
 
@@ -75,6 +82,48 @@ class OutputConfig:
 
     dir: Optional[str] = None
     overwrite: bool = False  # redo images whose outputs already exist
+    overlay: bool = True  # write NAME_overlay.jpg (mask colours and boundaries over the photo)
+    figure: bool = False  # write NAME_figure.png: photo | k-means masks | bilinear | EmerDiff
+    overlay_alpha: float = 0.5  # opacity of the mask colours in overlays and figures
+    jpeg_quality: int = 90  # quality of NAME_overlay.jpg
+
+
+@dataclass
+class EvalConfig:
+    """Unsupervised evaluation protocols (SPEC "Evaluation protocols", docs/evaluation.md)."""
+
+    protocols: List[str] = field(
+        default_factory=lambda: ["hungarian", "dataset", "concept_image", "concept_dataset"]
+    )  # also "majority": per-image many-to-one matching
+    match_criterion: str = "iou"  # per-image Hungarian maximises summed IoU, or pixel overlap ("overlap")
+    dataset_clusters: Optional[int] = None  # k-means clusters of the dataset-level protocol; null = classes
+    kmeans_seed: int = 0  # dataset-level faiss k-means
+    kmeans_restarts: int = 5
+    kmeans_iters: int = 50
+    kmeans_l2_normalize: bool = False  # spherical k-means on L2-normalised mask embeddings
+    paper_miou: Dict[str, Dict[str, float]] = field(default_factory=dict)  # protocol -> method -> paper's mIoU
+    paper_note: Optional[str] = None  # context printed under the results table
+
+
+@dataclass
+class OVSegConfig:
+    """Open-vocabulary naming of EmerDiff masks with dense CLIP (SPEC "Open-vocabulary extension", ovseg)."""
+
+    vocab: Optional[str] = None  # shipped name (coco, ade150, ...), a .txt file, or "cat,dog,grass"
+    clip_model: str = "ViT-B-16"  # open_clip architecture; ovseg-tiny = tiny test model
+    clip_pretrained: Optional[str] = "openai"  # open_clip tag or checkpoint file; null = random weights
+    clip_init_seed: int = 0  # seed of the random weights when clip_pretrained is null
+    clip_cache_dir: Optional[str] = None  # where open_clip looks for weights; null = its default cache
+    encoder: str = "maskclip"  # dense encoder (ovseg.pipeline.ENCODERS)
+    window: Optional[int] = None  # sliding-window size in pixels; null = the model's input size
+    window_stride: Optional[int] = None  # window step in pixels; null = half a window
+    keep_residual: bool = True  # MaskCLIP's last block keeps residual + MLP; false = bare value path
+    templates: str = "maskclip"  # prompt templates: maskclip (85) or imagenet (80)
+    background_threshold: Optional[float] = None  # masks below this cosine become background; null = off
+    text_cache_dir: Optional[str] = None  # class text embeddings cache; null = OUTPUT/ov/text_embeddings
+    paper_miou: Dict[str, float] = field(default_factory=dict)  # method (maskclip, emerdiff) -> paper's mIoU
+    paper_reference: Dict[str, float] = field(default_factory=dict)  # paper rows we do not run -> mIoU
+    paper_note: Optional[str] = None  # context printed under the results table
 
 
 @dataclass
@@ -85,6 +134,8 @@ class EmerDiffConfig:
     segmentor: SegmentorConfig = field(default_factory=SegmentorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ovseg: OVSegConfig = field(default_factory=OVSegConfig)
     trainer: Dict[str, Any] = field(
         default_factory=lambda: {"accelerator": "auto", "devices": 1, "precision": "32-true"}
     )
@@ -122,7 +173,19 @@ def schema() -> DictConfig:
     """The default configuration in strict mode (unknown keys raise)."""
     cfg = OmegaConf.structured(EmerDiffConfig)
     OmegaConf.set_struct(cfg, True)
+    _open_dict_fields(cfg)  # any Trainer argument (the tools check the names against Trainer), paper tables
     return cfg
+
+
+def _open_dict_fields(node: DictConfig) -> None:
+    """Let ``Dict``-typed fields (trainer, paper numbers) take any key; dataclass sections stay strict."""
+    for key in node:
+        child = node[key]
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_dict_fields(child)
 
 
 def load_config(*paths: Union[PathLike, Sequence[PathLike]], overrides: Sequence[str] = ()) -> DictConfig:

@@ -16,7 +16,7 @@ from typing import Callable, List
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
-# (latents [B, 4, h, w], timesteps [B]) -> UNet output (epsilon or v), float32
+# (latents [B, 4, h, w], timesteps [B] on the CPU, readable without a device sync) -> UNet output, float32
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -51,6 +51,21 @@ class DDPMGrid:
             raise ValueError(f"timestep {timestep} is not on the scheduler grid {self.timesteps}; "
                              "choose segmentor.t_modulate from it")
         return self.timesteps.index(timestep)
+
+    def thinned(self, timestep: int, num_steps: int) -> "DDPMGrid":
+        """Keep `num_steps` evenly spaced grid steps from `timestep` to the last one (0 or more = all).
+
+        Each kept step then jumps to the next kept one, so the reverse process (and the
+        inversion solved on this grid) takes fewer, larger steps: fewer UNet passes,
+        different results. Steps before `timestep` are unchanged.
+        """
+        first, last = self.index(timestep), len(self.timesteps) - 1
+        if num_steps <= 0 or num_steps >= last - first + 1:
+            return self
+        kept = sorted({round(first + k * (last - first) / max(num_steps - 1, 1)) for k in range(num_steps)})
+        keep = list(range(first)) + kept
+        prev = torch.cat([self.alpha_bar[keep[1:]], self.alpha_bar_prev[-1:]])  # each step jumps to the next kept
+        return DDPMGrid([self.timesteps[j] for j in keep], self.alpha_bar[keep], prev, self.prediction_type)
 
     def tail(self, timestep: int) -> List[int]:
         """Grid steps from `timestep` down to the last one."""
@@ -103,7 +118,7 @@ def ddpm_inversion(
     a = grid.alpha_bar[first:].to(z0.device)[:, None, None, None]
     eps = torch.randn((len(steps), *z0.shape[1:]), generator=generator).to(z0)
     latents = a.sqrt() * z0 + (1 - a).sqrt() * eps  # x_t ~ q(x_t | z0), independent per step
-    t = torch.as_tensor(steps, device=z0.device)
+    t = torch.as_tensor(steps)
     size = chunk_size if chunk_size > 0 else len(steps)
     outputs = torch.cat([denoise(latents[s:s + size], t[s:s + size]) for s in range(0, len(steps), size)])
     targets = torch.cat([latents[1:], z0])  # x_{t-1} for each step: the next grid latent, then z0

@@ -43,35 +43,60 @@ class ModulationSettings:
     impl: str = "fast"
 
 
-def _block_of(layer: str) -> str:
-    """The UNet block holding a layer: ``up_blocks.1`` for ``up_blocks.1.attentions.2...``."""
-    parts = layer.split(".")
-    return parts[0] if parts[0] == "mid_block" else ".".join(parts[:2])
+def _expand(value: torch.Tensor, batch: int) -> torch.Tensor:
+    """A batch-1 tensor as a [batch, ...] view; other tensors unchanged."""
+    return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value
+
+
+@dataclass(frozen=True)
+class LayerPlace:
+    """Where a transformer attention layer sits: its UNet block and its attention module's index there."""
+
+    block: str  # e.g. up_blocks.1 (or mid_block)
+    attention: int  # index j of ``<block>.attentions.j``
+
+    @classmethod
+    def of(cls, layer: str) -> "LayerPlace":
+        parts = layer.split(".")
+        block = parts[:1] if parts[0] == "mid_block" else parts[:2]
+        rest = parts[len(block):]
+        if len(rest) < 2 or rest[0] != "attentions":
+            raise ValueError(f"'{layer}' is not inside a UNet block's transformer (<block>.attentions.<j>...)")
+        return cls(".".join(block), int(rest[1]))
+
+    @property
+    def transformer(self) -> str:
+        return f"{self.block}.attentions.{self.attention}"
 
 
 @contextmanager
 def shared_prefix(unet: UNet2DConditionModel, layer: str, batch: int) -> Iterator[None]:
-    """Run the UNet at batch 1 up to the block holding `layer`, then broadcast to `batch`.
+    """Run the UNet at batch 1 up to the transformer holding `layer`, then continue at `batch`.
 
-    Forward pre-hooks expand every batch-1 tensor argument of that block, and the skip
-    connections that later up blocks concatenate, to the variant batch.
+    Forward pre-hooks expand the transformer's input to the variant batch, and every skip
+    connection that an up block concatenates after that point. An up block pops its skip
+    tuple from the end, one entry per resnet, so in the layer's own block only the entries
+    of the resnets after attention j are expanded; later up blocks get all of them.
     """
-    blocks = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"] + \
-             [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-    start = blocks.index(_block_of(layer))
-    targets = [blocks[start]] + [b for b in blocks[start + 1:] if b.startswith("up_blocks")]
+    place = LayerPlace.of(layer)
+    ups = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    after = ups[ups.index(place.block):] if place.block in ups else ups
 
-    def expand(value):
-        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 1:
-            return value.expand(batch, *value.shape[1:])
-        if isinstance(value, tuple):
-            return tuple(expand(v) for v in value)
-        return value
+    def expand_input(module, args, kwargs):
+        if args:
+            return (_expand(args[0], batch), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _expand(kwargs["hidden_states"], batch)}
 
-    def hook(module, args, kwargs):
-        return tuple(expand(a) for a in args), {k: expand(v) for k, v in kwargs.items()}
+    def expand_skips(name: str):
+        def hook(module, args, kwargs):
+            skips = kwargs["res_hidden_states_tuple"]
+            shared = len(skips) - 1 - place.attention if name == place.block else len(skips)
+            expanded = tuple(_expand(s, batch) if i < shared else s for i, s in enumerate(skips))
+            return args, {**kwargs, "res_hidden_states_tuple": expanded}
+        return hook
 
-    handles = [unet.get_submodule(b).register_forward_pre_hook(hook, with_kwargs=True) for b in targets]
+    handles = [unet.get_submodule(place.transformer).register_forward_pre_hook(expand_input, with_kwargs=True)]
+    handles += [unet.get_submodule(b).register_forward_pre_hook(expand_skips(b), with_kwargs=True) for b in after]
     try:
         yield
     finally:

@@ -119,6 +119,19 @@ def shared_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.reshape(heads, -1, batch, dim).permute(2, 0, 1, 3)
 
 
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention over [b, heads, tokens, d] inputs whose batch sizes are 1 or a common B.
+
+    Batch-1 inputs are shared: a shared Q/K with B values computes softmax(QK^T) once
+    (`shared_attention`); all inputs at batch 1 give a batch-1 output.
+    """
+    batch = max(query.shape[0], key.shape[0], value.shape[0])
+    if query.shape[0] == 1 and key.shape[0] == 1 and batch > 1:
+        return shared_attention(query, key, value, scale)
+    query, key, value = (x.expand(batch, -1, -1, -1) for x in (query, key, value))
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
 class EmerDiffAttnProcessor:
     """The stock SDPA attention of an SD transformer layer plus record / inject / modulate."""
 
@@ -152,13 +165,9 @@ class EmerDiffAttnProcessor:
         value = attn.to_v(context)
         if control.observer is not None:
             control.observer(self.layer, control.current_timestep(self.layer), query, key)
-        batch = max(batch, value.shape[0])
-        q, k, v = (_heads(x, attn.heads) for x in (query, key, value))
-        if q.shape[0] == 1 and k.shape[0] == 1 and batch > 1:
-            out = shared_attention(q, k, v.expand(batch, -1, -1, -1), attn.scale)
-        else:
-            q, k, v = (x.expand(batch, -1, -1, -1) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        # batch-1 inputs are shared by all samples: with injection a cross-attention layer has
+        # only batch-1 inputs (recorded Q/K, text V), so it runs once and is broadcast below
+        out = attend(*(_heads(x, attn.heads) for x in (query, key, value)), attn.scale)
         out = out.transpose(1, 2).flatten(2).to(value.dtype)
         modulation = control.active_modulation(self.layer)
         if modulation is not None and modulation.placement == "value":
@@ -166,6 +175,7 @@ class EmerDiffAttnProcessor:
         out = attn.to_out[1](attn.to_out[0](out))
         if modulation is not None and modulation.placement == "output":
             out = out + modulation.tokens(out.shape[1], out.dtype)
+        out = out.expand(max(batch, out.shape[0]), -1, -1)
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor

@@ -1,0 +1,157 @@
+"""Prediction inputs: find a user's images, read them in DataLoader workers, shard them over ranks.
+
+An input is an image file, a folder (searched recursively), a glob pattern, or a text file
+listing one path per line. Every image gets a *name*: its path relative to the input root
+without the suffix (``trip/cat.jpg`` -> ``trip/cat``), which is where its outputs go.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .image import ImageLoadError, read_image
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+GLOB_CHARS = frozenset("*?[")
+
+
+class InputError(ValueError):
+    """The prediction input does not exist or holds no images; the message says what was searched."""
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One file to segment and the name its outputs get."""
+
+    path: Path
+    name: str
+
+
+@dataclass
+class ImageItem:
+    """What the DataLoader yields per image: the pixels, or why they could not be read."""
+
+    name: str
+    path: str
+    image: Optional[torch.Tensor] = None  # [3, H, W] uint8 at the original size
+    error: Optional[str] = None
+
+
+def find_images(spec: str, exclude: Optional[Path] = None) -> List[InputImage]:
+    """Resolve a file, folder, glob or list file to named images, sorted by name.
+
+    Files under ``exclude`` (the output folder) are left out.
+    """
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in GLOB_CHARS) and not path.exists():
+        files, root = _glob_files(spec), _glob_root(spec)
+    elif path.is_dir():
+        files, root = _folder_files(path), path
+    elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        files = _listed_files(path)
+        root = Path(os.path.commonpath([os.path.abspath(f.parent) for f in files])) if files else path.parent
+    elif path.is_file():
+        files, root = [path], path.parent
+    else:
+        raise InputError(f"input '{spec}' does not exist (looked in {path.resolve()})")
+    if exclude is not None:
+        files = [f for f in files if not _is_within(f, exclude)]
+    if not files:
+        raise InputError(f"no images found for input '{spec}' (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return sorted(_named(files, root), key=lambda image: image.name)
+
+
+def _folder_files(folder: Path) -> List[Path]:
+    return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+
+
+def _glob_files(pattern: str) -> List[Path]:
+    return [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file()]
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folders of a pattern before its first wildcard: ``data/**/*.jpg`` -> ``data``."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    first_wild = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+    return Path(*parts[:first_wild]) if first_wild else Path(".")
+
+
+def _listed_files(list_file: Path) -> List[Path]:
+    """Paths in a list file, one per line; blank lines and ``#`` comments skipped; relative to the file."""
+    lines = [line.strip() for line in list_file.read_text().splitlines()]
+    paths = [Path(line).expanduser() for line in lines if line and not line.startswith("#")]
+    return [p if p.is_absolute() else list_file.parent / p for p in paths]
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _named(files: Sequence[Path], root: Path) -> List[InputImage]:
+    """Name = path relative to root without suffix; names two files would share keep their suffix."""
+    rel = [Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix() for f in files]
+    stems = [str(Path(r).with_suffix("")) for r in rel]
+    taken = Counter(stems)
+    return [InputImage(f, s if taken[s] == 1 else r) for f, r, s in zip(files, rel, stems)]
+
+
+class ImageFiles(Dataset):
+    """Reads each image at its original size; an unreadable file becomes an item with `error` set."""
+
+    def __init__(self, images: Sequence[InputImage]) -> None:
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        image = self.images[index]
+        item = ImageItem(name=image.name, path=str(image.path))
+        try:
+            item.image = torch.from_numpy(np.array(read_image(image.path))).permute(2, 0, 1).contiguous()
+        except (ImageLoadError, OSError) as exc:
+            item.error = str(exc)
+        return item
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: every index on exactly one rank, no padding duplicates."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def as_list(items: List[ImageItem]) -> List[ImageItem]:
+    """Collate that keeps the items as they are (images differ in size)."""
+    return items
+
+
+class PredictImages(pl.LightningDataModule):
+    """One image per step, each rank its own shard; needs ``Trainer(use_distributed_sampler=False)``."""
+
+    def __init__(self, images: Sequence[InputImage], num_workers: int = 2) -> None:
+        super().__init__()
+        self.images = list(images)
+        self.num_workers = num_workers
+
+    def predict_dataloader(self) -> DataLoader:
+        sampler = ShardSampler(len(self.images), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(ImageFiles(self.images), batch_size=1, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=as_list)

@@ -1,0 +1,87 @@
+"""Pictures of label maps: palette, label PNG, colour overlay with boundaries, side-by-side figure."""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+GOLDEN = 0.6180339887498949
+FIGURE_HEIGHT = 512  # figure panels are shrunk to at most this height
+TITLE_HEIGHT = 22
+
+
+def palette(n: int) -> np.ndarray:
+    """``n`` distinct RGB colours [n, 3] uint8: hues a golden-ratio step apart, saturation and brightness varied."""
+    colours = [colorsys.hsv_to_rgb((i * GOLDEN) % 1.0, 0.75 - 0.2 * (i // 3 % 2), 0.95 - 0.25 * (i % 3 == 2))
+               for i in range(n)]
+    return (np.asarray(colours, dtype=np.float64).reshape(n, 3) * 255 + 0.5).astype(np.uint8)
+
+
+def label_image(labels: np.ndarray, num_masks: int) -> Image.Image:
+    """An 8-bit palette image when ``num_masks <= 255``, else 16-bit grayscale; pixel value = label."""
+    if num_masks <= 255:
+        img = Image.fromarray(labels.astype(np.uint8))
+        img.putpalette(palette(max(num_masks, 1)).flatten().tolist())  # "L" becomes "P"
+        return img
+    return Image.fromarray(labels.astype(np.uint16))
+
+
+def colorize(labels: np.ndarray, num_colours: int) -> np.ndarray:
+    """[H, W] labels -> [H, W, 3] uint8 palette colours."""
+    return palette(max(num_colours, int(labels.max()) + 1))[labels]
+
+
+def boundaries(labels: np.ndarray, width: int = 1) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another label, thickened to ``width`` pixels."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    for _ in range(width - 1):
+        grown = edge.copy()
+        grown[1:, :] |= edge[:-1, :]
+        grown[:, 1:] |= edge[:, :-1]
+        edge = grown
+    return edge
+
+
+def overlay(photo: np.ndarray, labels: np.ndarray, num_masks: int, alpha: float = 0.5) -> np.ndarray:
+    """Mask colours blended over the photo [H, W, 3] uint8, with white mask boundaries."""
+    blend = (1 - alpha) * photo.astype(np.float32) + alpha * colorize(labels, num_masks).astype(np.float32)
+    out = (blend + 0.5).astype(np.uint8)
+    out[boundaries(labels, max(1, round(min(labels.shape) / 256)))] = 255
+    return out
+
+
+def resize_nearest(labels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Integer map resized by picking the nearest source pixel (no label mixing)."""
+    rows = (np.arange(size[0]) + 0.5) * labels.shape[0] / size[0]
+    cols = (np.arange(size[1]) + 0.5) * labels.shape[1] / size[1]
+    return labels[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]
+
+
+def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.ndarray, labels: np.ndarray,
+           num_masks: int, alpha: float = 0.5) -> Image.Image:
+    """One row: photo | low-res k-means masks | bilinear upsampling | EmerDiff labels, titled."""
+    height, width = labels.shape
+    scale = min(1.0, FIGURE_HEIGHT / height)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = np.asarray(Image.fromarray(photo).resize(size[::-1], Image.BILINEAR))
+    panels = [small] + [overlay(small, resize_nearest(m, size), num_masks, alpha)
+                        for m in (lowres_labels, labels_bilinear, labels)]
+    h, w = lowres_labels.shape
+    titles = ["photo", f"k-means {h}x{w} ({num_masks} masks)", "bilinear upsampling", "EmerDiff"]
+    return _titled_row(panels, titles)
+
+
+def _titled_row(panels: Sequence[np.ndarray], titles: Sequence[str]) -> Image.Image:
+    height, width = panels[0].shape[:2]
+    canvas = Image.new("RGB", (width * len(panels), height + TITLE_HEIGHT), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=15)  # Pillow's own font; a small bitmap one without FreeType
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        canvas.paste(Image.fromarray(panel), (i * width, TITLE_HEIGHT))
+        draw.text((i * width + 4, 3), title, fill="black", font=font)
+    return canvas

@@ -1,0 +1,130 @@
+"""The open-vocabulary step for one image: dense CLIP embeddings, then name each mask and the MaskCLIP baseline.
+
+>>> labeller = build_labeller(OVSegConfig(vocab="voc"), read_vocabulary("voc"), cache_dir="text_cache")
+>>> named = labeller(image, segments)  # image [H, W, 3] uint8; segments [H, W] mask ids (e.g. EmerDiff's labels)
+>>> named.labels, named.baseline      # [H, W] vocabulary ids: masks named / plain MaskCLIP
+
+The image is resized (not padded) so that each side is the nearest multiple of the patch size:
+the embedding grid then covers exactly the image's extent, which is what `label_masks` and
+`maskclip_labels` assume, at a distortion below half a patch per side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emerdiff.config import OVSegConfig
+
+from .dense_encoder import DenseEncoder, LoadedClip, MaskCLIPEncoder, load_clip
+from .labeller import label_masks, maskclip_labels
+from .text import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES, cached_text_embeddings
+from .vocab import Vocabulary
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"maskclip": MASKCLIP_TEMPLATES, "imagenet": IMAGENET_TEMPLATES}
+EncoderBuilder = Callable[[LoadedClip, OVSegConfig], DenseEncoder]
+
+
+@dataclass(frozen=True)
+class OpenVocabOutput:
+    """One image's masks named from the vocabulary, and the per-patch MaskCLIP baseline beside them."""
+
+    labels: Tensor  # [H, W] int64 vocabulary id of each pixel's mask
+    baseline: Tensor  # [H, W] int64 vocabulary ids of plain MaskCLIP (per-patch cosines upsampled, argmax)
+    mask_classes: Tensor  # [K] int64 vocabulary id of each mask; UNLABELLED for masks with no pixel
+    mask_scores: Tensor  # [K] float cosine of each mask to its class; NaN for masks with no pixel
+
+
+def template_set(name: str) -> tuple[str, ...]:
+    """The prompt templates called `name`; a ValueError lists the valid names."""
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"ovseg.templates={name!r} is unknown; valid: {', '.join(TEMPLATE_SETS)}")
+    return TEMPLATE_SETS[name]
+
+
+def maskclip_encoder(clip: LoadedClip, settings: OVSegConfig) -> MaskCLIPEncoder:
+    """MaskCLIP's dense embeddings from the CLIP image tower, with the window and residual settings."""
+    return MaskCLIPEncoder(clip.model.visual, settings.window, settings.window_stride, settings.keep_residual)
+
+
+# ovseg.encoder -> builder of an nn.Module satisfying DenseEncoder, in the joint space of the CLIP text tower.
+ENCODERS: dict[str, EncoderBuilder] = {"maskclip": maskclip_encoder}
+
+
+def encoder_builder(name: str) -> EncoderBuilder:
+    """The dense encoder builder called `name`; a ValueError lists the valid names."""
+    if name not in ENCODERS:
+        raise ValueError(f"ovseg.encoder={name!r} is unknown; valid: {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
+def patch_multiple(size: int, stride: int) -> int:
+    """The multiple of `stride` nearest to `size` (at least one patch)."""
+    return max(stride, int(round(size / stride)) * stride)
+
+
+def check_threshold(background_id: int | None, threshold: float | None) -> None:
+    """A background threshold needs a background class to give low-scoring masks."""
+    if threshold is not None and background_id is None:
+        raise ValueError("ovseg.background_threshold needs a vocabulary with a class named 'background'")
+
+
+class OpenVocabLabeller(nn.Module):
+    """Names the segments of an image with the classes whose text embeddings are closest (SPEC ovseg steps 1-5)."""
+
+    def __init__(self, encoder: DenseEncoder, text: Tensor, background_id: int | None = None,
+                 threshold: float | None = None) -> None:
+        super().__init__()
+        check_threshold(background_id, threshold)
+        self.encoder = encoder
+        self.register_buffer("text", text.float(), persistent=False)  # [C, D] L2-normalised class embeddings
+        self.background_id = background_id
+        self.threshold = threshold
+
+    @torch.no_grad()
+    def forward(self, image: np.ndarray | Tensor, segments: np.ndarray | Tensor,
+                num_masks: int | None = None) -> OpenVocabOutput:
+        """Name the segments ([H, W] ids below `num_masks`) of an [H, W, 3] uint8 image; compute the baseline too."""
+        segments = torch.as_tensor(segments, device=self.text.device).long()
+        if tuple(segments.shape) != tuple(image.shape[:2]):
+            raise ValueError(f"segments {tuple(segments.shape)} and image {tuple(image.shape[:2])} differ in size")
+        dense = self.dense_embeddings(image)  # [D, h, w]
+        named = label_masks(dense, segments, self.text, num_masks=num_masks, background_id=self.background_id,
+                            threshold=self.threshold)
+        baseline = maskclip_labels(dense, self.text, tuple(segments.shape), background_id=self.background_id,
+                                   threshold=self.threshold)
+        return OpenVocabOutput(labels=named.label_map.cpu(), baseline=baseline.cpu(),
+                               mask_classes=named.class_ids.cpu(), mask_scores=named.scores.cpu())
+
+    def dense_embeddings(self, image: np.ndarray | Tensor) -> Tensor:
+        """[D, h, w] dense embeddings of an [H, W, 3] uint8 image resized to multiples of the patch size."""
+        pixels = torch.as_tensor(image, device=self.text.device).permute(2, 0, 1)[None].float() / 255
+        stride = self.encoder.stride
+        size = tuple(patch_multiple(s, stride) for s in pixels.shape[-2:])
+        if size != tuple(pixels.shape[-2:]):
+            pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        mean = pixels.new_tensor(self.encoder.mean)[:, None, None]
+        std = pixels.new_tensor(self.encoder.std)[:, None, None]
+        return self.encoder((pixels - mean) / std)[0]
+
+
+def build_labeller(settings: OVSegConfig, vocab: Vocabulary, cache_dir: str | os.PathLike,
+                   device: str | torch.device = "cpu") -> OpenVocabLabeller:
+    """Load CLIP as `settings` say, embed the vocabulary once (cached on disk), keep only the dense image encoder."""
+    check_threshold(vocab.background, settings.background_threshold)  # before the slow part
+    templates = template_set(settings.templates)
+    build_encoder = encoder_builder(settings.encoder)
+    with torch.random.fork_rng(devices=[]):  # random weights (tests) are the same on every rank and run
+        torch.manual_seed(settings.clip_init_seed)
+        clip = load_clip(settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir)
+    text = cached_text_embeddings(clip.model, clip.tokenizer, vocab.synonyms, templates, cache_dir=cache_dir,
+                                  model_name=clip.model_name, pretrained=clip.pretrained)
+    labeller = OpenVocabLabeller(build_encoder(clip, settings), text, vocab.background, settings.background_threshold)
+    return labeller.to(device).eval()
+

@@ -1,0 +1,113 @@
+"""Command-line plumbing shared by the tools: repeated --cfg, key=value overrides, the Trainer from `trainer:`.
+
+Configs merge in order: the defaults (configs/base.yaml), each --cfg file (later files win), then the
+key=value overrides. Unknown keys are errors that name the key, in `trainer` too (checked against
+the arguments of pytorch_lightning.Trainer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, List, Mapping, Optional
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from emerdiff import ConfigError, EmerDiff, WeightsNotFoundError, load_config  # noqa: E402
+from emerdiff.config import ModelConfig, SegmentorConfig, to_dataclass  # noqa: E402
+from emerdiff.inputs import InputError  # noqa: E402
+from emerdiff.models import load_sd, resolve_dtype  # noqa: E402
+from emerdiff.outputs import OutputOptions  # noqa: E402
+
+RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
+                       "but its masks carry no meaning. Use e.g. --cfg configs/emerdiff_sd15.yaml for real results.")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every tool shares: --cfg (repeatable) and key=value overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg", action="append", default=[], metavar="YAML",
+                        help="config file; give it several times, later files override earlier ones")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides applied after the files, e.g. segmentor.num_masks=10 trainer.devices=4")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse, allowing key=value overrides before, between and after the options."""
+    return parser.parse_intermixed_args(argv)
+
+
+def load_cli_config(args: argparse.Namespace) -> DictConfig:
+    """Defaults, then every --cfg file in order, then the overrides; the trainer keys are checked too."""
+    cfg = load_config(args.cfg, overrides=args.overrides)
+    check_trainer_keys(cfg.trainer)
+    return cfg
+
+
+def trainer_arguments() -> List[str]:
+    """The keyword arguments pytorch_lightning.Trainer accepts."""
+    return [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
+
+
+def check_trainer_keys(settings: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming any `trainer.KEY` that is not an argument of Trainer."""
+    valid = trainer_arguments()
+    for key in settings:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3)
+            hint = f" Did you mean {', '.join(f'trainer.{c}' for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key 'trainer.{key}': not an argument of pytorch_lightning.Trainer."
+                              f"{hint} Valid: {', '.join(valid)}.")
+
+
+def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> pl.Trainer:
+    """Trainer(**cfg.trainer, **tool_arguments); a key both set is an error naming it."""
+    settings = OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
+    check_trainer_keys(settings)
+    clash = sorted(settings.keys() & tool_arguments.keys())
+    if clash:
+        raise ConfigError(f"{', '.join(f'trainer.{k}' for k in clash)} cannot be configured: this tool sets it")
+    return pl.Trainer(**settings, **tool_arguments)
+
+
+def build_segmentor(cfg: DictConfig, trainer: pl.Trainer) -> EmerDiff:
+    """EmerDiff on the CPU, in the dtype `model.dtype` means on the Trainer's device; Lightning moves it there."""
+    model = to_dataclass(cfg.model, ModelConfig)
+    dtype = resolve_dtype(model.dtype, trainer.strategy.root_device)
+    model = replace(model, dtype=str(dtype).removeprefix("torch."))
+    return EmerDiff(load_sd(model, device="cpu"), to_dataclass(cfg.segmentor, SegmentorConfig))
+
+
+def output_options(cfg: DictConfig) -> OutputOptions:
+    """The `output` settings that decide which pictures are written."""
+    o = cfg.output
+    return OutputOptions(overlay=o.overlay, figure=o.figure, overlay_alpha=o.overlay_alpha, jpeg_quality=o.jpeg_quality)
+
+
+def random_model_notice(cfg: DictConfig) -> Optional[str]:
+    """The warning for the tiny / random-weight models, or None for real weights."""
+    if cfg.model.pretrained == "tiny":
+        return RANDOM_MODEL_NOTICE.format(name="tiny")
+    if cfg.model.random_init:
+        return RANDOM_MODEL_NOTICE.format(name=f"{cfg.model.pretrained} (model.random_init=true)")
+    return None
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn a user's mistake (config, input, weights) into `error: ...` on stderr and exit status 2."""
+    try:
+        yield
+    except (ConfigError, InputError, WeightsNotFoundError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,129 @@
+"""Open-vocabulary evaluation: MaskCLIP and MaskCLIP + EmerDiff masks on a labelled split, OUTPUT/ov/results.*.
+
+    python tools/ov_eval.py --vocab ade150 --cfg configs/ov/ade150.yaml data.root=/data/ADEChallengeData2016 \\
+        --output runs/ade20k
+
+Results go to OUTPUT/ov/ (results.json, results.md), beside what tools/eval.py writes to OUTPUT.
+EmerDiff's masks are read from OUTPUT/cache/<image id>.npz, tools/eval.py's cache, when an earlier run
+left them there (same model, segmentor and data settings), and written there otherwise; the named
+label maps are cached in OUTPUT/ov/cache/<image id>.npz. A rerun loads no model; --overwrite segments
+and labels every image again. Devices and strategy come from `trainer:`, e.g. trainer.devices=8
+trainer.strategy=ddp. Method, vocabularies and the paper's Table 3: docs/open_vocabulary.md.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+from typing import List, Optional
+
+from _common import (base_parser, build_segmentor, build_trainer, load_cli_config,  # first: finds the checkout
+                     parse_args, random_model_notice, reported_errors)
+from eval import CACHE_DIR as MASKS_DIR
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_warn
+
+from emerdiff import ConfigError
+from emerdiff.config import ModelConfig, OVSegConfig, SegmentorConfig, to_dataclass
+from emerdiff.data import DatasetMetadata, dataset_metadata
+from emerdiff.evaluation import (EvaluationData, PredictionCache, ResultsWriter, StaleCacheError,
+                                 prediction_settings)
+from ovseg import Vocabulary, read_vocabulary
+from ovseg.lightning import OpenVocabEvaluation, OpenVocabPrediction, open_vocab_settings
+from ovseg.pipeline import build_labeller, encoder_builder, template_set
+
+OV_DIR = "ov"  # results and caches of this tool, so that they never collide with tools/eval.py's in OUTPUT
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the command line and evaluate; user errors exit with status 2 and a message."""
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--vocab", help="shipped vocabulary name, .txt file or 'cat,dog,grass' (ovseg.vocab)")
+    parser.add_argument("--output", help="results folder (output.dir)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="segment and label every image again (output.overwrite=true)")
+    args = parse_args(parser, argv)
+    with reported_errors():
+        cfg = load_cli_config(args)
+        cfg.ovseg.vocab = args.vocab or cfg.ovseg.vocab
+        cfg.output.dir = args.output or cfg.output.dir
+        cfg.output.overwrite = args.overwrite or cfg.output.overwrite
+        return evaluate(cfg)
+
+
+def evaluate(cfg: DictConfig) -> int:
+    """Score plain MaskCLIP and MaskCLIP + EmerDiff on `data.dataset` with the classes of `ovseg.vocab`."""
+    if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir or not cfg.ovseg.vocab:
+        raise ConfigError("tell which vocabulary and split, where it is and where results go: "
+                          "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR")
+    out = Path(cfg.output.dir)
+    results_dir = out / OV_DIR
+    settings = to_dataclass(cfg.ovseg, OVSegConfig)
+    try:
+        metadata = dataset_metadata(cfg.data.dataset)
+        vocab = read_vocabulary(settings.vocab)
+        template_set(settings.templates)
+        encoder_builder(settings.encoder)
+        data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
+                              cfg.data.num_workers)
+    except ValueError as exc:  # unknown split, vocabulary, templates or encoder
+        raise ConfigError(str(exc)) from None
+    prediction = prediction_settings(to_dataclass(cfg.model, ModelConfig), to_dataclass(cfg.segmentor, SegmentorConfig),
+                                     cfg.data.dataset, cfg.data.size)
+    masks = PredictionCache(out / MASKS_DIR, prediction, overwrite=cfg.output.overwrite)
+    labels = PredictionCache(results_dir / "cache", open_vocab_settings(prediction, settings, vocab),
+                             overwrite=cfg.output.overwrite, record=OpenVocabPrediction)
+    text_dir = Path(settings.text_cache_dir) if settings.text_cache_dir else results_dir / "text_embeddings"
+    try:
+        module = OpenVocabEvaluation(partial(build_segmentor, cfg), partial(build_labeller, settings, vocab, text_dir),
+                                     masks, labels, cfg.data.dataset, metadata, vocab, settings)
+    except ValueError as exc:  # vocabulary and split disagree on the classes, threshold without background
+        raise ConfigError(str(exc)) from None
+    trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(results_dir)], logger=False,
+                            enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))
+    if trainer.is_global_zero:
+        announce(cfg, data, masks, labels)
+        warn_if_names_differ(vocab, metadata)
+    try:
+        trainer.test(module, datamodule=data, verbose=False)
+    except StaleCacheError as exc:
+        raise ConfigError(str(exc)) from None
+    if trainer.is_global_zero:
+        print((results_dir / "results.md").read_text())
+        print(f"results: {results_dir / 'results.json'} and {results_dir / 'results.md'}")
+    return 0
+
+
+def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labels: PredictionCache) -> None:
+    """What the run will do, before it starts."""
+    notice = random_model_notice(cfg)
+    if notice:
+        print(notice)
+    if cfg.ovseg.clip_pretrained is None:
+        print(f"note: ovseg.clip_pretrained=null builds CLIP {cfg.ovseg.clip_model} with random weights: its class "
+              "names carry no meaning.")
+    ids = data.image_ids()
+    named = 0 if labels.overwrite else sum(labels.path(i).is_file() for i in ids)
+    segmented = 0 if masks.overwrite else sum(masks.path(i).is_file() for i in ids)
+    print(f"{len(ids)} images in {cfg.data.dataset}, vocabulary {cfg.ovseg.vocab}: {named} labelled in "
+          f"{labels.folder}, {segmented} with EmerDiff masks in {masks.folder}")
+
+
+def warn_if_names_differ(vocab: Vocabulary, metadata: DatasetMetadata) -> None:
+    """Scores compare ids, so a vocabulary listing other names than the dataset's classes is worth a warning."""
+    differ = [(i, ours, theirs) for i, (ours, theirs) in enumerate(zip(vocab.names, metadata.classes))
+              if _plain(ours) != _plain(theirs)]
+    if differ:
+        examples = ", ".join(f"{i}: {ours!r} vs {theirs!r}" for i, ours, theirs in differ[:3])
+        rank_zero_warn(f"{len(differ)} vocabulary names differ from {metadata.name}'s class names at the same id "
+                       f"({examples}); mIoU compares ids, so check that the vocabulary is in the dataset's id order")
+
+
+def _plain(name: str) -> str:
+    """Lower-case letters and digits only, so 'tv monitor' matches 'tvmonitor'."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

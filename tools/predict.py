@@ -1,0 +1,114 @@
+"""Segment a user's images with EmerDiff: one image file, a folder, a glob or a list file; one CPU or many GPUs.
+
+    python tools/predict.py --cfg configs/emerdiff_sd15.yaml --input photos/ --output results/ [key=value ...]
+
+Rerunning the same command skips images that are done (--overwrite redoes them). Devices, precision
+and strategy come from the `trainer:` section, e.g. trainer.devices=4 trainer.strategy=ddp.
+Inputs, outputs and multi-GPU use: docs/usage.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from _common import (base_parser, build_segmentor, build_trainer, load_cli_config,  # first: finds the checkout
+                     output_options, parse_args, random_model_notice, reported_errors)
+from omegaconf import DictConfig, OmegaConf
+
+from emerdiff import ConfigError
+from emerdiff.inputs import InputImage, PredictImages, find_images
+from emerdiff.lightning_module import EmerDiffPredictor, ImagesProgressBar, ResultWriter
+from emerdiff.outputs import OutputStore, atomic_file
+
+SAVED_CONFIG = "config.yaml"
+# Settings that change where or how fast a result is computed, not the result: a resume may change them.
+RUN_ONLY_KEYS = frozenset({"model.device", "model.local_files_only", "segmentor.chunk_size",
+                           "segmentor.memory_budget_gb", "segmentor.channels_last"})
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the command line and run the prediction; user errors exit with status 2 and a message."""
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--input", help="image file, folder (recursive), glob pattern or .txt list (data.input)")
+    parser.add_argument("--output", help="results folder (output.dir)")
+    parser.add_argument("--overwrite", action="store_true", help="redo images that are done (output.overwrite=true)")
+    parser.add_argument("--figure", action="store_true", help="also write NAME_figure.png (output.figure=true)")
+    args = parse_args(parser, argv)
+    with reported_errors():
+        cfg = load_cli_config(args)
+        cfg.data.input = args.input or cfg.data.input
+        cfg.output.dir = args.output or cfg.output.dir
+        cfg.output.overwrite = args.overwrite or cfg.output.overwrite
+        cfg.output.figure = args.figure or cfg.output.figure
+        return predict(cfg)
+
+
+def predict(cfg: DictConfig) -> int:
+    """Segment every image of `data.input` that is not done yet into `output.dir`."""
+    if not cfg.data.input or not cfg.output.dir:
+        raise ConfigError("tell where the images are and where results go: --input PATH --output DIR")
+    out = Path(cfg.output.dir)
+    if not cfg.output.overwrite:
+        check_same_settings(out / SAVED_CONFIG, cfg)
+    store = OutputStore(out, output_options(cfg))
+    images = find_images(cfg.data.input, exclude=out)
+    done = set() if cfg.output.overwrite else store.done()
+    pending = [image for image in images if image.name not in done]
+    callbacks = [ResultWriter(store)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(ImagesProgressBar())
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                            use_distributed_sampler=False, default_root_dir=str(out))
+    if trainer.is_global_zero:
+        announce(cfg, images, pending)
+        with atomic_file(out / SAVED_CONFIG) as handle:
+            handle.write(OmegaConf.to_yaml(cfg).encode())
+    if not pending:
+        return 0
+    start = time.perf_counter()
+    trainer.predict(EmerDiffPredictor(build_segmentor(cfg, trainer)),
+                    datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
+    if trainer.is_global_zero:
+        print(summary(store, pending, len(images) - len(pending), time.perf_counter() - start))
+    return 0
+
+
+def check_same_settings(saved: Path, cfg: DictConfig) -> None:
+    """Refuse to add results made with other model or segmentor settings to an existing results folder."""
+    if not saved.is_file():
+        return
+    before, now = _flat(OmegaConf.load(saved), "model", "segmentor"), _flat(cfg, "model", "segmentor")
+    changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(before.keys() | now.keys())
+               if k not in RUN_ONLY_KEYS and before.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"'{saved.parent}' holds results made with other settings ({'; '.join(changed)}); "
+                          "choose another --output, or pass --overwrite to redo every image")
+
+
+def _flat(cfg: DictConfig, *sections: str) -> Dict[str, object]:
+    return {f"{s}.{k}": v for s in sections for k, v in OmegaConf.to_container(cfg[s], resolve=True).items()}
+
+
+def announce(cfg: DictConfig, images: List[InputImage], pending: List[InputImage]) -> None:
+    """What the run will do, before it starts."""
+    notice = random_model_notice(cfg)
+    if notice:
+        print(notice)
+    done = len(images) - len(pending)
+    print(f"{len(images)} images in {cfg.data.input}: {done} already done in {cfg.output.dir}, {len(pending)} to segment"
+          + (" (--overwrite redoes all)" if done else ""))
+
+
+def summary(store: OutputStore, pending: List[InputImage], skipped: int, seconds: float) -> str:
+    """One line: images segmented, failures, images skipped as done, time, where the results are."""
+    manifest, failures = store.manifest(), store.failures()
+    segmented = sum(image.name in manifest for image in pending)
+    failed = f"{len(failures)} failed (listed in {store.root / 'failures.jsonl'})" if failures else "0 failed"
+    return (f"done: {segmented} segmented, {failed}, {skipped} already done before; "
+            f"{seconds:.1f} s ({segmented / seconds:.2f} images/s). Results in {store.root}/")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
