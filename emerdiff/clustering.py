@@ -35,17 +35,36 @@ def use_faiss_gpu(device: str) -> bool:
     return device == "gpu"
 
 
-def kmeans(points: torch.Tensor, k: int, seed: int, restarts: int, iters: int, gpu: bool = False):
-    """Seeded faiss k-means with restarts (best objective kept); returns (assignment [N], centroids [k, C])."""
-    x = np.ascontiguousarray(points.detach().float().cpu().numpy())
+def _flat_index(dim: int, gpu: bool) -> "faiss.Index":
+    """Exact L2 index; on the GPU it lives on this process's CUDA device (one per DDP rank)."""
+    if not gpu:
+        return faiss.IndexFlatL2(dim)
+    import torch.cuda
+
+    config = faiss.GpuIndexFlatConfig()
+    config.device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim, config)
+
+
+def kmeans(points: torch.Tensor | np.ndarray, k: int, seed: int, restarts: int, iters: int, gpu: bool = False,
+           spherical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded faiss k-means, best of `restarts` runs, every point used; returns (assignment [N], centroids [k, C]).
+
+    k is lowered to the number of distinct points when there are fewer.
+    """
+    x = np.ascontiguousarray(torch.as_tensor(points).detach().float().cpu().numpy())
     k = min(k, len(np.unique(x, axis=0)))
-    km = faiss.Kmeans(
-        x.shape[1], k, niter=iters, nredo=max(restarts, 1), seed=seed % (2**31 - 1), gpu=gpu,
-        verbose=False, min_points_per_centroid=1, max_points_per_centroid=max(len(x), 1),
-    )
-    km.train(x)
-    _, assignment = km.index.search(x, 1)
-    return torch.from_numpy(assignment[:, 0].astype(np.int64)), torch.from_numpy(km.centroids.copy())
+    clustering = faiss.Clustering(x.shape[1], k)
+    clustering.niter, clustering.nredo, clustering.seed = iters, max(restarts, 1), seed % (2**31 - 1)
+    clustering.spherical, clustering.verbose = spherical, False
+    clustering.min_points_per_centroid, clustering.max_points_per_centroid = 1, max(-(-len(x) // k), 1)
+    index = _flat_index(x.shape[1], gpu)
+    clustering.train(x, index)
+    centroids = faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1])
+    index.reset()
+    index.add(centroids)
+    _, assignment = index.search(x, 1)
+    return torch.from_numpy(assignment[:, 0].astype(np.int64)), torch.from_numpy(centroids.copy())
 
 
 def cluster_grid(features: torch.Tensor, height: int, width: int, k: int, seed: int,

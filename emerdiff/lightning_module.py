@@ -24,11 +24,16 @@ log = logging.getLogger(__name__)
 
 
 class EmerDiffPredictor(pl.LightningModule):
-    """A frozen segmentor (anything with ``segment(image)``); `predict_step` returns one ImageResult per image."""
+    """A frozen segmentor (anything with ``segment(image)``); `predict_step` returns one ImageResult per image.
 
-    def __init__(self, segmentor: nn.Module) -> None:
+    An optional `namer` (a module called as ``namer(image [3, H, W] uint8, output) -> MaskNames``, e.g.
+    ``ovseg.pipeline.MaskNamer``) names every mask from a vocabulary.
+    """
+
+    def __init__(self, segmentor: nn.Module, namer: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.segmentor = segmentor.eval().requires_grad_(False)
+        self.namer = None if namer is None else namer.eval().requires_grad_(False)
         self.allow_zero_length_dataloader_with_multiple_devices = True  # fewer images than ranks
 
     def predict_step(self, batch: Sequence[ImageItem], batch_idx: int) -> List[ImageResult]:
@@ -43,7 +48,8 @@ class EmerDiffPredictor(pl.LightningModule):
             output = self.segmentor.segment(item.image)
         except ImageLoadError as exc:
             return ImageResult(item.name, item.path, error=str(exc))
-        return ImageResult(item.name, item.path, item.image.cpu(), output, time.perf_counter() - start)
+        names = None if self.namer is None else self.namer(item.image, output)
+        return ImageResult(item.name, item.path, item.image.cpu(), output, time.perf_counter() - start, names=names)
 
 
 class ResultStore(Protocol):

@@ -5,7 +5,9 @@ Layout (NAME = the image's path relative to the input root, without suffix)::
     DIR/NAME.png            label map at the input size (8-bit palette, 16-bit if K > 255)
     DIR/NAME_overlay.jpg    mask colours and boundaries over the photo   (output.overlay)
     DIR/NAME_figure.png     photo | k-means | bilinear | EmerDiff         (output.figure)
-    DIR/NAME.npz            the SegmentationOutput arrays
+    DIR/NAME.npz            the SegmentationOutput arrays (+ ov_labels, mask_classes, mask_scores, class_names)
+    DIR/NAME_ov.png         with ovseg.vocab: label map in vocabulary ids (8-bit palette, 16-bit if > 255 classes)
+    DIR/NAME_ov_overlay.jpg with ovseg.vocab: class colours over the photo with a legend of class names
     DIR/manifest.jsonl      one line per finished image, sorted by name
     DIR/failures.jsonl      images of the last run that could not be read
 
@@ -21,7 +23,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Mapping, Optional, Set, Union
+from typing import BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 import numpy as np
 import torch
@@ -44,6 +46,28 @@ class OutputOptions:
     figure: bool = False
     overlay_alpha: float = 0.5
     jpeg_quality: int = 90
+    named: bool = False  # masks are named from a vocabulary (ovseg.vocab)
+
+
+@dataclass
+class MaskNames:
+    """Open-vocabulary names of one image's masks (ovseg): per pixel and per mask, in vocabulary ids."""
+
+    class_names: Sequence[str]
+    labels: np.ndarray  # [H, W] int64 vocabulary id of each pixel
+    mask_classes: np.ndarray  # [K] int64 vocabulary id of each mask (-1: empty mask)
+    mask_scores: np.ndarray  # [K] float cosine similarity of each mask to its class
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The npz entries: ov_labels, mask_classes, mask_scores, class_names."""
+        return {"ov_labels": self.labels, "mask_classes": self.mask_classes, "mask_scores": self.mask_scores,
+                "class_names": np.asarray(list(self.class_names))}
+
+    def per_mask(self) -> List[dict]:
+        """Manifest entries: each mask's class name and score."""
+        return [{"class": self.class_names[c] if c >= 0 else None,
+                 "score": None if np.isnan(s) else round(float(s), 4)}
+                for c, s in zip(self.mask_classes.tolist(), self.mask_scores.tolist())]
 
 
 @dataclass
@@ -56,6 +80,7 @@ class ImageResult:
     output: Optional[SegmentationOutput] = None
     seconds: float = 0.0
     error: Optional[str] = None
+    names: Optional[MaskNames] = None  # with ovseg.vocab
 
 
 @contextmanager
@@ -107,6 +132,8 @@ class OutputStore:
             endings.append("_overlay.jpg")
         if self.options.figure:
             endings.append("_figure.png")
+        if self.options.named:
+            endings += ["_ov.png", "_ov_overlay.jpg"]
         return [self._file(name, ending) for ending in endings]
 
     def manifest(self) -> Dict[str, dict]:
@@ -133,7 +160,7 @@ class OutputStore:
     def save(self, result: ImageResult, rank: int) -> None:
         """Write an image's files, then record it in this rank's manifest part."""
         assert result.output is not None and result.image is not None
-        arrays = result.output.to_numpy()
+        arrays = result.output.to_numpy() | (result.names.arrays() if result.names is not None else {})
         photo = result.image.permute(1, 2, 0).numpy()
         with atomic_file(self._file(result.name, ".npz")) as handle:
             np.savez_compressed(handle, **arrays)
@@ -143,11 +170,14 @@ class OutputStore:
             self.write_overlay(result.name, photo, arrays)
         if self.options.figure:
             self.write_figure(result.name, photo, arrays)
+        if result.names is not None:
+            self.write_names(result.name, photo, result.names)
         height, width = arrays["labels"].shape
-        self._append(f"manifest.rank{rank}.jsonl", {
-            "name": result.name, "path": result.path, "size": [height, width],
-            "num_masks": result.output.num_masks, "seconds": round(result.seconds, 3), "seed": result.output.seed,
-        })
+        record = {"name": result.name, "path": result.path, "size": [height, width],
+                  "num_masks": result.output.num_masks, "seconds": round(result.seconds, 3), "seed": result.output.seed}
+        if result.names is not None:
+            record["masks"] = result.names.per_mask()
+        self._append(f"manifest.rank{rank}.jsonl", record)
 
     def record_failure(self, result: ImageResult, rank: int) -> None:
         """Note an image that could not be segmented in this rank's failures part."""
@@ -172,6 +202,14 @@ class OutputStore:
                                 len(arrays["lowres_masks"]), self.options.overlay_alpha)
         with atomic_file(self._file(name, "_figure.png")) as handle:
             picture.save(handle, format="PNG")
+
+    def write_names(self, name: str, photo: np.ndarray, names: MaskNames) -> None:
+        """NAME_ov.png (vocabulary ids) and NAME_ov_overlay.jpg (class colours with a legend of names)."""
+        with atomic_file(self._file(name, "_ov.png")) as handle:
+            render.label_image(names.labels, len(names.class_names)).save(handle, format="PNG")
+        picture = render.legend_overlay(photo, names.labels, names.class_names, self.options.overlay_alpha)
+        with atomic_file(self._file(name, "_ov_overlay.jpg")) as handle:
+            picture.save(handle, format="JPEG", quality=self.options.jpeg_quality)
 
     def _file(self, name: str, ending: str) -> Path:
         return self.root / f"{name}{ending}"

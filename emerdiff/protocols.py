@@ -28,10 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import faiss
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+
+from .clustering import kmeans
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -177,20 +178,8 @@ def cluster_and_match(
         raise ValueError(f"need 0 < num_clusters <= number of masks, got {k} clusters for {num_masks} masks")
     if l2_normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    kmeans = faiss.Kmeans(
-        x.shape[1],
-        k,
-        niter=niter,
-        nredo=nredo,
-        seed=seed,
-        spherical=l2_normalize,
-        max_points_per_centroid=-(-num_masks // k),  # keep every mask: no subsampling
-        min_points_per_centroid=1,
-        verbose=False,
-    )
-    kmeans.train(x)
-    _, assigned = kmeans.index.search(x, 1)
-    cluster_of_mask = assigned[:, 0].astype(np.int64)
+    assignment, _ = kmeans(x, k, seed=seed, restarts=nredo, iters=niter, spherical=l2_normalize)
+    cluster_of_mask = assignment.numpy()
     histogram = np.zeros((k, num_classes), dtype=np.int64)
     np.add.at(histogram, cluster_of_mask, histograms)
     cluster_to_class = _hungarian(histogram, histogram.astype(np.float64))

@@ -76,6 +76,30 @@ def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.nda
     return _titled_row(panels, titles)
 
 
+def legend_overlay(photo: np.ndarray, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
+                   ) -> Image.Image:
+    """Class colours over the photo with a legend (colour swatch + name) of the classes present, below it.
+
+    Pixels with a negative id (no class) keep the photo's colours.
+    """
+    named = labels >= 0
+    blended = overlay(photo, np.where(named, labels, 0), len(class_names), alpha)
+    blended[~named] = photo[~named]
+    present = [int(c) for c in np.unique(labels) if c >= 0]
+    colours = palette(max(len(class_names), 1))
+    row = TITLE_HEIGHT
+    height, width = labels.shape
+    canvas = Image.new("RGB", (width, height + row * max(len(present), 1)), "white")
+    canvas.paste(Image.fromarray(blended), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=15)
+    for i, c in enumerate(present):
+        top = height + i * row
+        draw.rectangle([4, top + 4, 4 + row - 8, top + row - 4], fill=tuple(int(v) for v in colours[c]))
+        draw.text((row + 2, top + 3), class_names[c], fill="black", font=font)
+    return canvas
+
+
 def _titled_row(panels: Sequence[np.ndarray], titles: Sequence[str]) -> Image.Image:
     height, width = panels[0].shape[:2]
     canvas = Image.new("RGB", (width * len(panels), height + TITLE_HEIGHT), "white")

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emerdiff.config import OVSegConfig
+from emerdiff.outputs import MaskNames
+from emerdiff.segmentor import SegmentationOutput
 
 from .dense_encoder import DenseEncoder, LoadedClip, MaskCLIPEncoder, load_clip
 from .labeller import label_masks, maskclip_labels
@@ -112,6 +114,22 @@ class OpenVocabLabeller(nn.Module):
         mean = pixels.new_tensor(self.encoder.mean)[:, None, None]
         std = pixels.new_tensor(self.encoder.std)[:, None, None]
         return self.encoder((pixels - mean) / std)[0]
+
+
+class MaskNamer(nn.Module):
+    """Names a segmentation's masks for the prediction tool (``EmerDiffPredictor(namer=...)``)."""
+
+    def __init__(self, labeller: OpenVocabLabeller, class_names: list[str]) -> None:
+        super().__init__()
+        self.labeller = labeller
+        self.class_names = class_names
+
+    @torch.no_grad()
+    def forward(self, image: Tensor, output: SegmentationOutput) -> MaskNames:
+        """Vocabulary ids of every mask and pixel of `output`, for the [3, H, W] uint8 `image`."""
+        named = self.labeller(image.permute(1, 2, 0), output.labels, output.num_masks)
+        return MaskNames(self.class_names, named.labels.numpy(), named.mask_classes.numpy(),
+                         named.mask_scores.float().numpy())
 
 
 def build_labeller(settings: OVSegConfig, vocab: Vocabulary, cache_dir: str | os.PathLike,

@@ -70,3 +70,21 @@ def test_encode_uses_the_posterior_mean_times_the_scaling_factor(tiny_components
         expected = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     torch.testing.assert_close(encode_image(vae, pixels), expected)
     torch.testing.assert_close(encode_image(vae, pixels), expected)  # deterministic: no posterior sampling
+
+
+def test_a_thinned_grid_keeps_t_m_and_t_1_and_its_inversion_still_reconstructs(tiny_components, photo):
+    c = tiny_components
+    grid = DDPMGrid.from_scheduler(c.scheduler, 50).thinned(281, 5)
+    assert grid.tail(281)[0] == 281 and grid.tail(281)[-1] == 1 and len(grid.tail(281)) == 5
+    z0 = encode_image(c.vae, to_model_input(load_image(photo), 128))
+    text = c.encode_prompt("")
+
+    def denoise(latents, t):
+        return c.unet(latents, t, text.expand(len(latents), -1, -1)).sample
+
+    inv = ddpm_inversion(denoise, grid, z0, 281, torch.Generator().manual_seed(0))
+    x = inv.latents[:1]
+    with torch.no_grad():
+        for j, t in enumerate(inv.timesteps):
+            x = grid.step(x, denoise(x, torch.tensor([t])), grid.index(t), inv.noise[j])
+    assert ((x - z0).norm() / z0.norm()).item() < 1e-4

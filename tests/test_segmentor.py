@@ -81,8 +81,62 @@ def test_fast_path_equals_reference_path(tiny_components, photo, num_masks, chun
     assert_same_segmentation(fast, ref)
 
 
+@pytest.mark.parametrize("layer,placement,injection", [
+    ("up_blocks.1.attentions.0.transformer_blocks.0.attn2", "output", True),  # later resnets of its block
+    ("mid_block.attentions.0.transformer_blocks.0.attn2", "value", True),
+    ("down_blocks.1.attentions.1.transformer_blocks.0.attn2", "output", False),  # every skip after it
+])
+def test_fast_path_equals_reference_path_at_any_modulated_layer(tiny_components, photo, layer, placement, injection):
+    common = dict(resolution=128, num_masks=2, modulated_layer=layer, offset_placement=placement,
+                  attention_injection=injection, keep_diff_maps=True)
+    fast = tiny_segmentor(tiny_components, impl="fast", **common).segment(photo)
+    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
+    assert_same_segmentation(fast, ref)
+
+
+def test_a_tiny_memory_budget_chunks_every_stage_and_keeps_the_result(tiny_components, photo):
+    common = dict(resolution=128, num_masks=3, keep_diff_maps=True)
+    budgeted = tiny_segmentor(tiny_components, memory_budget_gb=0.0077, **common)  # ~8 MB, the record is 6.7
+    plan = budgeted.chunk_plan()
+    assert 1 <= plan.inversion < 15 and 1 < plan.variants < 6 and 1 <= plan.decode < 6
+    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
+    assert_same_segmentation(budgeted.segment(photo), ref)
+
+
 def test_attention_injection_switch_changes_the_result(tiny_components, photo):
     on = tiny_segmentor(tiny_components, resolution=128, num_masks=3, keep_diff_maps=True).segment(photo)
     off = tiny_segmentor(tiny_components, resolution=128, num_masks=3, keep_diff_maps=True,
                          attention_injection=False).segment(photo)
     assert (on.diff_maps - off.diff_maps).abs().max() > 1e-3
+
+
+def test_fewer_denoising_steps_switch_runs_fewer_unet_passes_and_changes_the_result(tiny_components, photo):
+    from emerdiff.cost import image_cost
+
+    fewer = tiny_segmentor(tiny_components, resolution=128, num_masks=2, denoise_steps=4, keep_diff_maps=True)
+    assert fewer.grid.tail(281) == [281, 181, 101, 1]
+    cost = image_cost(fewer, 2)
+    assert cost["inversion"].unet_samples == 4 and cost["modulated"].unet_samples == 2 * 2 * 4
+    full = tiny_segmentor(tiny_components, resolution=128, num_masks=2, keep_diff_maps=True).segment(photo)
+    assert (fewer.segment(photo).diff_maps - full.diff_maps).abs().max() > 1e-3
+
+
+def test_masks_below_min_mask_fraction_are_not_modulated_and_label_no_pixel(tiny_components, photo):
+    out = tiny_segmentor(tiny_components, resolution=128, num_masks=4, min_mask_fraction=0.3,
+                         keep_diff_maps=True).segment(photo)
+    share = out.lowres_masks.flatten(1).float().mean(1)
+    small = share < 0.3
+    assert small.any() and not small.all()  # this photo has both kinds
+    assert out.diff_maps[small].abs().max() == 0 and out.diff_maps[~small].abs().amax(dim=(1, 2)).min() > 0
+    assert not torch.isin(out.labels, small.nonzero().flatten()).any()
+
+
+def test_lower_decode_resolution_decodes_smaller_latents_and_keeps_the_output_size(tiny_components, photo):
+    model = tiny_segmentor(tiny_components, resolution=128, num_masks=2, decode_resolution=64, keep_diff_maps=True)
+    shapes = []
+    handle = model.vae.decoder.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape[-2:])))
+    try:
+        out = model.segment(photo)
+    finally:
+        handle.remove()
+    assert shapes == [(8, 8)] and out.labels.shape == out.diff_maps.shape[1:] == (128, 160)

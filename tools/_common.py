@@ -91,7 +91,8 @@ def build_segmentor(cfg: DictConfig, trainer: pl.Trainer) -> EmerDiff:
 def output_options(cfg: DictConfig) -> OutputOptions:
     """The `output` settings that decide which pictures are written."""
     o = cfg.output
-    return OutputOptions(overlay=o.overlay, figure=o.figure, overlay_alpha=o.overlay_alpha, jpeg_quality=o.jpeg_quality)
+    return OutputOptions(overlay=o.overlay, figure=o.figure, overlay_alpha=o.overlay_alpha, jpeg_quality=o.jpeg_quality,
+                         named=bool(cfg.ovseg.vocab))
 
 
 def random_model_notice(cfg: DictConfig) -> Optional[str]:

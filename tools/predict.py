@@ -2,6 +2,8 @@
 
     python tools/predict.py --cfg configs/emerdiff_sd15.yaml --input photos/ --output results/ [key=value ...]
 
+With ovseg.vocab="cat,dog,grass" (or a shipped vocabulary such as coco, or a .txt file) every mask is also
+named with CLIP: NAME_ov.png, NAME_ov_overlay.jpg with a legend, and per-mask classes in the npz and manifest.
 Rerunning the same command skips images that are done (--overwrite redoes them). Devices, precision
 and strategy come from the `trainer:` section, e.g. trainer.devices=4 trainer.strategy=ddp.
 Inputs, outputs and multi-GPU use: docs/usage.md.
@@ -18,14 +20,19 @@ from _common import (base_parser, build_segmentor, build_trainer, load_cli_confi
 from omegaconf import DictConfig, OmegaConf
 
 from emerdiff import ConfigError
+from emerdiff.config import OVSegConfig, to_dataclass
 from emerdiff.inputs import InputImage, PredictImages, find_images
 from emerdiff.lightning_module import EmerDiffPredictor, ImagesProgressBar, ResultWriter
 from emerdiff.outputs import OutputStore, atomic_file
+from ovseg import read_vocabulary
+from ovseg.pipeline import MaskNamer, build_labeller
 
 SAVED_CONFIG = "config.yaml"
 # Settings that change where or how fast a result is computed, not the result: a resume may change them.
 RUN_ONLY_KEYS = frozenset({"model.device", "model.local_files_only", "segmentor.chunk_size",
-                           "segmentor.memory_budget_gb", "segmentor.channels_last"})
+                           "segmentor.memory_budget_gb", "segmentor.channels_last", "ovseg.clip_cache_dir",
+                           "ovseg.text_cache_dir", "ovseg.paper_miou", "ovseg.paper_reference", "ovseg.paper_note"})
+RESULT_SECTIONS = ("model", "segmentor", "ovseg")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -68,18 +75,28 @@ def predict(cfg: DictConfig) -> int:
     if not pending:
         return 0
     start = time.perf_counter()
-    trainer.predict(EmerDiffPredictor(build_segmentor(cfg, trainer)),
+    trainer.predict(EmerDiffPredictor(build_segmentor(cfg, trainer), build_namer(cfg, out)),
                     datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
     if trainer.is_global_zero:
         print(summary(store, pending, len(images) - len(pending), time.perf_counter() - start))
     return 0
 
 
+def build_namer(cfg: DictConfig, out: Path) -> Optional[MaskNamer]:
+    """With ovseg.vocab, the CLIP labeller that names every mask; text embeddings cached under the output."""
+    if not cfg.ovseg.vocab:
+        return None
+    settings = to_dataclass(cfg.ovseg, OVSegConfig)
+    vocab = read_vocabulary(settings.vocab)
+    text_dir = Path(settings.text_cache_dir) if settings.text_cache_dir else out / "text_embeddings"
+    return MaskNamer(build_labeller(settings, vocab, text_dir), vocab.names)
+
+
 def check_same_settings(saved: Path, cfg: DictConfig) -> None:
     """Refuse to add results made with other model or segmentor settings to an existing results folder."""
     if not saved.is_file():
         return
-    before, now = _flat(OmegaConf.load(saved), "model", "segmentor"), _flat(cfg, "model", "segmentor")
+    before, now = _flat(OmegaConf.load(saved), *RESULT_SECTIONS), _flat(cfg, *RESULT_SECTIONS)
     changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(before.keys() | now.keys())
                if k not in RUN_ONLY_KEYS and before.get(k) != now.get(k)]
     if changed:
@@ -88,7 +105,8 @@ def check_same_settings(saved: Path, cfg: DictConfig) -> None:
 
 
 def _flat(cfg: DictConfig, *sections: str) -> Dict[str, object]:
-    return {f"{s}.{k}": v for s in sections for k, v in OmegaConf.to_container(cfg[s], resolve=True).items()}
+    return {f"{s}.{k}": v for s in sections if s in cfg
+            for k, v in OmegaConf.to_container(cfg[s], resolve=True).items()}
 
 
 def announce(cfg: DictConfig, images: List[InputImage], pending: List[InputImage]) -> None:

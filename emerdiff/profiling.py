@@ -1,0 +1,181 @@
+"""Stage profiler for benchmarks: wall time, FLOPs, UNet/VAE calls and peak memory per pipeline stage.
+
+`EmerDiff.segment` wraps each stage in ``self.stage(name)``, a no-op by default. A
+`StageProfiler` attached with `profiled` replaces it, so none of this runs unless a
+benchmark (or a test) asks for it.
+
+Peak memory depends on the device: on CUDA the allocator's peak (weights included); on
+the CPU the peak resident set size of the process (Linux VmHWM, reset before each
+stage); on the meta device the peak bytes of the tensors the stage allocates
+(`cost.LiveBytes`, activations only: meta weights hold no memory).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+STAGES = ("encode", "features", "kmeans", "inversion", "modulated", "decode", "assignment")
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass
+class StageCost:
+    """What one stage cost; `*_calls` count forward invocations, `*_samples` the batch entries they processed."""
+
+    seconds: float = 0.0
+    flops: int = 0
+    unet_calls: int = 0
+    unet_samples: int = 0
+    vae_calls: int = 0
+    vae_samples: int = 0
+    peak_mem_bytes: int = 0
+
+    def add(self, other: "StageCost", repeat: int = 1) -> None:
+        """Accumulate `other` run `repeat` times (sums scale, the memory peak does not)."""
+        self.seconds += other.seconds * repeat
+        self.flops += other.flops * repeat
+        self.unet_calls += other.unet_calls * repeat
+        self.unet_samples += other.unet_samples * repeat
+        self.vae_calls += other.vae_calls * repeat
+        self.vae_samples += other.vae_samples * repeat
+        self.peak_mem_bytes = max(self.peak_mem_bytes, other.peak_mem_bytes)
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def total(stages: Dict[str, StageCost]) -> StageCost:
+    """The sum over stages (memory: the largest stage peak)."""
+    out = StageCost()
+    for cost in stages.values():
+        out.add(cost)
+    return out
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """softmax(QK^T) V as two batched matmuls: 2 b h N M (d_qk + d_v)."""
+    batch, heads, queries, dim_qk = query_shape
+    keys, dim_v = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (dim_qk + dim_v)
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts the CPU's fused attention kernel (torch counts only the GPU ones)."""
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops})
+
+
+def _rss_peak_reset() -> bool:
+    """Reset the process' peak RSS (Linux clear_refs 5); False when the kernel does not allow it."""
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak() -> int:
+    """Peak resident set size of this process in bytes (VmHWM), 0 where /proc is missing."""
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class StageProfiler:
+    """Accumulates a `StageCost` per stage name; FLOP counting is optional (it slows small models down)."""
+
+    def __init__(self, device: torch.device, count_flops: bool = False) -> None:
+        self.device = torch.device(device)
+        self.count_flops = count_flops
+        self.stages: Dict[str, StageCost] = {}
+        self._current: Optional[StageCost] = None
+
+    @contextmanager
+    def stage(self, name: str, repeat: int = 1) -> Iterator[StageCost]:
+        """Measure the block as stage `name`; `repeat` scales it (cost models run one of n equal chunks)."""
+        cost = StageCost()
+        outer, self._current = self._current, cost
+        with ExitStack() as stack:
+            flops = stack.enter_context(flop_counter()) if self.count_flops else None
+            live = stack.enter_context(self._memory_mode())
+            self._sync()
+            start = time.perf_counter()
+            try:
+                yield cost
+            finally:
+                self._sync()
+                cost.seconds = time.perf_counter() - start
+                cost.flops = flops.get_total_flops() if flops is not None else 0
+                cost.peak_mem_bytes = self._peak(live)
+                self._current = outer
+        self.stages.setdefault(name, StageCost()).add(cost, repeat)
+
+    def count_call(self, model: str, batch: int) -> None:
+        """Called by the forward hooks of `profiled`: one UNet or VAE call over `batch` samples."""
+        if self._current is None:
+            return
+        if model == "unet":
+            self._current.unet_calls += 1
+            self._current.unet_samples += batch
+        else:
+            self._current.vae_calls += 1
+            self._current.vae_samples += batch
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def _memory_mode(self) -> Iterator[object]:
+        if self.device.type == "meta":
+            from .cost import LiveBytes
+
+            with LiveBytes() as live:
+                yield live
+        else:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            else:
+                _rss_peak_reset()
+            yield None
+
+    def _peak(self, live: object) -> int:
+        if self.device.type == "meta":
+            return live.peak
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return _rss_peak()
+
+
+def _batch_hook(profiler: StageProfiler, model: str):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        sample = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple) else output
+        profiler.count_call(model, sample.shape[0])
+    return hook
+
+
+@contextmanager
+def profiled(model: nn.Module, profiler: StageProfiler) -> Iterator[StageProfiler]:
+    """Route `model.stage` (an `EmerDiff`) to `profiler` and count UNet/VAE calls; restored on exit."""
+    targets = [(model.unet, "unet"), (model.vae.encoder, "vae"), (model.vae.decoder, "vae")]
+    handles: List = [m.register_forward_hook(_batch_hook(profiler, name), with_kwargs=True) for m, name in targets]
+    previous, model.stage = model.stage, profiler.stage
+    try:
+        yield profiler
+    finally:
+        model.stage = previous
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,95 @@
+"""Cost accounting on the miniature SD: the meta-device cost model, the stage profiler, tools/benchmark.py."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, tiny_segmentor
+from emerdiff.cost import LinearBytes, image_cost, peak_bytes, plan_chunks
+from emerdiff.profiling import STAGES, StageProfiler, profiled
+from emerdiff.segmentor import untimed
+
+sys.path.insert(0, str(REPO / "tools"))
+import benchmark  # noqa: E402
+
+SMALL = dict(resolution=64, num_masks=2, denoise_steps=3)  # 3 denoising steps keep in-run FLOP counting quick
+
+
+def test_live_bytes_peak_counts_allocations_not_views_and_forgets_freed_tensors():
+    def work():
+        a = torch.empty(1000, device="meta")  # 4000 bytes
+        view = a.view(10, 100).t()  # no new storage
+        del a, view
+        b = torch.empty(500, device="meta")  # 2000 bytes, after a was freed
+        return b + 1  # 2000 more while b is alive
+
+    peak, out = peak_bytes(work)
+    assert peak == 4000 and out.shape == (500,)
+
+
+def test_cost_model_equals_flops_and_calls_counted_during_a_real_run(tiny_components, photo):
+    model = tiny_segmentor(tiny_components, **SMALL)
+    profiler = StageProfiler(torch.device("cpu"), count_flops=True)
+    with profiled(model, profiler):
+        out = model.segment(photo)
+    assert set(profiler.stages) == set(STAGES) and model.stage is untimed  # the no-op stage is back
+    modelled = image_cost(model, out.num_masks)
+    for stage in STAGES:
+        run, cost = profiler.stages[stage], modelled[stage]
+        assert (run.flops, run.unet_calls, run.unet_samples, run.vae_calls, run.vae_samples) == \
+               (cost.flops, cost.unet_calls, cost.unet_samples, cost.vae_calls, cost.vae_samples), stage
+    assert profiler.stages["modulated"].flops > 0 and profiler.stages["modulated"].seconds > 0
+
+
+@pytest.mark.parametrize("num_masks,chunk_size", [(3, 0), (5, 4)])
+def test_reference_runs_15_plus_2k_times_15_unet_passes_and_fast_fewer_calls_and_flops(tiny_components, num_masks,
+                                                                                      chunk_size):
+    common = dict(resolution=128, num_masks=num_masks, chunk_size=chunk_size)
+    ref = image_cost(tiny_segmentor(tiny_components, impl="reference", **common), num_masks)
+    fast = image_cost(tiny_segmentor(tiny_components, impl="fast", **common), num_masks)
+    variants = 2 * num_masks
+    assert ref["inversion"].unet_samples == 15 and fast["inversion"].unet_samples == 15
+    assert ref["modulated"].unet_calls == ref["modulated"].unet_samples == variants * 15
+    chunks = -(-variants // (chunk_size or variants))
+    assert fast["modulated"].unet_calls == chunks * 15 and fast["modulated"].unet_samples == variants * 15
+    assert ref["decode"].vae_samples == fast["decode"].vae_samples == variants
+    assert fast["modulated"].flops < ref["modulated"].flops
+    assert sum(c.flops for c in fast.values()) < sum(c.flops for c in ref.values())
+
+
+def test_chunk_plan_grows_with_the_budget_and_never_exceeds_chunk_size(tiny_components):
+    model = tiny_segmentor(tiny_components, resolution=128)
+    small, large = plan_chunks(model, 0, 0.01), plan_chunks(model, 0, 1.0)
+    assert small.variants < large.variants and small.decode < large.decode and small.inversion < large.inversion
+    capped = plan_chunks(model, 2, 1.0)
+    assert (capped.inversion, capped.variants, capped.decode) == (2, 2, 2)
+    assert plan_chunks(model, 3, 0) == type(capped)(3, 3, 3)  # no budget: chunk_size as configured
+    assert LinearBytes(100, 10).max_batch(150) == 5 and LinearBytes(100, 10).max_batch(50) == 1
+
+
+def test_benchmark_tool_writes_per_impl_figures_and_ratios(tmp_path, capsys):
+    argv = ["--cfg", str(TINY), "segmentor.resolution=64", "segmentor.num_masks=2", "segmentor.denoise_steps=2",
+            "--output", str(tmp_path), "--no-warmup"]
+    assert benchmark.main(argv) == 0
+    record = json.loads((tmp_path / "benchmark.json").read_text())
+    assert record["command"].startswith("python tools/benchmark.py --cfg")
+    for impl in ("fast", "reference"):
+        figures = record["impls"][impl]
+        assert {"flops", "seconds", "unet_calls", "vae_calls", "peak_mem_bytes"} <= figures.keys()
+        assert set(figures["stages"]) == set(STAGES) and figures["flops"] > 0 and figures["seconds"] > 0
+    assert 0 < record["ratios"]["modulated_flops"] < 1 and record["ratios"]["seconds"] > 0
+    printed = capsys.readouterr().out
+    assert "| modulated |" in printed and "fast/ref" in printed and "projected fast" in printed
+
+
+def test_benchmark_cost_only_needs_no_run_and_rejects_real_weights(tmp_path):
+    argv = ["--cfg", str(TINY), "segmentor.resolution=64", "--cost-only", "--impl", "reference",
+            "--output", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    record = json.loads((tmp_path / "benchmark.json").read_text())
+    assert record["measured"] is False and record["impls"]["reference"]["seconds"] is None
+    assert record["impls"]["reference"]["unet_samples"] == 1 + 15 + 2 * 6 * 15  # tiny.yaml: num_masks 6
+    with pytest.raises(SystemExit):
+        benchmark.main(["model.pretrained=some/real-model", "--cost-only"])
