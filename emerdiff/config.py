@@ -54,7 +54,7 @@ class SegmentorConfig:
     kmeans_iters: int = 50
     kmeans_device: str = "auto"  # auto = faiss GPU index when faiss sees a GPU
     chunk_size: int = 0  # (mask, sign) variants per UNet batch; 0 = all at once
-    memory_budget_gb: float = 16.0  # activation memory per image, beyond the weights; chunks are sized to fit
+    memory_budget_gb: float = 16.0  # GiB of activations per image beyond the weights; chunks are sized to fit
     impl: str = "fast"  # fast (shared prefix, shared attention) or reference (one variant at a time)
     channels_last: bool = False  # UNet/VAE convolutions in channels_last memory format (same results)
     denoise_steps: int = 0  # trade-off: steps from t_m to the end, evenly spaced; 0 = every grid step

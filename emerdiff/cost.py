@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable, Dict, Hashable, List, Tuple
 
 import torch
@@ -148,13 +147,11 @@ def measure_memory(model: nn.Module) -> MemoryProfile:
     z0 = _latent(meta, 1, p.resolution)
     full = meta.grid
     steps = len(full.tail(p.t_modulate))
-    inversion_peaks, records = [], {}
-    for n in (1, 2):
+    inversion_peaks = []
+    for n in (1, 2):  # the 2-step grid (t_m and the last step) stays for the variant probes
         meta.grid = full.thinned(p.t_modulate, n)
         peak, (inversion, record) = peak_bytes(lambda: meta._invert(z0, torch.Generator().manual_seed(0)))
         inversion_peaks.append((n, peak))
-        records[n] = (inversion, record)
-    inversion, record = records[2]
     record_bytes = 0 if record is None else sum(
         t.untyped_storage().nbytes() for d in (record.query, record.key) for t in d.values())
     settings = meta._modulation_settings(0)
@@ -163,7 +160,7 @@ def measure_memory(model: nn.Module) -> MemoryProfile:
     side = p.decode_resolution or p.resolution
     decode_peaks = [(n, peak_bytes(lambda: assignment.decode_latents(meta.vae, _latent(meta, n, side)))[0])
                     for n in (1, 2)]
-    return MemoryProfile(LinearBytes.through(*inversion_peaks), record_bytes * steps // 2,
+    return MemoryProfile(LinearBytes.through(*inversion_peaks), record_bytes * steps // len(inversion.timesteps),
                          LinearBytes.through(*variant_peaks), LinearBytes.through(*decode_peaks))
 
 

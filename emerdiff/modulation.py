@@ -4,9 +4,10 @@ Two implementations give the same result up to float rounding:
 
 - ``reference``: one variant at a time, full UNet passes, attention computed per variant;
 - ``fast``: variants batched in chunks; at the first modulated step every variant is
-  identical up to the block holding the modulated layer, so that prefix runs once at
-  batch 1 and is broadcast; with injection, softmax(QK^T) is shared by all variants
-  (see `processors.shared_attention`).
+  identical up to the transformer holding the modulated layer, so that prefix runs once
+  at batch 1 and is broadcast (`shared_prefix`); with injection, softmax(QK^T) is shared
+  by all variants and a cross-attention layer, whose inputs are all shared, runs once
+  (see `processors.attend`). Cost figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -140,3 +140,13 @@ def test_lower_decode_resolution_decodes_smaller_latents_and_keeps_the_output_si
     finally:
         handle.remove()
     assert shapes == [(8, 8)] and out.labels.shape == out.diff_maps.shape[1:] == (128, 160)
+
+
+def test_channels_last_switch_keeps_the_result(tiny_components, photo):
+    from emerdiff.models import build_random_sd
+
+    common = dict(resolution=128, num_masks=2, keep_diff_maps=True)
+    own = build_random_sd("tiny", seed=0)  # the switch converts the model in place: not the shared one
+    converted = tiny_segmentor(own, channels_last=True, **common)
+    assert converted.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_segmentation(converted.segment(photo), tiny_segmentor(tiny_components, **common).segment(photo))

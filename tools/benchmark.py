@@ -142,13 +142,21 @@ def weight_bytes(model: EmerDiff) -> int:
     return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
+def _largest_batch(chunk: int, count: int) -> int:
+    """The largest batch a stage of `count` items runs in chunks of `chunk` (0 = all)."""
+    return count if chunk <= 0 else min(chunk, count)
+
+
 def memory_estimate(model: EmerDiff, result: ImplResult) -> Dict[str, int]:
     """Device memory of one image from the cost model: weights + the injection record + the largest stage peak."""
     record = memory_profile(model).record if model.params.attention_injection else 0
     stage_peak = max(cost.peak_mem_bytes for cost in result.model.values())
     weights = weight_bytes(model)
+    plan, steps, variants = model.chunk_plan(), len(model.grid.tail(model.params.t_modulate)), 2 * result.num_masks
     return {"weights": weights, "record": record, "largest_stage_peak": stage_peak,
-            "total": weights + record + stage_peak}
+            "total": weights + record + stage_peak, "batch_inversion": _largest_batch(plan.inversion, steps),
+            "batch_variants": 1 if model.params.impl == "reference" else _largest_batch(plan.variants, variants),
+            "batch_decode": _largest_batch(plan.decode, variants)}
 
 
 def _ratio(a: float, b: float) -> str:
@@ -253,7 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{GPU_PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s")
     for impl, mem in memory.items():
         print(f"memory estimate {impl}: {_gib(mem['total'])} GiB = weights {_gib(mem['weights'])} + record "
-              f"{_gib(mem['record'])} + largest stage {_gib(mem['largest_stage_peak'])} (meta-device tensors)")
+              f"{_gib(mem['record'])} + largest stage {_gib(mem['largest_stage_peak'])} (meta-device tensors; "
+              f"largest batches: inversion {mem['batch_inversion']}, variants {mem['batch_variants']}, "
+              f"decode {mem['batch_decode']})")
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
