@@ -47,6 +47,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> ar
     return parser.parse_intermixed_args(argv)
 
 
+def add_output_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """--output DIR (output.dir) and --overwrite (output.overwrite=true), shared by the tools that write results."""
+    parser.add_argument("--output", help="results folder (output.dir)")
+    parser.add_argument("--overwrite", action="store_true", help=f"{overwrite_help} (output.overwrite=true)")
+
+
+def apply_output_arguments(cfg: DictConfig, args: argparse.Namespace) -> None:
+    """Let --output and --overwrite win over the config files."""
+    cfg.output.dir = args.output or cfg.output.dir
+    cfg.output.overwrite = args.overwrite or cfg.output.overwrite
+
+
 def load_cli_config(args: argparse.Namespace) -> DictConfig:
     """Defaults, then every --cfg file in order, then the overrides; the trainer keys are checked too."""
     cfg = load_config(args.cfg, overrides=args.overrides)

@@ -14,7 +14,8 @@ from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
-from _common import (base_parser, build_segmentor, build_trainer, load_cli_config,  # first: finds the checkout
+from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
+                     build_segmentor, build_trainer, load_cli_config,
                      parse_args, random_model_notice, reported_errors)
 from omegaconf import DictConfig
 
@@ -30,13 +31,11 @@ CACHE_DIR = "cache"
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse the command line and evaluate; user errors exit with status 2 and a message."""
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--output", help="results folder (output.dir)")
-    parser.add_argument("--overwrite", action="store_true", help="predict every image again (output.overwrite=true)")
+    add_output_arguments(parser, "predict every image again")
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
-        cfg.output.dir = args.output or cfg.output.dir
-        cfg.output.overwrite = args.overwrite or cfg.output.overwrite
+        apply_output_arguments(cfg, args)
         return evaluate(cfg)
 
 

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from _common import (base_parser, build_segmentor, build_trainer, load_cli_config,  # first: finds the checkout
+from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
+                     build_segmentor, build_trainer, load_cli_config,
                      output_options, parse_args, random_model_notice, reported_errors)
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,15 +40,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse the command line and run the prediction; user errors exit with status 2 and a message."""
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--input", help="image file, folder (recursive), glob pattern or .txt list (data.input)")
-    parser.add_argument("--output", help="results folder (output.dir)")
-    parser.add_argument("--overwrite", action="store_true", help="redo images that are done (output.overwrite=true)")
+    add_output_arguments(parser, "redo images that are done")
     parser.add_argument("--figure", action="store_true", help="also write NAME_figure.png (output.figure=true)")
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
         cfg.data.input = args.input or cfg.data.input
-        cfg.output.dir = args.output or cfg.output.dir
-        cfg.output.overwrite = args.overwrite or cfg.output.overwrite
+        apply_output_arguments(cfg, args)
         cfg.output.figure = args.figure or cfg.output.figure
         return predict(cfg)
 
