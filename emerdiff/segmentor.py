@@ -18,8 +18,8 @@ from .image import ImageInput, image_seed, load_image, to_model_input
 from .cost import ChunkPlan, plan_chunks
 from .inversion import DDPMGrid, Inversion, ddpm_inversion, encode_image
 from .models import SDComponents, load_sd
-from .modulation import ModulationSettings, denoise_variants, variant_offsets
-from .processors import AttentionControl, AttentionRecord, check_layer, controlled, layer_names
+from .modulation import IMPLS, ModulationSettings, denoise_variants, variant_offsets
+from .processors import PLACEMENTS, AttentionControl, AttentionRecord, check_layer, controlled, layer_names
 
 
 @dataclass
@@ -86,6 +86,10 @@ class EmerDiff(nn.Module):
         for key in ("num_masks", "feature_noise_draws", "num_modulated_steps"):
             if getattr(p, key) < 1:
                 raise ValueError(f"segmentor.{key} must be at least 1, got {getattr(p, key)}")
+        for key, valid in (("impl", IMPLS), ("offset_placement", PLACEMENTS), ("interpolation", ("bicubic", "bilinear"))):
+            if getattr(p, key) not in valid:
+                raise ValueError(f"segmentor.{key} must be one of {', '.join(valid)}, got '{getattr(p, key)}'")
+        use_faiss_gpu(p.kmeans_device)  # rejects an unknown value, or gpu without faiss GPUs, before any image
         if p.decode_resolution % 8 or p.decode_resolution < 0:
             raise ValueError(f"segmentor.decode_resolution must be 0 or a positive multiple of 8, got {p.decode_resolution}")
 

@@ -150,3 +150,10 @@ def test_channels_last_switch_keeps_the_result(tiny_components, photo):
     converted = tiny_segmentor(own, channels_last=True, **common)
     assert converted.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert_same_segmentation(converted.segment(photo), tiny_segmentor(tiny_components, **common).segment(photo))
+
+
+@pytest.mark.parametrize("key,value", [("impl", "quick"), ("offset_placement", "inside"), ("interpolation", "nearest"),
+                                       ("kmeans_device", "tpu")])
+def test_an_invalid_choice_is_refused_when_the_segmentor_is_built_naming_the_key(tiny_components, key, value):
+    with pytest.raises(ValueError, match=f"segmentor.{key}.*{value}"):
+        tiny_segmentor(tiny_components, **{key: value})
