@@ -57,6 +57,9 @@ class SegmentorConfig:
     memory_budget_gb: float = 16.0  # GiB of activations per image beyond the weights; chunks are sized to fit
     impl: str = "fast"  # fast (shared prefix, shared attention) or reference (one variant at a time)
     channels_last: bool = False  # UNet/VAE convolutions in channels_last memory format (same results)
+    compile: bool = False  # torch.compile the UNet/VAE ResNet blocks and feed-forward layers (same results)
+    compile_backend: str = "inductor"  # torch.compile backend (torch._dynamo.list_backends)
+    compile_mode: Optional[str] = None  # torch.compile mode, e.g. max-autotune; null = torch's default
     denoise_steps: int = 0  # trade-off: steps from t_m to the end, evenly spaced; 0 = every grid step
     min_mask_fraction: float = 0.0  # trade-off: masks below this share of the grid are not modulated
     decode_resolution: int = 0  # trade-off: decode the variants at this square size; 0 = resolution

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Hashable, List, Tuple
 
 import torch
@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 from . import assignment
 from .features import extract_queries
 from .inversion import encode_image
-from .models import SDComponents
+from .models import SDComponents, cast_components
 from .modulation import denoise_variants
 from .profiling import StageCost, StageProfiler, profiled
 
@@ -78,16 +78,16 @@ def meta_copy(components: SDComponents) -> SDComponents:
         unet = type(components.unet).from_config(components.unet.config)
         vae = type(components.vae).from_config(components.vae.config)
         text = type(components.text_encoder)(components.text_encoder.config)
-    pairs = ((unet, components.unet), (vae, components.vae), (text, components.text_encoder))
-    for copy, original in pairs:
-        copy.to(original.dtype).eval().requires_grad_(False)
+    for copy in (unet, vae, text):
+        copy.eval().requires_grad_(False)
     scheduler = type(components.scheduler).from_config(components.scheduler.config)  # add_noise moves its tensors
-    return SDComponents(unet, vae, text, components.tokenizer, scheduler, name=f"meta:{components.name}")
+    copies = SDComponents(unet, vae, text, components.tokenizer, scheduler, name=f"meta:{components.name}")
+    return cast_components(copies, components.unet.dtype)
 
 
 def meta_model(model: nn.Module) -> nn.Module:
-    """An `EmerDiff` of the same class and parameters on meta copies of its SD parts."""
-    return type(model)(meta_copy(model.components), model.params)
+    """An `EmerDiff` of the same class and parameters on meta copies of its SD parts, never compiled."""
+    return type(model)(meta_copy(model.components), replace(model.params, compile=False))
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention import FeedForward
+from diffusers.models.resnet import ResnetBlock2D
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -24,6 +26,8 @@ from .config import ModelConfig
 
 ARCH_DIR = Path(__file__).parent / "arch"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+COMPILED_REGIONS = (ResnetBlock2D, FeedForward)
+RECOMPILE_LIMIT = 128  # graphs per region class: one per distinct (channels, size, batch) of its instances
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -108,6 +112,14 @@ def build_random_sd(arch: str, seed: int = 0, device: str | torch.device = "cpu"
     return _freeze(SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=f"random:{arch}"))
 
 
+def cast_components(components: SDComponents, dtype: torch.dtype) -> SDComponents:
+    """UNet, VAE and text encoder in `dtype`, in place; diffusers' warning about fp32 modules is moot (SD has none)."""
+    for module in (components.unet, components.vae, components.text_encoder):
+        if module.dtype != dtype:
+            torch.nn.Module.to(module, dtype)
+    return components
+
+
 def _freeze(components: SDComponents) -> SDComponents:
     for module in (components.unet, components.vae, components.text_encoder):
         module.eval().requires_grad_(False)
@@ -174,6 +186,36 @@ def load_sd(cfg: ModelConfig, device: Optional[str] = None) -> SDComponents:
         ))
     for module in (components.unet, components.vae, components.text_encoder):
         module.to(target)
-        if module.dtype != dtype:
-            module.to(dtype)
-    return components
+    return cast_components(components, dtype)
+
+
+def check_compile_options(backend: str, mode: Optional[str]) -> None:
+    """Refuse an unknown torch.compile backend or mode, naming the config key."""
+    from torch._inductor import list_mode_options  # imported here: heavy, and only needed to check the mode
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"segmentor.compile_backend '{backend}' is not a torch.compile backend; "
+                         f"use inductor (or one of {', '.join(backends)})")
+    modes = list_mode_options()
+    if mode is not None and mode not in modes:
+        raise ValueError(f"segmentor.compile_mode '{mode}' is not a torch.compile mode; use null or one of "
+                         f"{', '.join(modes)}")
+
+
+def compile_regions(modules: Iterable[torch.nn.Module], backend: str = "inductor", mode: Optional[str] = None) -> int:
+    """torch.compile every ResNet block and feed-forward layer in `modules`, in place; returns how many.
+
+    Regional compilation, as diffusers' ``compile_repeated_blocks``, but attention stays eager:
+    EmerDiff's processors look up the recorded Q/K by timestep in Python, which a compiled
+    region would guard on and recompile at every step. All instances of a region class share
+    one code object, so dynamo's recompile limit is raised to hold a graph per distinct shape.
+    """
+    check_compile_options(backend, mode)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6 name
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+    regions = [m for root in modules for m in root.modules() if isinstance(m, COMPILED_REGIONS)]
+    for region in regions:
+        region.compile(backend=backend, mode=mode)
+    return len(regions)

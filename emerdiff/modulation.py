@@ -2,7 +2,9 @@
 
 Two implementations give the same result up to float rounding:
 
-- ``reference``: one variant at a time, full UNet passes, attention computed per variant;
+- ``reference``: the straightforward algorithm, one variant at a time in full UNet passes:
+  every layer computes its own Q/K projections and softmax(QK^T), and injection swaps the
+  recorded Q/K in for the computed ones;
 - ``fast``: variants batched in chunks; at the first modulated step every variant is
   identical up to the transformer holding the modulated layer, so that prefix runs once
   at batch 1 and is broadcast (`shared_prefix`); with injection, softmax(QK^T) is shared
@@ -142,8 +144,9 @@ def denoise_variants(
         raise ValueError(f"segmentor.impl must be one of {IMPLS}, got '{settings.impl}'")
     if settings.injection and record is None:
         raise ValueError("attention injection needs the record of the unmodulated run")
-    control = AttentionControl(inject=record if settings.injection else None, observer=observer)
     fast = settings.impl == "fast"
+    control = AttentionControl(inject=record if settings.injection else None, observer=observer,
+                               stock_projections=not fast)
     size = (settings.chunk_size or len(offsets)) if fast else 1
     results: List[torch.Tensor] = []
     with controlled(unet, control):

@@ -6,7 +6,8 @@ sets explicitly before each UNet call (never by counting calls). It can
 
 - record the query/key projections (Q, K) of chosen layers (features, injection record);
 - inject recorded Q/K, so attention probabilities are those of the unmodulated run and
-  only V differs; when a batch of variants shares one recorded Q/K, softmax(QK^T) is
+  only V differs (the reference path still computes each layer's own Q/K first, as a
+  stock pass does, and swaps them; the fast path skips those projections); when a batch of variants shares one recorded Q/K, softmax(QK^T) is
   computed once and applied to all variants' V stacked along the value dimension;
 - add the modulation offset c * M_i at one layer and chosen steps, after the output
   projection (``output``) or before it (``value``).
@@ -69,6 +70,7 @@ class AttentionControl:
     record_layers: FrozenSet[str] = frozenset()  # layers whose Q/K are recorded
     record: AttentionRecord = field(default_factory=AttentionRecord)
     inject: Optional[AttentionRecord] = None  # recorded Q/K to use instead of the layer's own
+    stock_projections: bool = False  # compute the layer's own Q/K even when injection replaces them (reference path)
     modulation: Optional[Modulation] = None
     observer: Optional[Observer] = None  # sees (layer, t, Q, K) actually used; for tests and debugging
 
@@ -156,12 +158,12 @@ class EmerDiffAttnProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        if control.inject is not None:
-            query, key = control.injected(self.layer)
-        else:
+        if control.inject is None or control.stock_projections:
             query, key = attn.to_q(hidden_states), attn.to_k(context)
             if self.layer in control.record_layers:
                 control.save(self.layer, query, key)
+        if control.inject is not None:
+            query, key = control.injected(self.layer)
         value = attn.to_v(context)
         if control.observer is not None:
             control.observer(self.layer, control.current_timestep(self.layer), query, key)

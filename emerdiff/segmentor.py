@@ -17,7 +17,7 @@ from .features import extract_queries
 from .image import ImageInput, image_seed, load_image, to_model_input
 from .cost import ChunkPlan, plan_chunks
 from .inversion import DDPMGrid, Inversion, ddpm_inversion, encode_image
-from .models import SDComponents, load_sd
+from .models import SDComponents, check_compile_options, compile_regions, load_sd
 from .modulation import IMPLS, ModulationSettings, denoise_variants, variant_offsets
 from .processors import PLACEMENTS, AttentionControl, AttentionRecord, check_layer, controlled, layer_names
 
@@ -74,6 +74,8 @@ class EmerDiff(nn.Module):
         if params.channels_last:  # converts the shared UNet/VAE in place; results equal up to rounding
             for module in (self.unet, self.vae):
                 module.to(memory_format=torch.channels_last)
+        if params.compile:  # compiles the shared UNet/VAE regions in place, lazily at their first call
+            compile_regions((self.unet, self.vae), params.compile_backend, params.compile_mode)
         self.register_buffer("prompt", components.encode_prompt(""), persistent=False)
         self.stage: StageContext = untimed
 
@@ -89,6 +91,7 @@ class EmerDiff(nn.Module):
         for key, valid in (("impl", IMPLS), ("offset_placement", PLACEMENTS), ("interpolation", ("bicubic", "bilinear"))):
             if getattr(p, key) not in valid:
                 raise ValueError(f"segmentor.{key} must be one of {', '.join(valid)}, got '{getattr(p, key)}'")
+        check_compile_options(p.compile_backend, p.compile_mode)
         use_faiss_gpu(p.kmeans_device)  # rejects an unknown value, or gpu without faiss GPUs, before any image
         if p.decode_resolution % 8 or p.decode_resolution < 0:
             raise ValueError(f"segmentor.decode_resolution must be 0 or a positive multiple of 8, got {p.decode_resolution}")

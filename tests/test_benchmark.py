@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, tiny_segmentor
-from emerdiff.cost import LinearBytes, image_cost, peak_bytes, plan_chunks
-from emerdiff.profiling import STAGES, StageProfiler, profiled
+from emerdiff.cost import LinearBytes, image_cost, meta_model, peak_bytes, plan_chunks
+from emerdiff.profiling import STAGES, StageProfiler, flop_counter, profiled
 from emerdiff.segmentor import untimed
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -56,6 +56,18 @@ def test_reference_runs_15_plus_2k_times_15_unet_passes_and_fast_the_same_sample
     assert ref["modulated"].unet_calls == ref["modulated"].unet_samples == 2 * 4 * 15
     assert fast["modulated"].unet_calls == 2 * 15 and fast["modulated"].unet_samples == 2 * 4 * 15
     assert ref["decode"].vae_samples == fast["decode"].vae_samples == 8
+
+
+def test_reference_variants_cost_exactly_full_stock_unet_passes_and_fast_ones_less(tiny_components):
+    meta = meta_model(tiny_segmentor(tiny_components, **SMALL))
+    latent = torch.zeros(1, 4, 8, 8, device="meta")
+    with flop_counter() as counter:  # a stock pass: the UNet's own processors, no EmerDiff control
+        meta.unet(latent, torch.tensor([1], device="meta"), meta.prompt)
+    costs = {impl: image_cost(tiny_segmentor(tiny_components, impl=impl, **SMALL), 2)["modulated"]
+             for impl in ("reference", "fast")}
+    assert costs["reference"].flops == costs["reference"].unet_samples * counter.get_total_flops()
+    assert costs["fast"].unet_samples == costs["reference"].unet_samples
+    assert costs["fast"].flops < 0.8 * costs["reference"].flops
 
 
 def test_chunk_plan_grows_with_the_budget_and_never_exceeds_chunk_size(tiny_components):

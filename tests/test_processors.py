@@ -136,3 +136,17 @@ def test_zero_offset_variants_reproduce_the_input_latent(setup, impl, injection)
     latents, _ = run(setup, offsets, impl=impl, injection=injection)
     for x in latents:
         assert ((x - z0[0]).norm() / z0.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 0.02), (torch.bfloat16, 0.1)])  # measured 0.007, 0.06
+def test_half_precision_weights_keep_float32_latents_and_reconstruct_within_their_rounding(photo, dtype, bound):
+    from emerdiff.models import build_random_sd, cast_components
+
+    model = tiny_segmentor(cast_components(build_random_sd("tiny", seed=0), dtype), resolution=128)
+    z0 = encode_image(model.vae, to_model_input(load_image(photo), 128))
+    inversion, record = model._invert(z0, torch.Generator().manual_seed(0))
+    assert model.unet.dtype == dtype and z0.dtype == inversion.latents.dtype == inversion.noise.dtype == torch.float32
+    latents, _ = run((model, z0, inversion, record), variant_offsets(torch.ones(1, 4, 4, dtype=torch.bool), 0.0),
+                     impl="fast")
+    assert latents.dtype == torch.float32 and torch.equal(latents[0], latents[1])  # lambda = 0: the signs agree exactly
+    assert ((latents[0] - z0[0]).norm() / z0.norm()).item() < bound

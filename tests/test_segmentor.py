@@ -152,8 +152,27 @@ def test_channels_last_switch_keeps_the_result(tiny_components, photo):
     assert_same_segmentation(converted.segment(photo), tiny_segmentor(tiny_components, **common).segment(photo))
 
 
+def test_compile_switch_compiles_every_resnet_and_feed_forward_region_and_keeps_the_result(tiny_components, photo):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from emerdiff.models import COMPILED_REGIONS, build_random_sd
+
+    common = dict(resolution=64, num_masks=2, keep_diff_maps=True)
+    own = build_random_sd("tiny", seed=0)  # the switch compiles the model in place: not the shared one
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = tiny_segmentor(own, compile=True, compile_backend="aot_eager", **common)  # inductor: same graphs
+    regions = [m for m in (*own.unet.modules(), *own.vae.modules()) if isinstance(m, COMPILED_REGIONS)]
+    assert regions and all(m._compiled_call_impl is not None for m in regions)
+    assert_same_segmentation(compiled.segment(photo), tiny_segmentor(tiny_components, **common).segment(photo))
+    frames = counters["frames"]
+    assert counters["stats"]["unique_graphs"] > 0 and frames["ok"] == frames["total"]  # no region fell back to eager
+
+
 @pytest.mark.parametrize("key,value", [("impl", "quick"), ("offset_placement", "inside"), ("interpolation", "nearest"),
-                                       ("kmeans_device", "tpu")])
+                                       ("kmeans_device", "tpu"), ("compile_backend", "fastest"),
+                                       ("compile_mode", "fastest")])
 def test_an_invalid_choice_is_refused_when_the_segmentor_is_built_naming_the_key(tiny_components, key, value):
     with pytest.raises(ValueError, match=f"segmentor.{key}.*{value}"):
         tiny_segmentor(tiny_components, **{key: value})

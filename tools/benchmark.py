@@ -32,7 +32,7 @@ from emerdiff import ConfigError, EmerDiff
 from emerdiff.config import ModelConfig, SegmentorConfig, to_dataclass
 from emerdiff.cost import GIB, image_cost, memory_profile
 from emerdiff.image import ImageInput
-from emerdiff.models import SDComponents, build_random_sd, load_sd, resolve_device, resolve_dtype
+from emerdiff.models import SDComponents, build_random_sd, cast_components, load_sd, resolve_device, resolve_dtype
 from emerdiff.profiling import STAGES, StageCost, StageProfiler, profiled, total
 from emerdiff.segmentor import modulated_masks
 
@@ -79,9 +79,7 @@ def build_components(cfg: DictConfig, cost_only: bool) -> SDComponents:
                           "(and model.arch) or use --cfg configs/tiny.yaml")
     components = build_random_sd("tiny" if model.pretrained == "tiny" else model.arch, device="meta")
     dtype = resolve_dtype(model.dtype, resolve_device("cuda" if model.dtype == "auto" else model.device))
-    for module in (components.unet, components.vae, components.text_encoder):
-        module.to(dtype)
-    return components
+    return cast_components(components, dtype)
 
 
 @dataclass

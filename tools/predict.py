@@ -31,7 +31,8 @@ from ovseg.pipeline import MaskNamer, build_labeller
 SAVED_CONFIG = "config.yaml"
 # Settings that change where or how fast a result is computed, not the result: a resume may change them.
 RUN_ONLY_KEYS = frozenset({"model.device", "model.local_files_only", "segmentor.chunk_size",
-                           "segmentor.memory_budget_gb", "segmentor.channels_last", "ovseg.clip_cache_dir",
+                           "segmentor.memory_budget_gb", "segmentor.channels_last", "segmentor.compile",
+                           "segmentor.compile_backend", "segmentor.compile_mode", "ovseg.clip_cache_dir",
                            "ovseg.text_cache_dir", "ovseg.paper_miou", "ovseg.paper_reference", "ovseg.paper_note"})
 RESULT_SECTIONS = ("model", "segmentor", "ovseg")
 
