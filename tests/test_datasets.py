@@ -15,6 +15,7 @@ from emerdiff.data import (
     VOC2012,
     Cityscapes19,
     Cityscapes27,
+    CocoObject,
     CocoStuff27,
     CocoStuff171,
     DatasetNotFoundError,
@@ -108,6 +109,8 @@ DECODING_CASES = [
     (CocoStuff171, coco_tree, [0, 11, 12, 181, 255], [0, 255, 11, 170, 255]),
     # coarse: person -> person (9), stop sign -> outdoor (8), wood -> solid (24)
     (CocoStuff27, coco_tree, [0, 11, 12, 181, 255], [9, 255, 8, 24, 255]),
+    # objects: things shift by one (person 1, toothbrush 80), stuff and unlabeled are background
+    (CocoObject, coco_tree, [0, 11, 12, 89, 91, 181, 255], [1, 255, 12, 80, 0, 0, 0]),
     (ADE20K150, ade_tree, [0, 1, 2, 150, 151], [255, 0, 1, 149, 255]),
     (PascalContext59, context59_tree, [0, 1, 2, 59, 255], [255, 0, 1, 58, 255]),
     # 16-bit: 255 and 458 are real classes, 65535 is the ignore index
@@ -143,6 +146,7 @@ def test_dataset_reads_its_layout_and_maps_raw_values_to_class_ids(tmp_path, dat
     [
         (CocoStuff171, 171, 255),
         (CocoStuff27, 27, 255),
+        (CocoObject, 81, 255),
         (ADE20K150, 150, 255),
         (PascalContext59, 59, 255),
         (PascalContext459, 459, 65535),
@@ -160,7 +164,7 @@ def test_metadata_has_one_unique_name_and_colour_per_class(dataset_cls, num_clas
     assert meta.ignore_index >= num_classes
 
 
-def test_coarse_coco_classes_cover_exactly_the_171_fine_classes():
+def test_coarse_and_object_coco_label_maps_cover_exactly_the_171_fine_classes():
     import json
     from importlib import resources
 
@@ -169,6 +173,7 @@ def test_coarse_coco_classes_cover_exactly_the_171_fine_classes():
         return set(json.loads(text)["label_map"])
 
     assert raw_ids("coco_stuff27") == raw_ids("coco_stuff171")
+    assert raw_ids("coco_object") == raw_ids("coco_stuff171") | {"255"}
     assert load_metadata("coco_stuff27").classes[9] == "person"
 
 
@@ -282,6 +287,7 @@ def test_registry_names_every_evaluation_split():
     assert set(DATASETS) == {
         "coco_stuff171_val",
         "coco_stuff27_val",
+        "coco_object_val",
         "ade20k_val",
         "pascal_context59_val",
         "pascal_context459_val",

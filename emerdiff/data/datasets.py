@@ -272,6 +272,16 @@ class CocoStuff27(CocoStuff171):
     LABEL_SET = "coco_stuff27"
 
 
+class CocoObject(CocoStuff171):
+    """COCO-Object (GroupViT, TCL): background + the 80 COCO things, read from the COCO-Stuff files.
+
+    Stuff and unlabeled pixels are background (class 0), as GroupViT's converter makes them,
+    so the raw stuffthingmaps need no conversion.
+    """
+
+    LABEL_SET = "coco_object"
+
+
 class ADE20K150(SegmentationDataset):
     """ADE20K SceneParsing, 150 classes (annotation 0 = unlabeled, k = class k - 1)."""
 

@@ -16,6 +16,7 @@ from emerdiff.data.datasets import (
     VOC2012,
     Cityscapes19,
     Cityscapes27,
+    CocoObject,
     CocoStuff27,
     CocoStuff171,
     DatasetMetadata,
@@ -42,6 +43,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
     {
         "coco_stuff171_val": DatasetSpec(CocoStuff171, "val2017"),
         "coco_stuff27_val": DatasetSpec(CocoStuff27, "val2017"),
+        "coco_object_val": DatasetSpec(CocoObject, "val2017"),
         "ade20k_val": DatasetSpec(ADE20K150, "validation"),
         "pascal_context59_val": DatasetSpec(PascalContext59, "val"),
         "pascal_context459_val": DatasetSpec(PascalContext459, "validation"),
