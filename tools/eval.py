@@ -17,6 +17,7 @@ from typing import List, Optional
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
                      build_segmentor, build_trainer, load_cli_config,
                      parse_args, random_model_notice, reported_errors)
+import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from emerdiff import ConfigError
@@ -59,13 +60,18 @@ def evaluate(cfg: DictConfig) -> int:
                             use_distributed_sampler=False, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, data, cache)
+    return run_and_report(trainer, module, data, out)
+
+
+def run_and_report(trainer: pl.Trainer, module: pl.LightningModule, data: EvaluationData, results_dir: Path) -> int:
+    """Run `trainer.test` (a stale cache becomes a config error); rank 0 then prints the results table."""
     try:
         trainer.test(module, datamodule=data, verbose=False)
     except StaleCacheError as exc:
         raise ConfigError(str(exc)) from None
     if trainer.is_global_zero:
-        print((out / "results.md").read_text())
-        print(f"results: {out / 'results.json'} and {out / 'results.md'}")
+        print((results_dir / "results.md").read_text())
+        print(f"results: {results_dir / 'results.json'} and {results_dir / 'results.md'}")
     return 0
 
 

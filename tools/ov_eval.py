@@ -21,14 +21,14 @@ from typing import List, Optional
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
                      build_segmentor, build_trainer, load_cli_config,
                      parse_args, random_model_notice, reported_errors)
-from eval import CACHE_DIR as MASKS_DIR
+from eval import CACHE_DIR as MASKS_DIR, run_and_report
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_warn
 
 from emerdiff import ConfigError
 from emerdiff.config import ModelConfig, OVSegConfig, SegmentorConfig, to_dataclass
 from emerdiff.data import DatasetMetadata, dataset_metadata
-from emerdiff.evaluation import (EvaluationData, PredictionCache, ResultsWriter, StaleCacheError,
+from emerdiff.evaluation import (EvaluationData, PredictionCache, ResultsWriter,
                                  prediction_settings)
 from ovseg import Vocabulary, read_vocabulary
 from ovseg.lightning import OpenVocabEvaluation, OpenVocabPrediction, open_vocab_settings
@@ -83,14 +83,7 @@ def evaluate(cfg: DictConfig) -> int:
     if trainer.is_global_zero:
         announce(cfg, data, masks, labels)
         warn_if_names_differ(vocab, metadata)
-    try:
-        trainer.test(module, datamodule=data, verbose=False)
-    except StaleCacheError as exc:
-        raise ConfigError(str(exc)) from None
-    if trainer.is_global_zero:
-        print((results_dir / "results.md").read_text())
-        print(f"results: {results_dir / 'results.json'} and {results_dir / 'results.md'}")
-    return 0
+    return run_and_report(trainer, module, data, results_dir)
 
 
 def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labels: PredictionCache) -> None:
