@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -142,6 +142,21 @@ class EmerDiffConfig:
     trainer: Dict[str, Any] = field(
         default_factory=lambda: {"accelerator": "auto", "devices": 1, "precision": "32-true"}
     )
+
+
+# Settings that decide where or how fast results are computed, or what is printed beside them, never the
+# results: finished outputs (tools/predict.py) and caches (tools/eval.py, tools/ov_eval.py) stay valid.
+RUN_ONLY_KEYS = frozenset({
+    "model.device", "model.local_files_only",
+    "segmentor.chunk_size", "segmentor.memory_budget_gb", "segmentor.channels_last",
+    "segmentor.compile", "segmentor.compile_backend", "segmentor.compile_mode",
+    "ovseg.clip_cache_dir", "ovseg.text_cache_dir", "ovseg.paper_miou", "ovseg.paper_reference", "ovseg.paper_note",
+})
+
+
+def result_settings(section: str, values: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings of one config section that can change results (`RUN_ONLY_KEYS` left out)."""
+    return {k: v for k, v in values.items() if f"{section}.{k}" not in RUN_ONLY_KEYS}
 
 
 class ConfigError(ValueError):

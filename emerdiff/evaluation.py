@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from .config import EvalConfig, ModelConfig, SegmentorConfig
+from .config import EvalConfig, ModelConfig, SegmentorConfig, result_settings
 from .data import DatasetMetadata, build_dataset, dataset_spec
 from .inputs import ShardSampler
 from .metrics import ConfusionMatrixMetric, SegmentationScores, scores_from_confusion
@@ -76,8 +76,9 @@ def check_settings(settings: EvalConfig) -> None:
 
 def prediction_settings(model: ModelConfig, segmentor: SegmentorConfig, dataset: str, size: Optional[int]) -> dict:
     """The settings a cached prediction depends on; settings that cannot change the result are left out."""
-    model_settings = {k: v for k, v in asdict(model).items() if k not in ("device", "local_files_only")}
-    segmentor_settings = {k: v for k, v in asdict(segmentor).items() if k not in ("chunk_size", "keep_diff_maps")}
+    model_settings = result_settings("model", asdict(model))
+    segmentor_settings = result_settings("segmentor", asdict(segmentor))
+    del segmentor_settings["keep_diff_maps"]  # the cache keeps no difference maps
     return {"model": model_settings, "segmentor": segmentor_settings, "data": {"dataset": dataset, "size": size}}
 
 

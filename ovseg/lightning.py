@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torchmetrics.aggregation import SumMetric
 
-from emerdiff.config import OVSegConfig
+from emerdiff.config import OVSegConfig, result_settings
 from emerdiff.data import DatasetMetadata
 from emerdiff.evaluation import PAPER, CachedPrediction, PredictionCache, SegmentorLoader
 from emerdiff.metrics import ConfusionMatrixMetric, SegmentationScores
@@ -38,8 +38,6 @@ from .vocab import Vocabulary
 
 METHODS = ("maskclip", "emerdiff")  # table order: the baseline, then EmerDiff's masks named by it
 METHOD_TITLES = {"maskclip": "MaskCLIP (per patch, upsampled)", "emerdiff": "MaskCLIP + EmerDiff masks"}
-# ovseg settings that decide where things are read from or what is printed, not the labels.
-RUN_ONLY_KEYS = frozenset({"clip_cache_dir", "text_cache_dir", "paper_miou", "paper_reference", "paper_note"})
 
 LabellerLoader = Callable[[torch.device], OpenVocabLabeller]
 
@@ -61,7 +59,7 @@ class OpenVocabPrediction:
 
 def open_vocab_settings(prediction: Mapping[str, Any], settings: OVSegConfig, vocab: Vocabulary) -> dict:
     """What cached labels depend on: EmerDiff's prediction settings, the CLIP side, the vocabulary's content."""
-    ovseg = {k: v for k, v in asdict(settings).items() if k not in RUN_ONLY_KEYS}
+    ovseg = result_settings("ovseg", asdict(settings))
     classes = json.dumps([list(group) for group in vocab.synonyms])
     ovseg["vocab_sha256"] = hashlib.sha256(classes.encode("utf-8")).hexdigest()
     return {**prediction, "ovseg": ovseg}

@@ -23,11 +23,11 @@ from scipy.optimize import linear_sum_assignment
 
 from conftest import REPO, TINY, load_tool, voc_folder
 from emerdiff import load_config
-from emerdiff.config import EvalConfig
+from emerdiff.config import EvalConfig, ModelConfig, SegmentorConfig
 from emerdiff.data import DATASETS, build_dataset, dataset_metadata
 from emerdiff.evaluation import (
     METHODS, PROTOCOLS, CachedPrediction, DatasetMasks, MaskRecords, PredictionCache, StaleCacheError,
-    confusion_from_histograms, dataset_protocol_scores,
+    confusion_from_histograms, dataset_protocol_scores, prediction_settings,
 )
 from emerdiff.metrics import ConfusionMatrixMetric
 from emerdiff.protocols import UNMATCHED, overlap_matrix, relabel
@@ -158,6 +158,18 @@ def test_rescoring_a_full_cache_never_loads_the_model_and_gives_identical_result
     rescored, reference = read_results(tmp_path)["results"], read_results(first_run)["results"]
     assert list(rescored["emerdiff"]) == ["hungarian", "majority"]
     assert rescored["emerdiff"]["hungarian"] == reference["emerdiff"]["hungarian"]
+
+
+def test_cached_predictions_depend_on_result_settings_only():
+    base = prediction_settings(ModelConfig(), SegmentorConfig(), "voc2012_val", 96)
+    where_and_how_fast = prediction_settings(
+        ModelConfig(device="cpu", local_files_only=True),
+        SegmentorConfig(chunk_size=3, memory_budget_gb=1.0, channels_last=True, compile=True, compile_backend="eager",
+                        compile_mode="max-autotune", keep_diff_maps=True),
+        "voc2012_val", 96)
+    assert where_and_how_fast == base
+    assert prediction_settings(ModelConfig(), SegmentorConfig(lam=5.0), "voc2012_val", 96) != base
+    assert prediction_settings(ModelConfig(dtype="float16"), SegmentorConfig(), "voc2012_val", 96) != base
 
 
 def test_cache_made_with_other_settings_is_refused_naming_the_setting(eval_tool, first_run, voc_root, tmp_path,

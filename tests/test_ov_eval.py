@@ -23,6 +23,7 @@ from emerdiff import load_config
 from emerdiff.config import OVSegConfig
 from emerdiff.data import DATASETS, build_dataset, dataset_metadata
 from ovseg import UNLABELLED, read_vocabulary
+from ovseg.lightning import open_vocab_settings
 from ovseg.pipeline import OpenVocabLabeller, build_labeller, patch_multiple
 
 VOC = dataset_metadata("voc2012_val")
@@ -232,6 +233,16 @@ def test_random_clip_is_the_same_in_every_build_so_ddp_ranks_agree(tmp_path):
     assert torch.equal(first.text, second.text)
     assert torch.equal(first.dense_embeddings(image), second.dense_embeddings(image))
     assert first.dense_embeddings(image).shape == (32, 4, 6)
+
+
+def test_cached_labels_depend_on_the_vocabulary_content_and_clip_side_not_on_caches_or_paper_numbers():
+    vocab = read_vocabulary("cat,dog")
+    base = open_vocab_settings({}, OVSegConfig(vocab="cat,dog"), vocab)
+    elsewhere = OVSegConfig(vocab="cat,dog", clip_cache_dir="/x", text_cache_dir="/y", paper_miou={"emerdiff": 1.0},
+                            paper_note="n")
+    assert open_vocab_settings({}, elsewhere, vocab) == base
+    assert open_vocab_settings({}, OVSegConfig(vocab="cat,dog", window=112), vocab) != base
+    assert open_vocab_settings({}, OVSegConfig(vocab="cat,dog"), read_vocabulary("cat,wolf")) != base
 
 
 def test_threshold_needs_a_vocabulary_with_a_background_class(tmp_path):

@@ -21,7 +21,7 @@ from _common import (add_output_arguments, apply_output_arguments, base_parser, 
 from omegaconf import DictConfig, OmegaConf
 
 from emerdiff import ConfigError
-from emerdiff.config import OVSegConfig, to_dataclass
+from emerdiff.config import RUN_ONLY_KEYS, OVSegConfig, to_dataclass
 from emerdiff.inputs import InputImage, PredictImages, find_images
 from emerdiff.lightning_module import EmerDiffPredictor, ImagesProgressBar, ResultWriter
 from emerdiff.outputs import OutputStore, atomic_file
@@ -29,11 +29,6 @@ from ovseg import read_vocabulary
 from ovseg.pipeline import MaskNamer, build_labeller
 
 SAVED_CONFIG = "config.yaml"
-# Settings that change where or how fast a result is computed, not the result: a resume may change them.
-RUN_ONLY_KEYS = frozenset({"model.device", "model.local_files_only", "segmentor.chunk_size",
-                           "segmentor.memory_budget_gb", "segmentor.channels_last", "segmentor.compile",
-                           "segmentor.compile_backend", "segmentor.compile_mode", "ovseg.clip_cache_dir",
-                           "ovseg.text_cache_dir", "ovseg.paper_miou", "ovseg.paper_reference", "ovseg.paper_note"})
 RESULT_SECTIONS = ("model", "segmentor", "ovseg")
 
 
