@@ -165,11 +165,12 @@ def measure_memory(model: nn.Module) -> MemoryProfile:
 
 
 def _memory_key(model: nn.Module) -> Hashable:
-    """What the memory profile depends on: architectures, dtype and the shape-relevant parameters."""
+    """What the memory profile depends on: architectures, dtype, prompt, grid and the shape-relevant parameters."""
     p = model.params
     configs = json.dumps([dict(model.unet.config), dict(model.vae.config)], sort_keys=True, default=str)
-    return (configs, str(model.unet.dtype), p.resolution, p.decode_resolution, p.t_modulate, p.modulated_layer,
-            p.num_modulated_steps, p.offset_placement, p.attention_injection, p.impl, p.denoise_steps)
+    return (configs, str(model.unet.dtype), tuple(model.prompt.shape), tuple(model.grid.timesteps), p.resolution,
+            p.decode_resolution, p.t_modulate, p.modulated_layer, p.num_modulated_steps, p.offset_placement,
+            p.attention_injection, p.impl)
 
 
 _PROFILES: Dict[Hashable, MemoryProfile] = {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, tiny_segmentor
-from emerdiff.cost import LinearBytes, image_cost, meta_model, peak_bytes, plan_chunks
+from emerdiff.cost import LinearBytes, image_cost, memory_profile, meta_model, peak_bytes, plan_chunks
 from emerdiff.profiling import STAGES, StageProfiler, flop_counter, profiled
 from emerdiff.segmentor import untimed
 
@@ -68,6 +68,13 @@ def test_reference_variants_cost_exactly_full_stock_unet_passes_and_fast_ones_le
     assert costs["reference"].flops == costs["reference"].unet_samples * counter.get_total_flops()
     assert costs["fast"].unet_samples == costs["reference"].unet_samples
     assert costs["fast"].flops < 0.8 * costs["reference"].flops
+
+
+def test_memory_profile_reserves_the_record_of_the_models_own_grid(tiny_components):
+    default = tiny_segmentor(tiny_components, resolution=64)  # 15 steps from t_m = 281
+    finer = tiny_segmentor(tiny_components, resolution=64, num_inference_steps=100)  # 29 steps from the same t_m
+    assert len(finer.grid.tail(281)) == 29
+    assert memory_profile(default).record * 29 == memory_profile(finer).record * 15
 
 
 def test_chunk_plan_grows_with_the_budget_and_never_exceeds_chunk_size(tiny_components):
