@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 from . import assignment
 from .features import extract_queries
 from .inversion import encode_image
-from .models import SDComponents, cast_components
+from .models import SDComponents, cast_components, freeze
 from .modulation import denoise_variants
 from .profiling import StageCost, StageProfiler, profiled
 
@@ -78,10 +78,8 @@ def meta_copy(components: SDComponents) -> SDComponents:
         unet = type(components.unet).from_config(components.unet.config)
         vae = type(components.vae).from_config(components.vae.config)
         text = type(components.text_encoder)(components.text_encoder.config)
-    for copy in (unet, vae, text):
-        copy.eval().requires_grad_(False)
     scheduler = type(components.scheduler).from_config(components.scheduler.config)  # add_noise moves its tensors
-    copies = SDComponents(unet, vae, text, components.tokenizer, scheduler, name=f"meta:{components.name}")
+    copies = freeze(SDComponents(unet, vae, text, components.tokenizer, scheduler, name=f"meta:{components.name}"))
     return cast_components(copies, components.unet.dtype)
 
 

@@ -109,7 +109,7 @@ def build_random_sd(arch: str, seed: int = 0, device: str | torch.device = "cpu"
         text_encoder = CLIPTextModel(CLIPTextConfig(**strip(spec["text_encoder"])))
     scheduler = DDIMScheduler(**strip(spec["scheduler"]))
     tokenizer = byte_level_tokenizer(spec["text_encoder"]["max_position_embeddings"])
-    return _freeze(SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=f"random:{arch}"))
+    return freeze(SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=f"random:{arch}"))
 
 
 def cast_components(components: SDComponents, dtype: torch.dtype) -> SDComponents:
@@ -120,7 +120,8 @@ def cast_components(components: SDComponents, dtype: torch.dtype) -> SDComponent
     return components
 
 
-def _freeze(components: SDComponents) -> SDComponents:
+def freeze(components: SDComponents) -> SDComponents:
+    """UNet, VAE and text encoder in eval mode without gradients: EmerDiff never trains them."""
     for module in (components.unet, components.vae, components.text_encoder):
         module.eval().requires_grad_(False)
     return components
@@ -181,7 +182,7 @@ def load_sd(cfg: ModelConfig, device: Optional[str] = None) -> SDComponents:
         except (OSError, ValueError, RuntimeError, ImportError) as exc:
             raise WeightsNotFoundError(_missing_weights_message(cfg.pretrained, cfg, exc)) from exc
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        components = _freeze(SDComponents(
+        components = freeze(SDComponents(
             pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, name=cfg.pretrained
         ))
     for module in (components.unet, components.vae, components.text_encoder):

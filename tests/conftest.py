@@ -59,6 +59,7 @@ def load_tool(name: str) -> ModuleType:
         sys.path.insert(0, str(REPO / "tools"))
     spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -147,7 +147,7 @@ def _largest_batch(chunk: int, count: int) -> int:
 
 def memory_estimate(model: EmerDiff, result: ImplResult) -> Dict[str, int]:
     """Device memory of one image from the cost model: weights + the injection record + the largest stage peak."""
-    record = memory_profile(model).record if model.params.attention_injection else 0
+    record = memory_profile(model).record  # 0 without injection
     stage_peak = max(cost.peak_mem_bytes for cost in result.model.values())
     weights = weight_bytes(model)
     plan, steps, variants = model.chunk_plan(), len(model.grid.tail(model.params.t_modulate)), 2 * result.num_masks
