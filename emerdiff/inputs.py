@@ -66,7 +66,8 @@ def find_images(spec: str, exclude: Optional[Path] = None) -> List[InputImage]:
     else:
         raise InputError(f"input '{spec}' does not exist (looked in {path.resolve()})")
     if exclude is not None:
-        files = [f for f in files if not _is_within(f, exclude)]
+        folder = exclude.resolve()
+        files = [f for f in files if not f.resolve().is_relative_to(folder)]
     if not files:
         raise InputError(f"no images found for input '{spec}' (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
     return sorted(_named(files, root), key=lambda image: image.name)
@@ -94,16 +95,14 @@ def _listed_files(list_file: Path) -> List[Path]:
     return [p if p.is_absolute() else list_file.parent / p for p in paths]
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
-
-
 def _named(files: Sequence[Path], root: Path) -> List[InputImage]:
-    """Name = path relative to root without suffix; names two files would share keep their suffix."""
-    rel = [Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix() for f in files]
+    """Each file with its absolute path (the manifest then works from any folder) and its name: the path
+    relative to root without suffix, with the suffix kept where two files would share a name."""
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    rel = [Path(os.path.relpath(f, os.path.abspath(root))).as_posix() for f in absolute]
     stems = [str(Path(r).with_suffix("")) for r in rel]
     taken = Counter(stems)
-    return [InputImage(f, s if taken[s] == 1 else r) for f, r, s in zip(files, rel, stems)]
+    return [InputImage(f, s if taken[s] == 1 else r) for f, r, s in zip(absolute, rel, stems)]
 
 
 class ImageFiles(Dataset):

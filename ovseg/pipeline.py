@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,6 +131,18 @@ class MaskNamer(nn.Module):
         named = self.labeller(image.permute(1, 2, 0), output.labels, output.num_masks)
         return MaskNames(self.class_names, named.labels.numpy(), named.mask_classes.numpy(),
                          named.mask_scores.float().numpy())
+
+
+def check_settings(settings: OVSegConfig, vocab: Vocabulary) -> None:
+    """Refuse unknown templates or encoder, or a threshold without a background class, before anything loads."""
+    check_threshold(vocab.background, settings.background_threshold)
+    template_set(settings.templates)
+    encoder_builder(settings.encoder)
+
+
+def text_cache_folder(settings: OVSegConfig, results_dir: str | os.PathLike) -> Path:
+    """Where class text embeddings are cached: ovseg.text_cache_dir, or RESULTS/text_embeddings."""
+    return Path(settings.text_cache_dir) if settings.text_cache_dir else Path(results_dir) / "text_embeddings"
 
 
 def build_labeller(settings: OVSegConfig, vocab: Vocabulary, cache_dir: str | os.PathLike,

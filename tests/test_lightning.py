@@ -53,6 +53,12 @@ def test_glob_list_file_and_single_file_inputs_are_named_relative_to_their_root(
     assert [i.name for i in find_images(str(tmp_path / "y" / "three.png"))] == ["three"]
 
 
+def test_a_relative_input_gives_absolute_paths_so_the_manifest_works_from_any_folder(tmp_path: Path, monkeypatch):
+    _touch_images(tmp_path, ["x/one.png"])
+    monkeypatch.chdir(tmp_path)
+    assert [i.path for i in find_images("x")] == [tmp_path / "x" / "one.png"]
+
+
 def test_missing_input_and_a_folder_without_images_are_errors_saying_what_was_searched(tmp_path: Path):
     with pytest.raises(InputError, match="does not exist"):
         find_images(str(tmp_path / "nope"))

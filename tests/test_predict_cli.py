@@ -156,6 +156,27 @@ def test_unknown_or_reserved_keys_stop_the_run_with_an_error_naming_them(photos,
     assert not list((tmp_path / "out").rglob("*.npz"))
 
 
+@pytest.mark.parametrize("override, named", [
+    ("ovseg.templates=nope", "templates"), ("ovseg.encoder=tcl", "encoder"),
+    ("ovseg.background_threshold=0.2", "background"),  # cat,dog has no background class
+])
+def test_bad_naming_settings_stop_the_run_before_anything_is_written(photos, tmp_path, capsys, override, named):
+    with pytest.raises(SystemExit) as stop:
+        predict.main(_cli(photos, tmp_path / "out", "ovseg.vocab=cat,dog", override))
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_a_run_that_failed_before_any_result_leaves_the_folder_free_for_other_settings(photos, tmp_path, capsys):
+    coffee, out = photos / "coffee.jpg", tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        predict.main(_cli(coffee, out, f"model.pretrained={tmp_path / 'missing.safetensors'}"))
+    assert stop.value.code == 2 and "missing.safetensors" in capsys.readouterr().err
+    assert (out / "config.yaml").is_file()  # saved before the weights were found missing
+    assert predict.main(_cli(coffee, out)) == 0
+    assert (out / "coffee.npz").is_file()
+
+
 def test_results_folder_of_other_settings_is_refused_naming_what_changed(reference, photos, capsys):
     with pytest.raises(SystemExit):
         predict.main(_cli(photos, reference, "segmentor.lam=3"))

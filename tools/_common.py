@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -23,10 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from emerdiff import ConfigError, EmerDiff, WeightsNotFoundError, load_config  # noqa: E402
-from emerdiff.config import ModelConfig, SegmentorConfig, to_dataclass  # noqa: E402
+from emerdiff.config import ModelConfig, OVSegConfig, SegmentorConfig, to_dataclass  # noqa: E402
 from emerdiff.inputs import InputError  # noqa: E402
 from emerdiff.models import load_sd, resolve_dtype  # noqa: E402
 from emerdiff.outputs import OutputOptions  # noqa: E402
+from ovseg import Vocabulary, read_vocabulary  # noqa: E402
+from ovseg.pipeline import check_settings  # noqa: E402
 
 RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
                        "but its masks carry no meaning. Use e.g. --cfg configs/emerdiff_sd15.yaml for real results.")
@@ -98,6 +100,17 @@ def build_segmentor(cfg: DictConfig, trainer: pl.Trainer) -> EmerDiff:
     dtype = resolve_dtype(model.dtype, trainer.strategy.root_device)
     model = replace(model, dtype=str(dtype).removeprefix("torch."))
     return EmerDiff(load_sd(model, device="cpu"), to_dataclass(cfg.segmentor, SegmentorConfig))
+
+
+def ovseg_settings(cfg: DictConfig) -> Tuple[OVSegConfig, Vocabulary]:
+    """`cfg.ovseg` and its vocabulary, checked before any model loads: a bad value is a ConfigError."""
+    settings = to_dataclass(cfg.ovseg, OVSegConfig)
+    try:
+        vocab = read_vocabulary(settings.vocab)
+        check_settings(settings, vocab)
+    except ValueError as exc:  # unknown vocabulary, templates or encoder, threshold without background
+        raise ConfigError(str(exc)) from None
+    return settings, vocab
 
 
 def output_options(cfg: DictConfig) -> OutputOptions:

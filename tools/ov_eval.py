@@ -19,20 +19,20 @@ from pathlib import Path
 from typing import List, Optional
 
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
-                     build_segmentor, build_trainer, load_cli_config,
+                     build_segmentor, build_trainer, load_cli_config, ovseg_settings,
                      parse_args, random_model_notice, reported_errors)
 from eval import CACHE_DIR as MASKS_DIR, run_and_report
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_warn
 
 from emerdiff import ConfigError
-from emerdiff.config import ModelConfig, OVSegConfig, SegmentorConfig, to_dataclass
+from emerdiff.config import ModelConfig, SegmentorConfig, to_dataclass
 from emerdiff.data import DatasetMetadata, dataset_metadata
 from emerdiff.evaluation import (EvaluationData, PredictionCache, ResultsWriter,
                                  prediction_settings)
-from ovseg import Vocabulary, read_vocabulary
+from ovseg import Vocabulary
 from ovseg.lightning import OpenVocabEvaluation, OpenVocabPrediction, open_vocab_settings
-from ovseg.pipeline import build_labeller, encoder_builder, template_set
+from ovseg.pipeline import build_labeller, text_cache_folder
 
 OV_DIR = "ov"  # results and caches of this tool, so that they never collide with tools/eval.py's in OUTPUT
 
@@ -57,26 +57,23 @@ def evaluate(cfg: DictConfig) -> int:
                           "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR")
     out = Path(cfg.output.dir)
     results_dir = out / OV_DIR
-    settings = to_dataclass(cfg.ovseg, OVSegConfig)
+    settings, vocab = ovseg_settings(cfg)
     try:
         metadata = dataset_metadata(cfg.data.dataset)
-        vocab = read_vocabulary(settings.vocab)
-        template_set(settings.templates)
-        encoder_builder(settings.encoder)
         data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
                               cfg.data.num_workers)
-    except ValueError as exc:  # unknown split, vocabulary, templates or encoder
+    except ValueError as exc:  # unknown split
         raise ConfigError(str(exc)) from None
     prediction = prediction_settings(to_dataclass(cfg.model, ModelConfig), to_dataclass(cfg.segmentor, SegmentorConfig),
                                      cfg.data.dataset, cfg.data.size)
     masks = PredictionCache(out / MASKS_DIR, prediction, overwrite=cfg.output.overwrite)
     labels = PredictionCache(results_dir / "cache", open_vocab_settings(prediction, settings, vocab),
                              overwrite=cfg.output.overwrite, record=OpenVocabPrediction)
-    text_dir = Path(settings.text_cache_dir) if settings.text_cache_dir else results_dir / "text_embeddings"
+    text_dir = text_cache_folder(settings, results_dir)
     try:
         module = OpenVocabEvaluation(partial(build_segmentor, cfg), partial(build_labeller, settings, vocab, text_dir),
                                      masks, labels, cfg.data.dataset, metadata, vocab, settings)
-    except ValueError as exc:  # vocabulary and split disagree on the classes, threshold without background
+    except ValueError as exc:  # vocabulary and split disagree on the classes
         raise ConfigError(str(exc)) from None
     trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(results_dir)], logger=False,
                             enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))

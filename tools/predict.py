@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
                      build_segmentor, build_trainer, load_cli_config,
-                     output_options, parse_args, random_model_notice, reported_errors)
+                     output_options, ovseg_settings, parse_args, random_model_notice, reported_errors)
 from omegaconf import DictConfig, OmegaConf
 
 from emerdiff import ConfigError
-from emerdiff.config import RUN_ONLY_KEYS, OVSegConfig, to_dataclass
+from emerdiff.config import RUN_ONLY_KEYS, OVSegConfig
 from emerdiff.inputs import InputImage, PredictImages, find_images
 from emerdiff.lightning_module import EmerDiffPredictor, ImagesProgressBar, ResultWriter
 from emerdiff.outputs import OutputStore, atomic_file
-from ovseg import read_vocabulary
-from ovseg.pipeline import MaskNamer, build_labeller
+from ovseg import Vocabulary
+from ovseg.pipeline import MaskNamer, build_labeller, text_cache_folder
 
 SAVED_CONFIG = "config.yaml"
 RESULT_SECTIONS = ("model", "segmentor", "ovseg")
@@ -52,11 +52,12 @@ def predict(cfg: DictConfig) -> int:
     if not cfg.data.input or not cfg.output.dir:
         raise ConfigError("tell where the images are and where results go: --input PATH --output DIR")
     out = Path(cfg.output.dir)
-    if not cfg.output.overwrite:
-        check_same_settings(out / SAVED_CONFIG, cfg)
+    naming = ovseg_settings(cfg) if cfg.ovseg.vocab else None
     store = OutputStore(out, output_options(cfg))
-    images = find_images(cfg.data.input, exclude=out)
     done = set() if cfg.output.overwrite else store.done()
+    if done:  # only results bind a folder to its settings: a run that failed before any result does not
+        check_same_settings(out / SAVED_CONFIG, cfg)
+    images = find_images(cfg.data.input, exclude=out)
     pending = [image for image in images if image.name not in done]
     callbacks = [ResultWriter(store)]
     if cfg.trainer.get("enable_progress_bar", True):
@@ -70,21 +71,19 @@ def predict(cfg: DictConfig) -> int:
     if not pending:
         return 0
     start = time.perf_counter()
-    trainer.predict(EmerDiffPredictor(build_segmentor(cfg, trainer), build_namer(cfg, out)),
+    trainer.predict(EmerDiffPredictor(build_segmentor(cfg, trainer), build_namer(naming, out)),
                     datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
     if trainer.is_global_zero:
         print(summary(store, pending, len(images) - len(pending), time.perf_counter() - start))
     return 0
 
 
-def build_namer(cfg: DictConfig, out: Path) -> Optional[MaskNamer]:
+def build_namer(naming: Optional[Tuple[OVSegConfig, Vocabulary]], out: Path) -> Optional[MaskNamer]:
     """With ovseg.vocab, the CLIP labeller that names every mask; text embeddings cached under the output."""
-    if not cfg.ovseg.vocab:
+    if naming is None:
         return None
-    settings = to_dataclass(cfg.ovseg, OVSegConfig)
-    vocab = read_vocabulary(settings.vocab)
-    text_dir = Path(settings.text_cache_dir) if settings.text_cache_dir else out / "text_embeddings"
-    return MaskNamer(build_labeller(settings, vocab, text_dir), vocab.names)
+    settings, vocab = naming
+    return MaskNamer(build_labeller(settings, vocab, text_cache_folder(settings, out)), vocab.names)
 
 
 def check_same_settings(saved: Path, cfg: DictConfig) -> None:
