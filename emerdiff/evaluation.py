@@ -40,7 +40,7 @@ from .inputs import ShardSampler
 from .metrics import ConfusionMatrixMetric, SegmentationScores, scores_from_confusion
 from .outputs import TEMP_SUFFIX, atomic_file
 from .protocols import (
-    UNMATCHED, assign_to_concepts, cluster_and_match, concept_sums, match_image, overlap_matrix, relabel,
+    UNMATCHED, assign_to_concepts, cluster_masks, concept_sums, match_clusters, match_image, overlap_matrix, relabel,
 )
 from .segmentor import SegmentationOutput
 
@@ -223,11 +223,11 @@ def dataset_protocol_scores(masks: DatasetMasks, protocols: Sequence[str], num_c
         if num_clusters < wanted:
             rank_zero_warn(f"only {num_clusters} masks in the split: the dataset-level protocol clusters them "
                            f"into {num_clusters} clusters instead of {wanted}")
-    for method, histograms in masks.histograms.items():
+        clusters = cluster_masks(masks.embeddings, num_clusters, seed=settings.kmeans_seed, niter=settings.kmeans_iters,
+                                 nredo=settings.kmeans_restarts, l2_normalize=settings.kmeans_l2_normalize)
+    for method, histograms in masks.histograms.items():  # one k-means, matched on each method's histograms
         if "dataset" in protocols:
-            matching = cluster_and_match(masks.embeddings, histograms, num_clusters=num_clusters,
-                                         seed=settings.kmeans_seed, niter=settings.kmeans_iters,
-                                         nredo=settings.kmeans_restarts, l2_normalize=settings.kmeans_l2_normalize)
+            matching = match_clusters(clusters, histograms, num_clusters)
             confmat = confusion_from_histograms(histograms, matching.class_of_mask, num_classes)
             scores[method]["dataset"] = scores_from_confusion(confmat)
         if "concept_dataset" in protocols:

@@ -163,24 +163,34 @@ def cluster_and_match(
 
     embeddings: (N, D) mask embeddings of the whole dataset (every rank's masks, gathered).
     class_histograms: (N, C) pixels of each class in each mask (``overlap_matrix`` rows).
-    num_clusters defaults to C. faiss k-means (seeded, best of `nredo` runs, no subsampling)
-    on the raw embeddings, or on L2-normalised ones with spherical centroids if
-    `l2_normalize`. Clusters are matched one-to-one to classes on the cluster x class pixel
-    histogram summed over the dataset; to relabel an image, index ``class_of_mask`` with
-    that image's mask rows and apply ``relabel`` to its segment map.
+    num_clusters defaults to C. Clusters are matched one-to-one to classes on the cluster x
+    class pixel histogram summed over the dataset; to relabel an image, index
+    ``class_of_mask`` with that image's mask rows and apply ``relabel`` to its segment map.
     """
+    histograms = _to_numpy(class_histograms)
+    _check_masks(_to_numpy(embeddings), histograms)
+    k = histograms.shape[1] if num_clusters is None else num_clusters
+    clusters = cluster_masks(embeddings, k, seed=seed, niter=niter, nredo=nredo, l2_normalize=l2_normalize)
+    return match_clusters(clusters, histograms, k)
+
+
+def cluster_masks(embeddings: ArrayLike, num_clusters: int, *, seed: int = 0, niter: int = 50, nredo: int = 5,
+                  l2_normalize: bool = False) -> np.ndarray:
+    """(N,) int64 k-means cluster of each mask embedding: faiss, seeded, best of `nredo` runs, no subsampling,
+    on the raw embeddings or on L2-normalised ones with spherical centroids if `l2_normalize`."""
     x = np.ascontiguousarray(_to_numpy(embeddings), dtype=np.float32)
-    histograms = _to_numpy(class_histograms).astype(np.int64)
-    _check_masks(x, histograms)
-    num_masks, num_classes = histograms.shape
-    k = num_classes if num_clusters is None else num_clusters
-    if not 0 < k <= num_masks:
-        raise ValueError(f"need 0 < num_clusters <= number of masks, got {k} clusters for {num_masks} masks")
+    if not 0 < num_clusters <= len(x):
+        raise ValueError(f"need 0 < num_clusters <= number of masks, got {num_clusters} clusters for {len(x)} masks")
     if l2_normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    assignment, _ = kmeans(x, k, seed=seed, restarts=nredo, iters=niter, spherical=l2_normalize)
-    cluster_of_mask = assignment.numpy()
-    histogram = np.zeros((k, num_classes), dtype=np.int64)
+    assignment, _ = kmeans(x, num_clusters, seed=seed, restarts=nredo, iters=niter, spherical=l2_normalize)
+    return assignment.numpy()
+
+
+def match_clusters(cluster_of_mask: np.ndarray, class_histograms: ArrayLike, num_clusters: int) -> DatasetMatching:
+    """Match clusters one-to-one to classes (Hungarian) on their summed (N, C) class histograms."""
+    histograms = _to_numpy(class_histograms).astype(np.int64)
+    histogram = np.zeros((num_clusters, histograms.shape[1]), dtype=np.int64)
     np.add.at(histogram, cluster_of_mask, histograms)
     cluster_to_class = _hungarian(histogram, histogram.astype(np.float64))
     return DatasetMatching(
