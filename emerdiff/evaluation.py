@@ -38,7 +38,7 @@ from .config import EvalConfig, ModelConfig, SegmentorConfig, result_settings
 from .data import DatasetMetadata, build_dataset, dataset_spec
 from .inputs import ShardSampler
 from .metrics import ConfusionMatrixMetric, SegmentationScores, scores_from_confusion
-from .outputs import TEMP_SUFFIX, atomic_file
+from .outputs import atomic_file, remove_temporary_files
 from .protocols import (
     UNMATCHED, assign_to_concepts, cluster_masks, concept_sums, match_clusters, match_image, overlap_matrix, relabel,
 )
@@ -155,9 +155,8 @@ class PredictionCache:
             np.savez_compressed(handle, settings=np.array(self.settings), **asdict(prediction))
 
     def remove_temporary_files(self) -> None:
-        """Drop what a killed run was writing (files of other live runs sharing the folder would go too)."""
-        for stale in self.folder.rglob(f"*{TEMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+        """Drop what a killed run was writing in the cache folder."""
+        remove_temporary_files(self.folder)
 
 
 def _settings_diff(old: str, new: str) -> str:
@@ -277,10 +276,6 @@ class MaskRecords(Metric):
 # --- results -------------------------------------------------------------------------------------
 
 
-def _percent(value: float) -> Optional[float]:
-    return None if math.isnan(value) else 100.0 * value
-
-
 @dataclass
 class EvaluationResults:
     """Scores of every (method, protocol) on one split, and how they were obtained."""
@@ -297,9 +292,7 @@ class EvaluationResults:
     def to_dict(self) -> dict:
         """JSON-ready: results[method][protocol] holds miou, pixel_acc and per-class iou, in percent (null = absent)."""
         results = {
-            method: {protocol: {"miou": _percent(s.miou), "pixel_acc": _percent(s.pixel_acc),
-                                "iou": {c: _percent(float(v)) for c, v in zip(self.classes, s.iou)}}
-                     for protocol, s in by_protocol.items()}
+            method: {protocol: s.in_percent(self.classes) for protocol, s in by_protocol.items()}
             for method, by_protocol in self.scores.items()
         }
         return {

@@ -10,6 +10,7 @@ positive of no class. Pixels whose ground truth is the ignore index or outside
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,6 +40,15 @@ class SegmentationScores:
         scores = {f"{prefix}mIoU": self.miou, f"{prefix}pAcc": self.pixel_acc}
         scores.update({f"{prefix}IoU-{name}": float(v) for name, v in zip(names, self.iou)})
         return scores
+
+    def in_percent(self, class_names: Sequence[str]) -> dict:
+        """JSON-ready miou, pixel_acc and per-class iou by name, in percent; None where a score is NaN (absent)."""
+        return {"miou": _percent(self.miou), "pixel_acc": _percent(self.pixel_acc),
+                "iou": {name: _percent(float(v)) for name, v in zip(class_names, self.iou)}}
+
+
+def _percent(value: float) -> float | None:
+    return None if math.isnan(value) else 100.0 * value
 
 
 def scores_from_confusion(confmat: torch.Tensor) -> SegmentationScores:

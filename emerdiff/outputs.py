@@ -36,6 +36,7 @@ TEMP_SUFFIX = ".emerdiff-tmp"
 PARTS_DIR = ".parts"
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.jsonl"
+CONFIG = "config.yaml"  # the resolved configuration of the run that wrote the folder
 
 
 @dataclass
@@ -81,6 +82,12 @@ class ImageResult:
     seconds: float = 0.0
     error: Optional[str] = None
     names: Optional[MaskNames] = None  # with ovseg.vocab
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Drop what a killed run was writing under `folder` (files of other live runs sharing it would go too)."""
+    for stale in folder.rglob(f"*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -151,8 +158,7 @@ class OutputStore:
 
     def begin_run(self) -> None:
         """Rank 0, before any rank writes: drop temporary files, keep what a killed run recorded."""
-        for stale in self.root.rglob(f"*{TEMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+        remove_temporary_files(self.root)
         self._merge_manifest()
         for part in self.parts.glob("failures.rank*.jsonl"):
             part.unlink()

@@ -65,10 +65,6 @@ def open_vocab_settings(prediction: Mapping[str, Any], settings: OVSegConfig, vo
     return {**prediction, "ovseg": ovseg}
 
 
-def _percent(value: float) -> Optional[float]:
-    return None if math.isnan(value) else 100.0 * value
-
-
 def _cell(value: Optional[float]) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.1f}"
 
@@ -89,9 +85,7 @@ class OpenVocabResults:
 
     def to_dict(self) -> dict:
         """JSON-ready: results[method] holds miou, pixel_acc and per-class iou, in percent (null = absent)."""
-        results = {method: {"miou": _percent(s.miou), "pixel_acc": _percent(s.pixel_acc),
-                            "iou": {c: _percent(float(v)) for c, v in zip(self.classes, s.iou)}}
-                   for method, s in self.scores.items()}
+        results = {method: s.in_percent(self.classes) for method, s in self.scores.items()}
         return {
             "dataset": self.dataset, "vocab": self.vocab, "num_images": self.num_images,
             "num_classes": len(self.classes), "results": results,
@@ -104,8 +98,9 @@ class OpenVocabResults:
         """Our two methods beside the paper's numbers, then the paper's rows with other encoders as reference."""
         rows = [["method", "mIoU", "paper", "pixel acc."], ["---", "---:", "---:", "---:"]]
         for method, s in self.scores.items():
-            rows.append([METHOD_TITLES[method], _cell(_percent(s.miou)), _cell(self.paper_miou.get(method)),
-                         _cell(_percent(s.pixel_acc))])
+            percent = s.in_percent(self.classes)
+            rows.append([METHOD_TITLES[method], _cell(percent["miou"]), _cell(self.paper_miou.get(method)),
+                         _cell(percent["pixel_acc"])])
         for name, miou in self.paper_reference.items():
             rows.append([f"{name} (paper only, not run here)", "–", _cell(miou), "–"])
         lines = [f"# Open-vocabulary segmentation: {self.dataset}, vocabulary {self.vocab}", "",

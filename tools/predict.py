@@ -24,11 +24,10 @@ from emerdiff import ConfigError
 from emerdiff.config import RUN_ONLY_KEYS, OVSegConfig
 from emerdiff.inputs import InputImage, PredictImages, find_images
 from emerdiff.lightning_module import EmerDiffPredictor, ImagesProgressBar, ResultWriter
-from emerdiff.outputs import OutputStore, atomic_file
+from emerdiff.outputs import CONFIG, FAILURES, OutputStore, atomic_file
 from ovseg import Vocabulary
 from ovseg.pipeline import MaskNamer, build_labeller, text_cache_folder
 
-SAVED_CONFIG = "config.yaml"
 RESULT_SECTIONS = ("model", "segmentor", "ovseg")
 
 
@@ -56,7 +55,7 @@ def predict(cfg: DictConfig) -> int:
     store = OutputStore(out, output_options(cfg))
     done = set() if cfg.output.overwrite else store.done()
     if done:  # only results bind a folder to its settings: a run that failed before any result does not
-        check_same_settings(out / SAVED_CONFIG, cfg)
+        check_same_settings(out / CONFIG, cfg)
     images = find_images(cfg.data.input, exclude=out)
     pending = [image for image in images if image.name not in done]
     callbacks = [ResultWriter(store)]
@@ -66,13 +65,13 @@ def predict(cfg: DictConfig) -> int:
                             use_distributed_sampler=False, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, images, pending)
-        with atomic_file(out / SAVED_CONFIG) as handle:
+        with atomic_file(out / CONFIG) as handle:
             handle.write(OmegaConf.to_yaml(cfg).encode())
     if not pending:
         return 0
-    start = time.perf_counter()
-    trainer.predict(EmerDiffPredictor(build_segmentor(cfg, trainer), build_namer(naming, out)),
-                    datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
+    module = EmerDiffPredictor(build_segmentor(cfg, trainer), build_namer(naming, out))
+    start = time.perf_counter()  # after loading the models: the summary's images/s is the segmentation rate
+    trainer.predict(module, datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
     if trainer.is_global_zero:
         print(summary(store, pending, len(images) - len(pending), time.perf_counter() - start))
     return 0
@@ -117,7 +116,7 @@ def summary(store: OutputStore, pending: List[InputImage], skipped: int, seconds
     """One line: images segmented, failures, images skipped as done, time, where the results are."""
     manifest, failures = store.manifest(), store.failures()
     segmented = sum(image.name in manifest for image in pending)
-    failed = f"{len(failures)} failed (listed in {store.root / 'failures.jsonl'})" if failures else "0 failed"
+    failed = f"{len(failures)} failed (listed in {store.root / FAILURES})" if failures else "0 failed"
     return (f"done: {segmented} segmented, {failed}, {skipped} already done before; "
             f"{seconds:.1f} s ({segmented / seconds:.2f} images/s). Results in {store.root}/")
 

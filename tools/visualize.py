@@ -16,7 +16,7 @@ import numpy as np
 
 from emerdiff import ConfigError, ImageLoadError
 from emerdiff.image import read_image
-from emerdiff.outputs import OutputStore
+from emerdiff.outputs import CONFIG, OutputStore
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -25,7 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="results folder of tools/predict.py")
     args = parse_args(parser, argv)
     with reported_errors():
-        saved = args.output / "config.yaml"
+        saved = args.output / CONFIG
         if not saved.is_file():
             raise ConfigError(f"'{args.output}' is not a results folder of tools/predict.py (no config.yaml)")
         args.cfg = [saved, *args.cfg]
