@@ -226,7 +226,7 @@ def image_cost(model: nn.Module, num_masks: int) -> Dict[str, StageCost]:
         with profiler.stage("inversion"):
             inversion, record = meta._invert(z0, torch.Generator().manual_seed(0), chunks.inversion)
         settings = meta._modulation_settings(chunks.variants)
-        for size, repeat in _chunks(variants, 1 if p.impl == "reference" else chunks.variants):
+        for size, repeat in _chunks(variants, settings.batch_size(variants)):
             with profiler.stage("modulated", repeat):
                 denoise_variants(meta.unet, meta.prompt, meta.grid, inversion, record, _offsets(size, p.lam), settings)
         del record

@@ -45,6 +45,12 @@ class ModulationSettings:
     chunk_size: int = 0  # variants per UNet batch; 0 = all
     impl: str = "fast"
 
+    def batch_size(self, count: int) -> int:
+        """Variants per UNet call among `count`: one on the reference path, else a chunk (0 = all)."""
+        if self.impl == "reference":
+            return 1
+        return min(self.chunk_size, count) if self.chunk_size > 0 else count
+
 
 def _expand(value: torch.Tensor, batch: int) -> torch.Tensor:
     """A batch-1 tensor as a [batch, ...] view; other tensors unchanged."""
@@ -147,7 +153,7 @@ def denoise_variants(
     fast = settings.impl == "fast"
     control = AttentionControl(inject=record if settings.injection else None, observer=observer,
                                stock_projections=not fast)
-    size = (settings.chunk_size or len(offsets)) if fast else 1
+    size = settings.batch_size(len(offsets))
     results: List[torch.Tensor] = []
     with controlled(unet, control):
         for s in range(0, len(offsets), size):

@@ -33,6 +33,7 @@ from emerdiff.config import ModelConfig, SegmentorConfig, to_dataclass
 from emerdiff.cost import GIB, image_cost, memory_profile
 from emerdiff.image import ImageInput
 from emerdiff.models import SDComponents, build_random_sd, cast_components, load_sd, resolve_device, resolve_dtype
+from emerdiff.modulation import IMPLS
 from emerdiff.profiling import STAGES, StageCost, StageProfiler, profiled, total
 from emerdiff.segmentor import modulated_masks
 
@@ -153,7 +154,7 @@ def memory_estimate(model: EmerDiff, result: ImplResult) -> Dict[str, int]:
     plan, steps, variants = model.chunk_plan(), len(model.grid.tail(model.params.t_modulate)), 2 * result.num_masks
     return {"weights": weights, "record": record, "largest_stage_peak": stage_peak,
             "total": weights + record + stage_peak, "batch_inversion": _largest_batch(plan.inversion, steps),
-            "batch_variants": 1 if model.params.impl == "reference" else _largest_batch(plan.variants, variants),
+            "batch_variants": model._modulation_settings(plan.variants).batch_size(variants),
             "batch_decode": _largest_batch(plan.decode, variants)}
 
 
@@ -245,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with reported_errors():
         cfg = load_cli_config(args)
         impls = [i.strip() for i in args.impl.split(",") if i.strip()]
-        unknown = [i for i in impls if i not in ("fast", "reference")]
+        unknown = [i for i in impls if i not in IMPLS]
         if unknown or not impls:
             raise ConfigError(f"--impl takes fast and/or reference, got {args.impl!r}")
         results, models = run(cfg, impls, args.image, max(args.repeats, 1), args.cost_only, not args.no_warmup)
