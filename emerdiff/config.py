@@ -1,19 +1,46 @@
-"""Typed configuration: the dataclasses below are the schema and the defaults.
+"""Typed configuration: the dataclasses below are the schema, the defaults and the rules.
 
-`configs/base.yaml` is the commented copy of these defaults (a test keeps the two
-equal). YAML files and ``key=value`` overrides are merged onto the schema in
-strict mode, so a misspelt key is an error that names it.
+`configs/base.yaml` is the commented copy of these defaults (a test keeps the two equal). YAML
+files and ``key=value`` overrides are merged onto the schema in strict mode, so a misspelt key is
+an error that names it; every choice and bound a field declares (`setting`) is checked when the
+config is loaded, before anything is built. Whether a key can change results is stated once, next
+to its field (``run_only=True``: where or how fast results are computed, never what they are).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+IMPLS = ("fast", "reference")  # segmentor.impl
+PLACEMENTS = ("output", "value")  # segmentor.offset_placement
+INTERPOLATIONS = ("bicubic", "bilinear")  # segmentor.interpolation
+ASPECTS = ("keep", "square")  # segmentor.aspect
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # model.dtype
+KMEANS_DEVICES = ("auto", "cpu", "gpu")  # segmentor.kmeans_device
+PROTOCOLS = ("hungarian", "majority", "dataset", "concept_image", "concept_dataset")  # eval.protocols, table order
+MATCH_CRITERIA = ("iou", "overlap")  # eval.match_criterion
+
+
+def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+            choices: Optional[Sequence[Any]] = None, numbers: bool = False, minimum: Optional[float] = None,
+            multiple_of: Optional[int] = None, run_only: bool = False, before: Any = dataclasses.MISSING) -> Any:
+    """A config field with its rules: valid `choices` (each item, for a list; with `numbers`, any number is valid
+    too), a `minimum`, a `multiple_of` (0 allowed), whether it is `run_only` (cannot change results, so caches and
+    results folders stay valid), and for a key added later the value that behaviour had `before` it existed (that
+    value is left out of the result settings, so caches and folders made before the key stay valid)."""
+    rules = {"choices": tuple(choices) if choices is not None else None, "numbers": numbers, "minimum": minimum,
+             "multiple_of": multiple_of, "run_only": run_only, "before": before}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
 
 
 @dataclass
@@ -21,12 +48,12 @@ class ModelConfig:
     """Where the Stable Diffusion weights come from and where they run."""
 
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU
-    device: str = "auto"  # auto = cuda if available else cpu
+    dtype: str = setting("auto", choices=DTYPES)  # auto = float16 on CUDA, float32 on CPU
+    device: str = setting("auto", run_only=True)  # auto = cuda if available else cpu
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 for the hub's half-precision files
     config: Optional[str] = None  # diffusers config (hub id or folder) for single-file checkpoints
-    local_files_only: bool = False
+    local_files_only: bool = setting(False, run_only=True)
     random_init: bool = False  # build `arch` with random weights (benchmarks, no download)
     arch: str = "sd15"  # architecture for random_init: tiny, sd15, sd21_base
     init_seed: int = 0  # seed of the random weights of tiny / random_init models
@@ -34,35 +61,38 @@ class ModelConfig:
 
 @dataclass
 class SegmentorConfig:
-    """Every knob of the EmerDiff pipeline (SPEC steps 1-11)."""
+    """Every knob of the EmerDiff pipeline (steps 1-11)."""
 
-    resolution: int = 512  # square working resolution of SD (step 1)
-    num_masks: int = 25  # K, an upper bound: empty clusters are dropped (step 5)
+    resolution: int = setting(512, minimum=64, multiple_of=64)  # SD's working resolution: the shorter side (step 1)
+    aspect: str = setting("keep", choices=ASPECTS, before="square")  # keep: shorter side at resolution; square: R x R
+    max_pixels: Optional[int] = setting(None, minimum=4096, before=None)  # aspect=keep: cap on h x w; null = 2 R^2
+    num_masks: int = setting(25, minimum=1)  # K, an upper bound: empty clusters are dropped (step 5)
     lam: float = 10.0  # lambda, modulation strength (step 8)
-    t_feature: int = 1  # timestep of the k-means feature pass (step 4)
-    feature_noise_draws: int = 1  # queries averaged over this many noise draws (step 4)
+    t_feature: int = setting(1, minimum=0)  # timestep of the k-means feature pass (step 4)
+    feature_noise_draws: int = setting(1, minimum=1)  # queries averaged over this many noise draws (step 4)
     feature_layer: str = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     t_modulate: int = 281  # t_m, first modulated step; must lie on the scheduler grid (step 6)
-    num_inference_steps: int = 50  # scheduler grid over 1000 training steps (step 6)
-    num_modulated_steps: int = 1  # steps from t_m on that receive the offset (step 8)
+    num_inference_steps: int = setting(50, minimum=1)  # scheduler grid over 1000 training steps (step 6)
+    num_modulated_steps: int = setting(1, minimum=1)  # steps from t_m on that receive the offset (step 8)
     modulated_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
-    offset_placement: str = "output"  # output: to_out(PV) + cM; value: to_out(PV + cM)
+    offset_placement: str = setting("output", choices=PLACEMENTS)  # output: to_out(PV) + cM; value: to_out(PV + cM)
     attention_injection: bool = True  # reuse the unmodulated run's Q/K everywhere (step 8)
-    gaussian_sigma: float = 1.0  # pixels at the working resolution; 0 disables (step 10)
-    interpolation: str = "bicubic"  # resize filter of the input image: bicubic or bilinear
-    kmeans_restarts: int = 5  # faiss nredo: best objective kept (step 5)
-    kmeans_iters: int = 50
-    kmeans_device: str = "auto"  # auto = faiss GPU index when faiss sees a GPU
-    chunk_size: int = 0  # (mask, sign) variants per UNet batch; 0 = all at once
-    memory_budget_gb: float = 16.0  # GiB of activations per image beyond the weights; chunks are sized to fit
-    impl: str = "fast"  # fast (shared prefix, shared attention) or reference (one variant at a time)
-    channels_last: bool = False  # UNet/VAE convolutions in channels_last memory format (same results)
-    compile: bool = False  # torch.compile the UNet/VAE ResNet blocks and feed-forward layers (same results)
-    compile_backend: str = "inductor"  # torch.compile backend (torch._dynamo.list_backends)
-    compile_mode: Optional[str] = None  # torch.compile mode, e.g. max-autotune; null = torch's default
-    denoise_steps: int = 0  # trade-off: steps from t_m to the end, evenly spaced; 0 = every grid step
-    min_mask_fraction: float = 0.0  # trade-off: masks below this share of the grid are not modulated
-    decode_resolution: int = 0  # trade-off: decode the variants at this square size; 0 = resolution
+    gaussian_sigma: float = setting(1.0, minimum=0)  # pixels at the working resolution; 0 disables (step 10)
+    interpolation: str = setting("bicubic", choices=INTERPOLATIONS)  # resize filter of the input image: bicubic or bilinear
+    kmeans_restarts: int = setting(5, minimum=1)  # faiss nredo: best objective kept (step 5)
+    kmeans_iters: int = setting(50, minimum=1)
+    kmeans_device: str = setting("auto", choices=KMEANS_DEVICES)  # auto = faiss GPU index when faiss sees a GPU
+    chunk_size: int = setting(0, minimum=0, run_only=True)  # (mask, sign) variants per UNet batch; 0 = all at once
+    memory_budget_gb: Union[int, float, str] = setting("auto", choices=("auto",), numbers=True, minimum=0,
+                                                       run_only=True)  # GiB of activations; auto = free memory - margin
+    impl: str = setting("fast", choices=IMPLS)  # fast (shared prefix, shared attention) or reference (one variant at a time)
+    channels_last: bool = setting(False, run_only=True)  # UNet/VAE convolutions in channels_last memory format (same results)
+    compile: bool = setting(False, run_only=True)  # torch.compile the UNet/VAE ResNet blocks and feed-forward layers (same results)
+    compile_backend: str = setting("inductor", run_only=True)  # torch.compile backend (torch._dynamo.list_backends)
+    compile_mode: Optional[str] = setting(None, run_only=True)  # torch.compile mode, e.g. max-autotune; null = torch's default
+    denoise_steps: int = setting(0, minimum=0)  # trade-off: steps from t_m to the end, evenly spaced; 0 = every grid step
+    min_mask_fraction: float = setting(0.0, minimum=0)  # trade-off: masks below this share of the grid are not modulated
+    decode_resolution: int = setting(0, minimum=0, multiple_of=8)  # trade-off: decode at this shorter side; 0 = resolution
     keep_diff_maps: bool = False  # return the K difference maps at the input size
     seed: int = 0  # mixed with the image content into the per-image seed
 
@@ -76,7 +106,7 @@ class DataConfig:
     root: Optional[str] = None  # dataset root in its standard layout
     size: Optional[int] = None  # evaluation: resize the shorter side and centre-crop; null = full image
     image_list: Optional[str] = None  # evaluation: text file of image ids restricting a COCO-Stuff split
-    num_workers: int = 2  # DataLoader workers
+    num_workers: int = setting(2, minimum=0)  # DataLoader workers
 
 
 @dataclass
@@ -88,45 +118,28 @@ class OutputConfig:
     overlay: bool = True  # write NAME_overlay.jpg (mask colours and boundaries over the photo)
     figure: bool = False  # write NAME_figure.png: photo | k-means masks | bilinear | EmerDiff
     overlay_alpha: float = 0.5  # opacity of the mask colours in overlays and figures
-    jpeg_quality: int = 90  # quality of NAME_overlay.jpg
+    jpeg_quality: int = setting(90, minimum=1)
+    max_repeated_failures: int = setting(5, minimum=0, run_only=True)  # stop when this many images in a row fail
+    #   with the same error (a broken setup, not a bad image); 0 = never  # quality of NAME_overlay.jpg
 
 
 @dataclass
 class EvalConfig:
-    """Unsupervised evaluation protocols (SPEC "Evaluation protocols", docs/evaluation.md)."""
+    """Unsupervised evaluation protocols (docs/evaluation.md)."""
 
-    protocols: List[str] = field(
-        default_factory=lambda: ["hungarian", "dataset", "concept_image", "concept_dataset"]
+    protocols: List[str] = setting(
+        factory=lambda: ["hungarian", "dataset", "concept_image", "concept_dataset"], choices=PROTOCOLS
     )  # also "majority": per-image many-to-one matching
-    match_criterion: str = "iou"  # per-image Hungarian maximises summed IoU, or pixel overlap ("overlap")
-    dataset_clusters: Optional[int] = None  # k-means clusters of the dataset-level protocol; null = classes
+    match_criterion: str = setting("iou", choices=MATCH_CRITERIA)  # per-image Hungarian maximises summed IoU, or pixel overlap ("overlap")
+    dataset_clusters: Optional[int] = setting(None, minimum=1)  # k-means clusters of the dataset-level protocol; null = classes
     kmeans_seed: int = 0  # dataset-level faiss k-means
-    kmeans_restarts: int = 5
-    kmeans_iters: int = 50
+    kmeans_restarts: int = setting(5, minimum=1)
+    kmeans_iters: int = setting(50, minimum=1)
     kmeans_l2_normalize: bool = False  # spherical k-means on L2-normalised mask embeddings
-    paper_miou: Dict[str, Dict[str, float]] = field(default_factory=dict)  # protocol -> method -> paper's mIoU
-    paper_note: Optional[str] = None  # context printed under the results table
-
-
-@dataclass
-class OVSegConfig:
-    """Open-vocabulary naming of EmerDiff masks with dense CLIP (SPEC "Open-vocabulary extension", ovseg)."""
-
-    vocab: Optional[str] = None  # shipped name (coco, ade150, ...), a .txt file, or "cat,dog,grass"
-    clip_model: str = "ViT-B-16"  # open_clip architecture; ovseg-tiny = tiny test model
-    clip_pretrained: Optional[str] = "openai"  # open_clip tag or checkpoint file; null = random weights
-    clip_init_seed: int = 0  # seed of the random weights when clip_pretrained is null
-    clip_cache_dir: Optional[str] = None  # where open_clip looks for weights; null = its default cache
-    encoder: str = "maskclip"  # dense encoder (ovseg.pipeline.ENCODERS)
-    window: Optional[int] = None  # sliding-window size in pixels; null = the model's input size
-    window_stride: Optional[int] = None  # window step in pixels; null = half a window
-    keep_residual: bool = True  # MaskCLIP's last block keeps residual + MLP; false = bare value path
-    templates: str = "maskclip"  # prompt templates: maskclip (85) or imagenet (80)
-    background_threshold: Optional[float] = None  # masks below this cosine become background; null = off
-    text_cache_dir: Optional[str] = None  # class text embeddings cache; null = OUTPUT/ov/text_embeddings
-    paper_miou: Dict[str, float] = field(default_factory=dict)  # method (maskclip, emerdiff) -> paper's mIoU
-    paper_reference: Dict[str, float] = field(default_factory=dict)  # paper rows we do not run -> mIoU
-    paper_note: Optional[str] = None  # context printed under the results table
+    miou_convention: Optional[str] = setting(None, choices=("detectron2", "mmseg", "stego"))  # classes mIoU averages; null = each protocol's paper (docs/evaluation.md)
+    crop: str = setting("center", choices=("center", "none"))  # center: data.size x data.size central square; none: whole image, shorter side data.size
+    paper_miou: Dict[str, Dict[str, float]] = setting(factory=dict, run_only=True)  # protocol -> method -> paper's mIoU
+    paper_note: Optional[str] = setting(None, run_only=True)  # context printed under the results table
 
 
 @dataclass
@@ -138,32 +151,55 @@ class EmerDiffConfig:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    ovseg: OVSegConfig = field(default_factory=OVSegConfig)
+    ovseg: Dict[str, Any] = field(default_factory=dict)  # the ovseg package's settings, checked by ovseg.config
     trainer: Dict[str, Any] = field(
         default_factory=lambda: {"accelerator": "auto", "devices": 1, "precision": "32-true"}
     )
 
 
-# Settings that decide where or how fast results are computed, or what is printed beside them, never the
-# results: finished outputs (tools/predict.py) and caches (tools/eval.py, tools/ov_eval.py) stay valid.
-RUN_ONLY_KEYS = frozenset({
-    "model.device", "model.local_files_only",
-    "segmentor.chunk_size", "segmentor.memory_budget_gb", "segmentor.channels_last",
-    "segmentor.compile", "segmentor.compile_backend", "segmentor.compile_mode",
-    "ovseg.clip_cache_dir", "ovseg.text_cache_dir", "ovseg.paper_miou", "ovseg.paper_reference", "ovseg.paper_note",
-})
+class UserError(Exception):
+    """A mistake of the user's (a setting, a path, an input, missing weights): the tools print its message as one
+    `error:` line and exit with status 2, without a traceback."""
 
 
-def result_settings(section: str, values: Mapping[str, Any]) -> Dict[str, Any]:
-    """The settings of one config section that can change results (`RUN_ONLY_KEYS` left out)."""
-    return {k: v for k, v in values.items() if f"{section}.{k}" not in RUN_ONLY_KEYS}
-
-
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
 PathLike = Union[str, Path]
+
+
+def is_random_model(model: Any) -> bool:
+    """The one rule for "this model has random weights" (the miniature `tiny`, or `model.random_init`)."""
+    get = model.get if isinstance(model, Mapping) else lambda key: getattr(model, key)
+    return get("pretrained") == "tiny" or bool(get("random_init"))
+
+
+def result_settings(settings: Any) -> Dict[str, Any]:
+    """The fields of one config section (a dataclass) that can change results: run-only fields left out, and so
+    are later keys at the value behaviour had before them (`setting(before=...)`)."""
+    out = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        before = f.metadata.get("before", dataclasses.MISSING)
+        if f.metadata.get("run_only") or (before is not dataclasses.MISSING and value == before):
+            continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """The canonical text of the settings a cached result depends on: equal settings, equal text."""
+    return json.dumps(settings, sort_keys=True)
+
+
+def settings_diff(old: str, new: str) -> str:
+    """``section.key: before -> now`` for every setting that differs between two `fingerprint` texts."""
+    before, after = json.loads(old), json.loads(new)
+    changes = [f"{section}.{key}: {before.get(section, {}).get(key)!r} -> {value!r}"
+               for section, values in after.items() for key, value in values.items()
+               if before.get(section, {}).get(key) != value]
+    return "; ".join(changes) or "unknown difference"
 
 
 def _valid_keys(node: DictConfig, prefix: str) -> List[str]:
@@ -176,9 +212,9 @@ def _valid_keys(node: DictConfig, prefix: str) -> List[str]:
     return keys
 
 
-def _unknown_key_error(schema: DictConfig, exc: ConfigKeyError, source: str) -> ConfigError:
-    full_key = exc.full_key or str(exc.key)
-    candidates = _valid_keys(schema, "")
+def _unknown_key_error(schema_node: DictConfig, exc: ConfigKeyError, source: str, prefix: str = "") -> ConfigError:
+    full_key = prefix + (exc.full_key or str(exc.key))
+    candidates = [prefix + key for key in _valid_keys(schema_node, "")]
     close = difflib.get_close_matches(full_key, candidates, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
@@ -189,14 +225,19 @@ def _unknown_key_error(schema: DictConfig, exc: ConfigKeyError, source: str) -> 
 
 def schema() -> DictConfig:
     """The default configuration in strict mode (unknown keys raise)."""
-    cfg = OmegaConf.structured(EmerDiffConfig)
+    return strict(EmerDiffConfig)
+
+
+def strict(cls: type) -> DictConfig:
+    """The defaults of dataclass `cls` in strict mode; its ``Dict``-typed fields take any key."""
+    cfg = OmegaConf.structured(cls)
     OmegaConf.set_struct(cfg, True)
     _open_dict_fields(cfg)  # any Trainer argument (the tools check the names against Trainer), paper tables
     return cfg
 
 
 def _open_dict_fields(node: DictConfig) -> None:
-    """Let ``Dict``-typed fields (trainer, paper numbers) take any key; dataclass sections stay strict."""
+    """Let ``Dict``-typed fields (trainer, paper numbers, extension sections) take any key; dataclasses stay strict."""
     for key in node:
         child = node[key]
         if isinstance(child, DictConfig):
@@ -206,8 +247,41 @@ def _open_dict_fields(node: DictConfig) -> None:
                 _open_dict_fields(child)
 
 
+def check_rules(node: Any, prefix: str = "") -> None:
+    """Raise a ConfigError naming the first key whose value breaks its field's rules (`setting`).
+
+    `node` is a config (section) or a dataclass instance of one.
+    """
+    if dataclasses.is_dataclass(node) and not isinstance(node, DictConfig):
+        node = OmegaConf.structured(node)
+    cls = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(cls):
+        return
+    for f in dataclasses.fields(cls):
+        key, value = f"{prefix}{f.name}", node[f.name]
+        if isinstance(value, DictConfig):
+            check_rules(value, key + ".")
+            continue
+        rules = f.metadata
+        if value is None or not rules:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if rules.get("choices") is not None and not (number and rules.get("numbers")):
+            items = list(value) if isinstance(value, ListConfig) else [value]
+            bad = [item for item in items if item not in rules["choices"]]
+            if bad or (isinstance(value, ListConfig) and not items):
+                got = ", ".join(map(str, bad)) if bad else "an empty list"
+                numbers = " or a number" if rules.get("numbers") else ""
+                raise ConfigError(f"{key}: {got} is not valid; choose from {', '.join(map(str, rules['choices']))}"
+                                  f"{numbers}")
+        if rules.get("minimum") is not None and number and value < rules["minimum"]:
+            raise ConfigError(f"{key} must be at least {rules['minimum']}, got {value}")
+        if rules.get("multiple_of") and value % rules["multiple_of"]:
+            raise ConfigError(f"{key} must be a multiple of {rules['multiple_of']}, got {value}")
+
+
 def load_config(*paths: Union[PathLike, Sequence[PathLike]], overrides: Sequence[str] = ()) -> DictConfig:
-    """Merge YAML files (later ones win) and then ``key=value`` overrides onto the defaults.
+    """Merge YAML files (later ones win) and then ``key=value`` overrides onto the defaults, then check the rules.
 
     >>> cfg = load_config("configs/tiny.yaml", overrides=["segmentor.num_masks=8"])
     """
@@ -216,29 +290,32 @@ def load_config(*paths: Union[PathLike, Sequence[PathLike]], overrides: Sequence
         flat.extend([item] if isinstance(item, (str, Path)) else list(item))
     cfg = schema()
     for path in flat:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file '{path}' does not exist (looked in {path.resolve()})")
-        cfg = _merge(cfg, OmegaConf.load(path), f"'{path}'")
+        cfg = merge(cfg, read_yaml(path), f"'{path}'")
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "the command-line overrides")
+        cfg = merge(cfg, OmegaConf.from_dotlist(list(overrides)), "the overrides")
+    check_rules(cfg)
     return cfg
 
 
-def _merge(cfg: DictConfig, other: Any, source: str) -> DictConfig:
+def read_yaml(path: PathLike) -> DictConfig:
+    """One config file; a missing or unparsable file is an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist (looked in {path.resolve()})")
+    try:
+        return OmegaConf.load(path)
+    except Exception as exc:  # yaml's scanner/parser errors carry the line and column
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+
+
+def merge(cfg: DictConfig, other: Any, source: str, prefix: str = "") -> DictConfig:
+    """`other` merged onto `cfg`; an unknown key or a wrongly typed value is a ConfigError naming `source`."""
     try:
         return OmegaConf.merge(cfg, other)
     except ConfigKeyError as exc:
-        raise _unknown_key_error(cfg, exc, source) from None
+        raise _unknown_key_error(cfg, exc, source, prefix) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid value in {source}: {exc}") from None
-
-
-def to_dataclass(node: DictConfig, cls: type) -> Any:
-    """Turn one config section into its dataclass (the library boundary)."""
-    if isinstance(node, cls):
-        return node
-    return cls(**OmegaConf.to_container(node, resolve=True))

@@ -1,19 +1,18 @@
-"""SPEC step 4: the query vectors of one UNet attention layer, recorded by a processor."""
+"""step 4: the query vectors of one UNet attention layer, recorded by a processor."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 
-from .processors import AttentionControl, controlled
+from .processors import AttentionControl, controlled, token_grid
 
 
 @dataclass
 class QueryFeatures:
-    """Queries (to_q outputs) of one layer on its square token grid, row-major."""
+    """Queries (to_q outputs) of one layer on its height x width token grid, row-major."""
 
     queries: torch.Tensor  # [tokens, channels], float32
     height: int
@@ -41,5 +40,5 @@ def extract_queries(
     with controlled(unet, control):
         unet(noisy.to(unet.dtype), t.to(latents.device), text.expand(draws, -1, -1))
     queries = control.record.query[(layer, timestep)].float().mean(0)  # [tokens, channels]
-    side = math.isqrt(queries.shape[0])
-    return QueryFeatures(queries, side, side, layer, timestep)
+    height, width = token_grid(queries.shape[0], tuple(latents.shape[-2:]), layer)
+    return QueryFeatures(queries, height, width, layer, timestep)

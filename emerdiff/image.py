@@ -1,20 +1,22 @@
-"""SPEC step 1: read any supported image into RGB and resize it to SD's working resolution."""
+"""step 1: read any supported image into RGB and resize it to SD's working size (aspect kept by default)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .config import UserError
+
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """An input that cannot be read as an image; the message names the file and the problem."""
 
 
@@ -90,12 +92,32 @@ def load_image(image: ImageInput) -> torch.Tensor:
     return rgb.clamp(0, 1).contiguous()
 
 
-def to_model_input(rgb: torch.Tensor, resolution: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """[3, H, W] in [0, 1] -> [1, 3, R, R] in [-1, 1], anti-aliased resize (SPEC step 1)."""
-    if interpolation not in ("bicubic", "bilinear"):
-        raise ValueError(f"segmentor.interpolation must be bicubic or bilinear, got '{interpolation}'")
-    resized = F.interpolate(rgb[None], size=(resolution, resolution), mode=interpolation,
-                            antialias=True, align_corners=False)
+def working_size(height: int, width: int, resolution: int, aspect: str = "keep",
+                 max_pixels: Optional[int] = None) -> Tuple[int, int]:
+    """SD's (h, w) for an image of height x width (step 1).
+
+    ``square``: resolution x resolution. ``keep``: the shorter side at `resolution`, the longer
+    side in proportion rounded to a multiple of 64 (so every UNet level has whole tokens), at
+    most `max_pixels` in all (null: twice the square's pixels).
+    """
+    if aspect == "square":
+        return resolution, resolution
+    cap = max_pixels or 2 * resolution * resolution
+    short, long = min(height, width), max(height, width)
+    longer = max(resolution, round(resolution * long / short / 64) * 64)
+    longer = min(longer, max(resolution, cap // resolution // 64 * 64))
+    return (resolution, longer) if height <= width else (longer, resolution)
+
+
+def largest_working_size(resolution: int, aspect: str = "keep", max_pixels: Optional[int] = None) -> Tuple[int, int]:
+    """The largest (h, w) `working_size` can give: what memory is planned for."""
+    return working_size(1, 10 ** 6, resolution, aspect, max_pixels)
+
+
+def to_model_input(rgb: torch.Tensor, size: Union[int, Tuple[int, int]], interpolation: str = "bicubic") -> torch.Tensor:
+    """[3, H, W] in [0, 1] -> [1, 3, h, w] in [-1, 1] at `size` (an int: square), anti-aliased (step 1)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    resized = F.interpolate(rgb[None], size=size, mode=interpolation, antialias=True, align_corners=False)
     return resized.clamp(0, 1) * 2 - 1
 
 

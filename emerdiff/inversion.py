@@ -1,4 +1,4 @@
-"""SPEC steps 2 and 6: VAE encoding and edit-friendly DDPM inversion.
+"""step 6: edit-friendly DDPM inversion, so that an unmodulated replay reproduces the image.
 
 Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., 2023): every grid latent
 x_t, t <= t_m, is drawn independently from q(x_t | z0); the UNet runs on all of them
@@ -14,17 +14,10 @@ from dataclasses import dataclass
 from typing import Callable, List
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import DDIMScheduler
 
 # (latents [B, 4, h, w], timesteps [B] on the CPU, readable without a device sync) -> UNet output, float32
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def encode_image(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """SPEC step 2: z0 = mean of the VAE posterior x scaling factor, float32 [B, 4, R/8, R/8]."""
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return posterior.mean.float() * vae.config.scaling_factor
 
 
 @dataclass
@@ -109,7 +102,7 @@ def ddpm_inversion(
     denoise: Denoiser, grid: DDPMGrid, z0: torch.Tensor, t_max: int, generator: torch.Generator,
     chunk_size: int = 0,
 ) -> Inversion:
-    """SPEC step 6: edit-friendly DDPM inversion of z0 [1, 4, h, w] over the grid steps <= t_max."""
+    """step 6: edit-friendly DDPM inversion of z0 [1, 4, h, w] over the grid steps <= t_max."""
     steps = grid.tail(t_max)
     first = grid.index(t_max)
     if any(grid.sigma(i) <= 0 for i in range(first, len(grid.timesteps))):

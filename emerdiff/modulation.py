@@ -1,4 +1,4 @@
-"""SPEC step 8: modulated denoising of every (mask, sign) variant from x_{t_m} down to t = 1.
+"""step 8: modulated denoising of every (mask, sign) variant from x_{t_m} down to t = 1.
 
 Two implementations give the same result up to float rounding:
 
@@ -24,9 +24,6 @@ from diffusers import UNet2DConditionModel
 from .inversion import DDPMGrid, Inversion
 from .processors import AttentionControl, AttentionRecord, Modulation, Observer, controlled
 
-IMPLS = ("fast", "reference")
-
-
 def variant_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
     """[K, h, w] bool -> [2K, 1, h, w] offsets: variant 2i is -lam * M_i, variant 2i+1 is +lam * M_i."""
     signs = torch.tensor([-lam, lam], dtype=torch.float32)
@@ -43,7 +40,7 @@ class ModulationSettings:
     placement: str = "output"
     injection: bool = True
     chunk_size: int = 0  # variants per UNet batch; 0 = all
-    impl: str = "fast"
+    impl: str = "fast"  # segmentor.impl (choices checked with the config)
 
     def batch_size(self, count: int) -> int:
         """Variants per UNet call among `count`: one on the reference path, else a chunk (0 = all)."""
@@ -121,7 +118,7 @@ def _run_chunk(
     steps = inversion.timesteps
     first = grid.index(steps[0])
     control.modulation = Modulation(settings.layer, offsets.to(text.device), frozenset(steps[:settings.num_steps]),
-                                    settings.placement)
+                                    settings.placement, tuple(inversion.latents.shape[-2:]))
     batch = offsets.shape[0]
     x = inversion.latents[:1]
     for j, t in enumerate(steps):
@@ -146,8 +143,6 @@ def denoise_variants(
 
     `observer(layer, t, Q, K)` sees the Q/K every attention call actually used (tests, debugging).
     """
-    if settings.impl not in IMPLS:
-        raise ValueError(f"segmentor.impl must be one of {IMPLS}, got '{settings.impl}'")
     if settings.injection and record is None:
         raise ValueError("attention injection needs the record of the unmodulated run")
     fast = settings.impl == "fast"

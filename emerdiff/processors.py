@@ -1,4 +1,4 @@
-"""Attention control (SPEC steps 4, 7, 8) through diffusers attention processors.
+"""Attention control (steps 4, 7, 8) through diffusers attention processors.
 
 One `EmerDiffAttnProcessor` sits on every attention layer of the UNet and consults a
 shared `AttentionControl`, keyed by layer name and by the timesteps that the caller
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-PLACEMENTS = ("output", "value")
 Key = Tuple[str, int]
 Observer = Callable[[str, int, torch.Tensor, torch.Tensor], None]
 
@@ -45,21 +44,26 @@ class Modulation:
     layer: str
     offsets: torch.Tensor
     timesteps: FrozenSet[int]
-    placement: str = "output"
-
-    def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"offset placement must be one of {PLACEMENTS}, got '{self.placement}'")
+    placement: str = "output"  # segmentor.offset_placement (choices checked with the config)
+    latent_size: Tuple[int, int] = (0, 0)  # (h, w) of the latents; the layer's token grid has its aspect
 
     def tokens(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-        """Offsets as [B, tokens, 1] on the layer's square token grid (row-major, nearest resize)."""
-        side = math.isqrt(num_tokens)
-        if side * side != num_tokens:
-            raise ValueError(f"layer '{self.layer}' has {num_tokens} tokens, not a square grid")
+        """Offsets as [B, tokens, 1] on the layer's token grid (row-major, nearest resize)."""
+        size = token_grid(num_tokens, self.latent_size, self.layer)
         grid = self.offsets
-        if grid.shape[-2:] != (side, side):
-            grid = F.interpolate(grid, size=(side, side), mode="nearest")
+        if grid.shape[-2:] != size:
+            grid = F.interpolate(grid, size=size, mode="nearest")
         return grid.flatten(2).transpose(1, 2).to(dtype)
+
+
+def token_grid(num_tokens: int, latent_size: Tuple[int, int], layer: str) -> Tuple[int, int]:
+    """(h, w) of a layer's `num_tokens` tokens: the latent grid downsampled by the UNet's integer factor."""
+    height, width = latent_size
+    factor = math.isqrt(height * width // num_tokens) if num_tokens else 0
+    if factor < 1 or (height // factor) * (width // factor) != num_tokens:
+        raise ValueError(f"layer '{layer}' has {num_tokens} tokens, which is no downsampling of a "
+                         f"{height} x {width} latent grid")
+    return height // factor, width // factor
 
 
 @dataclass

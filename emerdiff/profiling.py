@@ -1,26 +1,30 @@
-"""Stage profiler for benchmarks: wall time, FLOPs, UNet/VAE calls and peak memory per pipeline stage.
+"""Stage profiler and cost model for benchmarks: wall time, FLOPs, UNet/VAE calls and peak memory per stage.
 
 `EmerDiff.segment` wraps each stage in ``self.stage(name)``, a no-op by default. A
 `StageProfiler` attached with `profiled` replaces it, so none of this runs unless a
-benchmark (or a test) asks for it.
+benchmark (or a test) asks for it. `image_cost` is the machine-independent cost model: the
+segmentor's own recipe (`EmerDiff.mask_maps`) run on a meta-device copy under the profiler.
 
 Peak memory depends on the device: on CUDA the allocator's peak (weights included); on
 the CPU the peak resident set size of the process (Linux VmHWM, reset before each
 stage); on the meta device the peak bytes of the tensors the stage allocates
-(`cost.LiveBytes`, activations only: meta weights hold no memory).
+(`memory.LiveBytes`, activations only: meta weights hold no memory).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .clustering import Clusters
+from .memory import LiveBytes, meta_model
 
 STAGES = ("encode", "features", "kmeans", "inversion", "modulated", "decode", "assignment")
 _PROC_STATUS = Path("/proc/self/status")
@@ -102,6 +106,7 @@ class StageProfiler:
         self.count_flops = count_flops
         self.stages: Dict[str, StageCost] = {}
         self._current: Optional[StageCost] = None
+        self._counter: Optional[FlopCounterMode] = None
 
     @contextmanager
     def stage(self, name: str, repeat: int = 1) -> Iterator[StageCost]:
@@ -110,6 +115,7 @@ class StageProfiler:
         outer, self._current = self._current, cost
         with ExitStack() as stack:
             flops = stack.enter_context(flop_counter()) if self.count_flops else None
+            outer_counter, self._counter = self._counter, flops
             live = stack.enter_context(self._memory_mode())
             self._sync()
             start = time.perf_counter()
@@ -118,10 +124,45 @@ class StageProfiler:
             finally:
                 self._sync()
                 cost.seconds = time.perf_counter() - start
-                cost.flops = flops.get_total_flops() if flops is not None else 0
+                cost.flops += flops.get_total_flops() if flops is not None else 0
                 cost.peak_mem_bytes = self._peak(live)
-                self._current = outer
+                self._current, self._counter = outer, outer_counter
         self.stages.setdefault(name, StageCost()).add(cost, repeat)
+
+    def run_equal_chunks_once(self, fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor,
+                              size: int) -> torch.Tensor:
+        """A `ChunkRunner` for meta-device cost models: of several equal-sized chunks only the first runs, and its
+        calls and FLOPs are counted for all of them; the others' results are empty tensors of the same shape."""
+        size = size if size > 0 else max(len(items), 1)
+        starts = list(range(0, len(items), size))
+        results: Dict[int, torch.Tensor] = {}
+        for s in starts:
+            part = items[s:s + size]
+            if len(part) not in results:
+                repeats = sum(1 for t in starts if len(items[t:t + size]) == len(part))
+                with self._repeated(repeats):
+                    results[len(part)] = fn(part)
+        return torch.cat([torch.empty_like(results[len(items[s:s + size])]) for s in starts])
+
+    @contextmanager
+    def _repeated(self, times: int) -> Iterator[None]:
+        """Count the block's calls and FLOPs `times` times (its memory peak once)."""
+        current = self._current
+        if current is None:
+            yield
+            return
+        before, flops_before = replace(current), self._flops()
+        yield
+        extra = times - 1
+        current.unet_calls += (current.unet_calls - before.unet_calls) * extra
+        current.unet_samples += (current.unet_samples - before.unet_samples) * extra
+        current.vae_calls += (current.vae_calls - before.vae_calls) * extra
+        current.vae_samples += (current.vae_samples - before.vae_samples) * extra
+        current.flops += (self._flops() - flops_before) * extra
+
+    def _flops(self) -> int:
+        """FLOPs counted so far in the current stage (0 when not counting)."""
+        return self._counter.get_total_flops() if self._counter is not None else 0
 
     def count_call(self, model: str, batch: int) -> None:
         """Called by the forward hooks of `profiled`: one UNet or VAE call over `batch` samples."""
@@ -141,8 +182,6 @@ class StageProfiler:
     @contextmanager
     def _memory_mode(self) -> Iterator[object]:
         if self.device.type == "meta":
-            from .cost import LiveBytes
-
             with LiveBytes() as live:
                 yield live
         else:
@@ -179,3 +218,29 @@ def profiled(model: nn.Module, profiler: StageProfiler) -> Iterator[StageProfile
         model.stage = previous
         for handle in handles:
             handle.remove()
+
+
+def synthetic_clusters(num_masks: int, height: int, width: int, channels: int) -> Clusters:
+    """`num_masks` non-empty masks of a height x width grid (row-major bands), for cost models without k-means."""
+    labels = (torch.arange(height * width) * num_masks // (height * width)).reshape(height, width)
+    return Clusters(labels, torch.zeros(num_masks, channels), torch.zeros(num_masks, channels))
+
+
+def image_cost(model: nn.Module, num_masks: int) -> Dict[str, StageCost]:
+    """Per-stage cost of one image with `num_masks` modulated masks: `model`'s recipe run on a meta copy.
+
+    The recipe is `EmerDiff.mask_maps` itself, with two differences: k-means (faiss, no tensors) is
+    replaced by `num_masks` synthetic masks, and of several equal-sized chunks only the first is
+    run and counted for all (every such chunk costs the same). The final per-pixel argmax at the
+    input size (`EmerDiff.output`) is left out.
+    """
+    meta = meta_model(model)
+    meta.chunks = model.chunk_plan()
+    meta.cluster = lambda features, seed: synthetic_clusters(num_masks, features.height, features.width,
+                                                             features.queries.shape[-1])
+    profiler = StageProfiler(torch.device("meta"), count_flops=True)
+    side = meta.params.resolution
+    with profiled(meta, profiler):
+        meta.run_chunks = profiler.run_equal_chunks_once
+        meta.mask_maps(torch.zeros(3, side, side, device="meta"), seed=0)
+    return profiler.stages

@@ -1,25 +1,35 @@
-"""The EmerDiff segmentor: SPEC steps 1-11 as one numbered recipe over the stage modules."""
+"""The EmerDiff segmentor: steps 1-11 as one numbered recipe over the stage modules.
+
+Each step is a public method (`encode`, `features`, `cluster`, `invert`, `denoise`, `decode`,
+`difference_maps`, `output`), and `mask_maps` runs them in order. The benchmark's cost model
+(`emerdiff.profiling.image_cost`) and the memory planner (`emerdiff.memory`) run these same
+methods on a meta-device copy, so a new switch cannot be forgotten in them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
-from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import assignment
+from . import difference
 from .clustering import Clusters, cluster_grid, use_faiss_gpu
-from .config import EmerDiffConfig, ModelConfig, SegmentorConfig, to_dataclass
-from .features import extract_queries
-from .image import ImageInput, image_seed, load_image, to_model_input
-from .cost import ChunkPlan, plan_chunks
-from .inversion import DDPMGrid, Inversion, ddpm_inversion, encode_image
+from .config import ConfigError, EmerDiffConfig, SegmentorConfig, check_rules
+from .features import QueryFeatures, extract_queries
+from .image import ImageInput, image_seed, load_image, to_model_input, working_size
+from .inversion import DDPMGrid, Inversion, ddpm_inversion
+from .memory import ChunkPlan, plan_chunks, resolve_budget
 from .models import SDComponents, check_compile_options, compile_regions, load_sd
-from .modulation import IMPLS, ModulationSettings, denoise_variants, variant_offsets
-from .processors import PLACEMENTS, AttentionControl, AttentionRecord, check_layer, controlled, layer_names
+from .modulation import ModulationSettings, denoise_variants, variant_offsets
+from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
+from .vae import decode_latents, decode_size, encode_image, resize_latents
 
 
 @dataclass
@@ -48,12 +58,32 @@ class SegmentationOutput:
         return out
 
 
+@dataclass
+class MaskMaps:
+    """The recipe's result before the final argmax: the k-means masks and one smoothed difference map per mask."""
+
+    clusters: Clusters
+    maps: torch.Tensor  # [K, h, w] float32 at SD's working size; masks left unmodulated stay zero
+    size: Tuple[int, int]  # the input image's (H, W)
+    seed: int
+
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 StageContext = Callable[[str], ContextManager[object]]
+# (one chunk's function, all items, chunk size; 0 = all) -> the chunk results concatenated
+ChunkRunner = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
 def untimed(name: str) -> ContextManager[object]:
     """The default stage context: nothing (a benchmark's profiler replaces it to time and count stages)."""
     return nullcontext()
+
+
+def run_chunks(fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor, size: int) -> torch.Tensor:
+    """`fn` over consecutive chunks of `size` items (0 = all at once), results concatenated."""
+    size = size if size > 0 else max(len(items), 1)
+    return torch.cat([fn(items[s:s + size]) for s in range(0, len(items), size)])
 
 
 class EmerDiff(nn.Module):
@@ -78,29 +108,29 @@ class EmerDiff(nn.Module):
             compile_regions((self.unet, self.vae), params.compile_backend, params.compile_mode)
         self.register_buffer("prompt", components.encode_prompt(""), persistent=False)
         self.stage: StageContext = untimed
+        self.run_chunks: ChunkRunner = run_chunks
+        self.chunks: Optional[ChunkPlan] = None  # planned once, on the first image (`chunk_plan`)
 
     def _check(self, p: SegmentorConfig) -> None:
+        """The config's rules (also for settings built in Python), then what they cannot check alone: layer names,
+        t_m on this scheduler's grid, compile options, a faiss GPU."""
+        check_rules(p, "segmentor.")
         check_layer(self.unet, p.feature_layer, "segmentor.feature_layer")
         check_layer(self.unet, p.modulated_layer, "segmentor.modulated_layer")
-        self.grid.index(p.t_modulate)
-        if p.t_feature < 0 or p.t_feature >= self.components.scheduler.config.num_train_timesteps:
-            raise ValueError(f"segmentor.t_feature={p.t_feature} is outside the scheduler's timesteps")
-        for key in ("num_masks", "feature_noise_draws", "num_modulated_steps"):
-            if getattr(p, key) < 1:
-                raise ValueError(f"segmentor.{key} must be at least 1, got {getattr(p, key)}")
-        for key, valid in (("impl", IMPLS), ("offset_placement", PLACEMENTS), ("interpolation", ("bicubic", "bilinear"))):
-            if getattr(p, key) not in valid:
-                raise ValueError(f"segmentor.{key} must be one of {', '.join(valid)}, got '{getattr(p, key)}'")
+        if p.t_modulate not in self.grid.timesteps:
+            raise ConfigError(f"segmentor.t_modulate={p.t_modulate} is not on the scheduler grid of "
+                              f"segmentor.num_inference_steps={p.num_inference_steps}: choose one of "
+                              f"{', '.join(map(str, self.grid.timesteps))}")
+        if p.t_feature >= self.components.scheduler.config.num_train_timesteps:
+            raise ConfigError(f"segmentor.t_feature={p.t_feature} is outside the scheduler's timesteps")
         check_compile_options(p.compile_backend, p.compile_mode)
-        use_faiss_gpu(p.kmeans_device)  # rejects an unknown value, or gpu without faiss GPUs, before any image
-        if p.decode_resolution % 8 or p.decode_resolution < 0:
-            raise ValueError(f"segmentor.decode_resolution must be 0 or a positive multiple of 8, got {p.decode_resolution}")
+        use_faiss_gpu(p.kmeans_device)  # gpu without faiss GPUs is refused before any image
 
     @classmethod
     def from_config(cls, cfg: DictConfig | EmerDiffConfig, device: Optional[str] = None) -> "EmerDiff":
         """Load SD as `cfg.model` says and build the segmentor with `cfg.segmentor`."""
-        components = load_sd(to_dataclass(cfg.model, ModelConfig), device=device)
-        return cls(components, to_dataclass(cfg.segmentor, SegmentorConfig))
+        components = load_sd(_section(cfg.model), device=device)
+        return cls(components, _section(cfg.segmentor))
 
     @property
     def device(self) -> torch.device:
@@ -109,59 +139,108 @@ class EmerDiff(nn.Module):
     @torch.no_grad()
     def segment(self, image: ImageInput) -> SegmentationOutput:
         """Segment one image (path, PIL image, HxWx3 array or CHW tensor in [0, 1])."""
-        p = self.params
         with self.stage("encode"):
-            # 1. Input: RGB at the working resolution; the per-image seed comes from its content.
+            # 1. Input: RGB in [0, 1]; the per-image seed comes from its content.
             rgb = load_image(image)
-            size: Tuple[int, int] = tuple(rgb.shape[1:])
-            seed = image_seed(rgb, p.seed)
-            generator = torch.Generator().manual_seed(seed)
-            pixels = to_model_input(rgb, p.resolution, p.interpolation).to(self.device)
-            # 2. Encode to the clean latent z0.
-            z0 = encode_image(self.vae, pixels)
-        with self.stage("features"):
-            # 3-4. Queries of the feature layer at t_f (empty-prompt conditioning).
-            features = extract_queries(self.unet, self.components.scheduler, z0, self.prompt, p.feature_layer,
-                                       p.t_feature, p.feature_noise_draws, generator)
-        with self.stage("kmeans"):
-            # 5. k-means -> K low-resolution masks (empty clusters dropped).
-            clusters = cluster_grid(features.queries, features.height, features.width, p.num_masks,
-                                    seed, p.kmeans_restarts, p.kmeans_iters, use_faiss_gpu(p.kmeans_device))
-        # 6-8. Exact inversion (recording Q/K), then modulated denoising of every (mask, sign) variant.
-        modulated = modulated_masks(clusters.masks, p.min_mask_fraction)
-        chunks = self.chunk_plan()
-        latents = self._denoise(z0, clusters.masks[modulated], generator, chunks)
-        with self.stage("decode"):
-            # 9. Decode every variant (optionally from latents resized to decode_resolution).
-            images = assignment.decode_latents(self.vae, self._decodable(latents), chunks.decode)
-        with self.stage("assignment"):
-            # 10-11. Per-pair RGB distance, Gaussian smoothing, per-pixel argmax at the input size.
-            diffs = assignment.difference_maps(images)
-            diffs = assignment.resize_maps(diffs, p.resolution)
-            diffs = assignment.smooth(diffs, p.gaussian_sigma)
-            diffs = torch.zeros(len(clusters.centroids), *diffs.shape[1:], device=diffs.device).index_copy_(
-                0, modulated.to(diffs.device), diffs)  # masks left unmodulated (a trade-off switch) stay zero
-            return self._output(clusters, diffs, size, seed)
+            seed = image_seed(rgb, self.params.seed)
+        return self.output(self.mask_maps(rgb, seed))
 
     def segment_batch(self, images: Sequence[ImageInput]) -> List[SegmentationOutput]:
         """Segment several images; each result is what `segment` gives for that image alone."""
         return [self.segment(image) for image in images]
 
-    def chunk_plan(self) -> ChunkPlan:
-        """Batch sizes of the inversion, the variant chunks and the decodes (`segmentor.memory_budget_gb`)."""
-        return plan_chunks(self, self.params.chunk_size, self.params.memory_budget_gb)
-
-    def _denoise(self, z0: torch.Tensor, masks: torch.Tensor, generator: torch.Generator, chunks: ChunkPlan
-                 ) -> torch.Tensor:
-        """SPEC 6-8: invert z0, then denoise every (mask, sign) variant; the record is freed on return."""
+    @torch.no_grad()
+    def mask_maps(self, rgb: torch.Tensor, seed: int) -> MaskMaps:
+        """The recipe from an RGB image [3, H, W] in [0, 1] to the K smoothed difference maps."""
+        p = self.params
+        generator = torch.Generator().manual_seed(seed)
+        with self.stage("encode"):
+            # 1-2. Resize to SD's working size (aspect kept unless square), encode to the clean latent z0.
+            size = working_size(*rgb.shape[1:], p.resolution, p.aspect, p.max_pixels)
+            z0 = self.encode(to_model_input(rgb, size, p.interpolation).to(self.device))
+        with self.stage("features"):
+            # 3-4. Queries of the feature layer at t_f (empty-prompt conditioning).
+            features = self.features(z0, generator)
+        with self.stage("kmeans"):
+            # 5. k-means -> K low-resolution masks (empty clusters dropped).
+            clusters = self.cluster(features, seed)
+        modulated = modulated_masks(clusters.masks, p.min_mask_fraction)
+        offsets = variant_offsets(clusters.masks[modulated], p.lam)
+        steps = len(self.grid.tail(p.t_modulate))
         with self.stage("inversion"):
-            inversion, record = self._invert(z0, generator, chunks.inversion)
+            # 6-7. Exact inversion, recording Q/K for the injection.
+            inversion, record = self.fitting("inversion", steps, lambda n: self.invert(z0, generator, n), generator)
         with self.stage("modulated"):
-            return denoise_variants(self.unet, self.prompt, self.grid, inversion, record,
-                                    variant_offsets(masks, self.params.lam), self._modulation_settings(chunks.variants))
+            # 8. Modulated denoising of every (mask, sign) variant.
+            latents = self.fitting("variants", len(offsets), lambda n: self.denoise(inversion, record, offsets, n))
+        del inversion, record  # the injection record is the largest tensor of the run: free it before decoding
+        maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
+        return MaskMaps(clusters, maps, tuple(rgb.shape[1:]), seed)
 
-    def _invert(self, z0: torch.Tensor, generator: torch.Generator, chunk_size: int = 0
-                ) -> Tuple[Inversion, Optional[AttentionRecord]]:
+    def decoded_maps(self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int,
+                     size: Tuple[int, int]) -> torch.Tensor:
+        """Steps 9-10; a half-precision VAE that overflows (NaN or inf in the maps) decodes again in float32."""
+        with self.stage("decode"):
+            # 9. Decode every variant.
+            images = self.fitting("decode", len(latents), lambda n: self.decode(latents, n))
+        with self.stage("assignment"):
+            # 10. Per-pair RGB distance and Gaussian smoothing (11, the argmax, is `output`).
+            maps = self.difference_maps(images, modulated, num_masks, size)
+        if self.vae.dtype == torch.float32 or self.device.type == "meta" or torch.isfinite(maps).all():
+            return maps
+        logger.warning("non-finite difference maps from the %s VAE: decoding this image again in float32",
+                       self.vae.dtype)
+        dtype = self.vae.dtype
+        try:
+            self.vae.to(torch.float32)
+            maps = self.difference_maps(self.decode(latents, self.chunk_plan().decode), modulated, num_masks, size)
+        finally:
+            self.vae.to(dtype)
+        if not torch.isfinite(maps).all():
+            raise FloatingPointError("the difference maps are not finite even with a float32 VAE decode: the "
+                                     "latents themselves overflowed; try model.dtype=float32 or bfloat16")
+        return maps
+
+    def fitting(self, stage: str, count: int, run: Callable[[int], T],
+                generator: Optional[torch.Generator] = None) -> T:
+        """`run(batch size)` with this stage's planned batch; on out-of-memory, free what it held, halve the batch
+        and try again, down to one item per call, with `generator` back where it was (the same noise, so the
+        same result). The smaller batch is kept for the next images."""
+        state = None if generator is None else generator.get_state()
+        while True:
+            size = getattr(self.chunk_plan(), stage)
+            if state is not None:
+                generator.set_state(state)
+            try:
+                return run(size)
+            except RuntimeError as exc:
+                smaller = (size if 0 < size < count else count) // 2
+                if not is_out_of_memory(exc) or smaller < 1:
+                    raise
+            release_memory(self.device)
+            logger.warning("out of memory in the %s stage at batch %d: retrying at batch %d (kept for the next "
+                           "images)", stage, size if size > 0 else count, smaller)
+            self.chunks = replace(self.chunks, **{stage: smaller})
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Step 2: pixels [1, 3, h, w] in [-1, 1] -> z0 [1, 4, h/8, w/8] float32."""
+        return encode_image(self.vae, pixels)
+
+    def features(self, z0: torch.Tensor, generator: torch.Generator) -> QueryFeatures:
+        """Step 3-4: the feature layer's queries at t_f, averaged over the noise draws."""
+        p = self.params
+        return extract_queries(self.unet, self.components.scheduler, z0, self.prompt, p.feature_layer, p.t_feature,
+                               p.feature_noise_draws, generator)
+
+    def cluster(self, features: QueryFeatures, seed: int) -> Clusters:
+        """Step 5: faiss k-means of the queries into at most K masks of the feature grid."""
+        p = self.params
+        return cluster_grid(features.queries, features.height, features.width, p.num_masks, seed,
+                            p.kmeans_restarts, p.kmeans_iters, use_faiss_gpu(p.kmeans_device))
+
+    def invert(self, z0: torch.Tensor, generator: torch.Generator, chunk_size: int = 0
+               ) -> Tuple[Inversion, Optional[AttentionRecord]]:
+        """Step 6-7: the inversion's latents and noise maps, and the Q/K record when injection is on."""
         p = self.params
         layers = frozenset(layer_names(self.unet)) if p.attention_injection else frozenset()
         control = AttentionControl(record_layers=layers)
@@ -175,25 +254,76 @@ class EmerDiff(nn.Module):
             inversion = ddpm_inversion(denoise, self.grid, z0, p.t_modulate, generator, chunk_size)
         return inversion, (control.record if p.attention_injection else None)
 
-    def _modulation_settings(self, chunk_size: int) -> ModulationSettings:
+    def modulation_settings(self, chunk_size: int = 0) -> ModulationSettings:
+        """Step 8's settings: layer, steps, placement, injection, variants per UNet call, implementation."""
         p = self.params
         return ModulationSettings(p.modulated_layer, p.num_modulated_steps, p.offset_placement,
                                   p.attention_injection, chunk_size, p.impl)
 
-    def _decodable(self, latents: torch.Tensor) -> torch.Tensor:
-        """The latents to decode: as they are, or resized for a lower decode resolution (a trade-off)."""
-        side = self.params.decode_resolution
-        return latents if side in (0, self.params.resolution) else assignment.resize_latents(latents, side)
+    def denoise(self, inversion: Inversion, record: Optional[AttentionRecord], offsets: torch.Tensor,
+                chunk_size: int = 0, observer: Optional[Observer] = None) -> torch.Tensor:
+        """Step 8: final latents [V, 4, h, w] of the variants' offsets [V, 1, h, w], in chunks of UNet batches."""
+        settings = self.modulation_settings(chunk_size)
 
-    def _output(self, clusters: Clusters, diffs: torch.Tensor, size: Tuple[int, int], seed: int
-                ) -> SegmentationOutput:
-        labels, kept = assignment.argmax_at_size(diffs, size, keep=self.params.keep_diff_maps)
-        bilinear = assignment.bilinear_labels(clusters.labels, len(clusters.centroids), size)
-        return SegmentationOutput(
-            labels=labels.cpu(), labels_bilinear=bilinear.cpu(), lowres_labels=clusters.labels,
-            lowres_masks=clusters.masks, mask_embeddings=clusters.embeddings, seed=seed,
-            diff_maps=None if kept is None else kept.cpu(),
-        )
+        def chunk(part: torch.Tensor) -> torch.Tensor:
+            return denoise_variants(self.unet, self.prompt, self.grid, inversion, record, part, settings, observer)
+
+        return self.run_chunks(chunk, offsets, settings.batch_size(len(offsets)))
+
+    def decode(self, latents: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
+        """Step 9: RGB images of the variants (from latents resized first for a lower `decode_resolution`)."""
+        size = decode_size(tuple(8 * s for s in latents.shape[-2:]), self.params.resolution,
+                           self.params.decode_resolution)
+        if size != tuple(8 * s for s in latents.shape[-2:]):
+            latents = resize_latents(latents, size)
+        return self.run_chunks(lambda part: decode_latents(self.vae, part), latents, chunk_size)
+
+    def difference_maps(self, images: torch.Tensor, modulated: torch.Tensor, num_masks: int,
+                        size: Tuple[int, int]) -> torch.Tensor:
+        """Step 9-10: [K, h, w] smoothed pair distances at the working `size`; masks not in `modulated`
+        (a trade-off) stay zero."""
+        p = self.params
+        diffs = difference.difference_maps(images)
+        diffs = difference.resize_maps(diffs, size)
+        diffs = difference.smooth(diffs, p.gaussian_sigma)
+        return torch.zeros(num_masks, *diffs.shape[1:], device=diffs.device).index_copy_(
+            0, modulated.to(diffs.device), diffs)
+
+    def output(self, maps: MaskMaps) -> SegmentationOutput:
+        """Step 11: every input pixel takes the mask with the largest difference; the bilinear baseline beside it."""
+        with self.stage("assignment"):
+            clusters = maps.clusters
+            labels, kept = difference.argmax_at_size(maps.maps, maps.size, keep=self.params.keep_diff_maps)
+            bilinear = difference.bilinear_labels(clusters.labels, len(clusters.centroids), maps.size)
+            return SegmentationOutput(
+                labels=labels.cpu(), labels_bilinear=bilinear.cpu(), lowres_labels=clusters.labels,
+                lowres_masks=clusters.masks, mask_embeddings=clusters.embeddings, seed=maps.seed,
+                diff_maps=None if kept is None else kept.cpu(),
+            )
+
+    def chunk_plan(self) -> ChunkPlan:
+        """Batch sizes of the inversion, the variant chunks and the decodes, planned once for this model on its
+        device (`segmentor.memory_budget_gb`, `auto` from the free memory; `segmentor.chunk_size`)."""
+        if self.chunks is None:
+            budget = resolve_budget(self.params.memory_budget_gb, self.device)
+            self.chunks = plan_chunks(self, self.params.chunk_size, budget)
+            if self.device.type != "meta":
+                logger.info("memory budget %.2f GiB (segmentor.memory_budget_gb=%s): batches of %s inversion steps, "
+                            "%s variants, %s decodes (0 = all)", budget, self.params.memory_budget_gb,
+                            self.chunks.inversion, self.chunks.variants, self.chunks.decode)
+        return self.chunks
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's error."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error, so that a smaller batch can fit."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def modulated_masks(masks: torch.Tensor, min_fraction: float) -> torch.Tensor:
@@ -202,3 +332,8 @@ def modulated_masks(masks: torch.Tensor, min_fraction: float) -> torch.Tensor:
     keep = share >= min_fraction
     keep[share.argmax()] = True
     return keep.nonzero().flatten()
+
+
+def _section(node: Any) -> Any:
+    """A config section as its dataclass (a dataclass given directly passes through)."""
+    return node if dataclasses.is_dataclass(node) else OmegaConf.to_object(node)

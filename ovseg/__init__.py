@@ -1,27 +1,25 @@
-"""Open-vocabulary naming of EmerDiff masks with dense CLIP (MaskCLIP) embeddings."""
+"""Open-vocabulary naming of EmerDiff masks with dense CLIP embeddings (MaskCLIP, TCL).
 
-from .dense_encoder import TINY_MODEL, DenseEncoder, LoadedClip, MaskCLIPEncoder, load_clip, register_model_configs
-from .labeller import UNLABELLED, MaskLabels, label_masks, maskclip_labels
-from .text import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES, cached_text_embeddings, text_embeddings
-from .vocab import SHIPPED_VOCABS, Vocabulary, load_vocab, read_vocabulary
+Names are imported on first use (PEP 562), so `import ovseg.config` or `ovseg.vocab` stays light:
+open_clip is loaded only by what needs a CLIP model.
+"""
 
-__all__ = [
-    "IMAGENET_TEMPLATES",
-    "MASKCLIP_TEMPLATES",
-    "SHIPPED_VOCABS",
-    "TINY_MODEL",
-    "UNLABELLED",
-    "DenseEncoder",
-    "LoadedClip",
-    "MaskCLIPEncoder",
-    "MaskLabels",
-    "Vocabulary",
-    "cached_text_embeddings",
-    "label_masks",
-    "load_clip",
-    "load_vocab",
-    "maskclip_labels",
-    "read_vocabulary",
-    "register_model_configs",
-    "text_embeddings",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "TINY_MODEL": "dense_encoder", "DenseEncoder": "dense_encoder", "LoadedClip": "dense_encoder",
+    "MaskCLIPEncoder": "dense_encoder", "load_clip": "dense_encoder", "register_model_configs": "dense_encoder",
+    "UNLABELLED": "labeller", "MaskLabels": "labeller", "label_masks": "labeller", "maskclip_labels": "labeller",
+    "IMAGENET_TEMPLATES": "text", "MASKCLIP_TEMPLATES": "text", "cached_text_embeddings": "text",
+    "text_embeddings": "text",
+    "SHIPPED_VOCABS": "vocab", "Vocabulary": "vocab", "load_vocab": "vocab", "read_vocabulary": "vocab",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ovseg' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

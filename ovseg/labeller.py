@@ -25,7 +25,12 @@ UNLABELLED = -1  # class id of empty masks, and of pixels no mask covers (mask-s
 
 @dataclass(frozen=True)
 class MaskLabels:
-    """Per-mask classes and scores, and the image's label map in vocabulary ids."""
+    """Per-mask classes and scores, and the image's label map in vocabulary ids.
+
+    The one type for "the class of each mask" across ovseg: the labeller returns it (with the
+    baseline beside it, `ovseg.pipeline.OpenVocabOutput`), the prediction tool saves it
+    (`ovseg.outputs.NamedMasks`).
+    """
 
     class_ids: Tensor  # [K] int64 vocabulary id per mask; UNLABELLED for empty masks
     scores: Tensor  # [K] float cosine similarity to the best class; NaN for empty masks

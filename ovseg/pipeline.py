@@ -2,7 +2,8 @@
 
 >>> labeller = build_labeller(OVSegConfig(vocab="voc"), read_vocabulary("voc"), cache_dir="text_cache")
 >>> named = labeller(image, segments)  # image [H, W, 3] uint8; segments [H, W] mask ids (e.g. EmerDiff's labels)
->>> named.labels, named.baseline      # [H, W] vocabulary ids: masks named / plain MaskCLIP
+>>> named.label_map, named.baseline   # [H, W] vocabulary ids: masks named / plain MaskCLIP
+>>> named.class_ids, named.scores      # [K] each mask's class and cosine (a MaskLabels, as label_masks gives)
 
 The image is resized (not padded) so that each side is the nearest multiple of the patch size:
 the embedding grid then covers exactly the image's extent, which is what `label_masks` and
@@ -21,27 +22,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emerdiff.config import OVSegConfig
-from emerdiff.outputs import MaskNames
-from emerdiff.segmentor import SegmentationOutput
+from .config import OVSegConfig
 
 from .dense_encoder import DenseEncoder, LoadedClip, MaskCLIPEncoder, load_clip
-from .labeller import label_masks, maskclip_labels
+from .labeller import MaskLabels, label_masks, maskclip_labels
+from .tcl import TCL_TEMPLATES, tcl_encoder
 from .text import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES, cached_text_embeddings
 from .vocab import Vocabulary
 
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"maskclip": MASKCLIP_TEMPLATES, "imagenet": IMAGENET_TEMPLATES}
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"maskclip": MASKCLIP_TEMPLATES, "imagenet": IMAGENET_TEMPLATES,
+                                             "tcl": TCL_TEMPLATES}
 EncoderBuilder = Callable[[LoadedClip, OVSegConfig], DenseEncoder]
 
 
 @dataclass(frozen=True)
-class OpenVocabOutput:
-    """One image's masks named from the vocabulary, and the per-patch MaskCLIP baseline beside them."""
+class OpenVocabOutput(MaskLabels):
+    """One image's masks named from the vocabulary (the labeller's MaskLabels, on the CPU) and the per-patch
+    MaskCLIP baseline beside them."""
 
-    labels: Tensor  # [H, W] int64 vocabulary id of each pixel's mask
     baseline: Tensor  # [H, W] int64 vocabulary ids of plain MaskCLIP (per-patch cosines upsampled, argmax)
-    mask_classes: Tensor  # [K] int64 vocabulary id of each mask; UNLABELLED for masks with no pixel
-    mask_scores: Tensor  # [K] float cosine of each mask to its class; NaN for masks with no pixel
 
 
 def template_set(name: str) -> tuple[str, ...]:
@@ -57,7 +56,7 @@ def maskclip_encoder(clip: LoadedClip, settings: OVSegConfig) -> MaskCLIPEncoder
 
 
 # ovseg.encoder -> builder of an nn.Module satisfying DenseEncoder, in the joint space of the CLIP text tower.
-ENCODERS: dict[str, EncoderBuilder] = {"maskclip": maskclip_encoder}
+ENCODERS: dict[str, EncoderBuilder] = {"maskclip": maskclip_encoder, "tcl": tcl_encoder}
 
 
 def encoder_builder(name: str) -> EncoderBuilder:
@@ -79,7 +78,7 @@ def check_threshold(background_id: int | None, threshold: float | None) -> None:
 
 
 class OpenVocabLabeller(nn.Module):
-    """Names the segments of an image with the classes whose text embeddings are closest (SPEC ovseg steps 1-5)."""
+    """Names the segments of an image with the classes whose text embeddings are closest (docs/open_vocabulary.md)."""
 
     def __init__(self, encoder: DenseEncoder, text: Tensor, background_id: int | None = None,
                  threshold: float | None = None) -> None:
@@ -102,8 +101,9 @@ class OpenVocabLabeller(nn.Module):
                             threshold=self.threshold)
         baseline = maskclip_labels(dense, self.text, tuple(segments.shape), background_id=self.background_id,
                                    threshold=self.threshold)
-        return OpenVocabOutput(labels=named.label_map.cpu(), baseline=baseline.cpu(),
-                               mask_classes=named.class_ids.cpu(), mask_scores=named.scores.cpu())
+        return OpenVocabOutput(class_ids=named.class_ids.cpu(), scores=named.scores.cpu(),
+                               label_map=named.label_map.cpu(), mask_embeddings=named.mask_embeddings.cpu(),
+                               baseline=baseline.cpu())
 
     def dense_embeddings(self, image: np.ndarray | Tensor) -> Tensor:
         """[D, h, w] dense embeddings of an [H, W, 3] uint8 image resized to multiples of the patch size."""
@@ -115,22 +115,6 @@ class OpenVocabLabeller(nn.Module):
         mean = pixels.new_tensor(self.encoder.mean)[:, None, None]
         std = pixels.new_tensor(self.encoder.std)[:, None, None]
         return self.encoder((pixels - mean) / std)[0]
-
-
-class MaskNamer(nn.Module):
-    """Names a segmentation's masks for the prediction tool (``EmerDiffPredictor(namer=...)``)."""
-
-    def __init__(self, labeller: OpenVocabLabeller, class_names: list[str]) -> None:
-        super().__init__()
-        self.labeller = labeller
-        self.class_names = class_names
-
-    @torch.no_grad()
-    def forward(self, image: Tensor, output: SegmentationOutput) -> MaskNames:
-        """Vocabulary ids of every mask and pixel of `output`, for the [3, H, W] uint8 `image`."""
-        named = self.labeller(image.permute(1, 2, 0), output.labels, output.num_masks)
-        return MaskNames(self.class_names, named.labels.numpy(), named.mask_classes.numpy(),
-                         named.mask_scores.float().numpy())
 
 
 def check_settings(settings: OVSegConfig, vocab: Vocabulary) -> None:

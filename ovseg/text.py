@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from open_clip import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor, nn
 
+from emerdiff.files import atomic_file
+
 # CLIP's 80 ImageNet prompt templates (as shipped by open_clip), as "{}" format strings.
 IMAGENET_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 # MaskCLIP's prompt set: the 80 ImageNet templates plus five scene templates (85 in all).
@@ -79,10 +81,8 @@ def cached_text_embeddings(
         if stored.get("key") == key:
             return stored["embeddings"]
     embeddings = text_embeddings(model, tokenizer, classes, templates)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"key": key, "embeddings": embeddings.cpu()}, partial)
-    os.replace(partial, path)
+    with atomic_file(path) as handle:  # a killed run leaves a temporary file remove_temporary_files drops
+        torch.save({"key": key, "embeddings": embeddings.cpu()}, handle)
     return embeddings
 
 

@@ -37,10 +37,10 @@ def tiny_components():
 def tiny_segmentor(components, **overrides):
     """An EmerDiff on the shared miniature SD; overrides are SegmentorConfig fields."""
     from emerdiff import EmerDiff, load_config
-    from emerdiff.config import SegmentorConfig, to_dataclass
+    from omegaconf import OmegaConf
 
     cfg = load_config(TINY, overrides=[f"segmentor.{k}={v}" for k, v in overrides.items()])
-    return EmerDiff(components, to_dataclass(cfg.segmentor, SegmentorConfig))
+    return EmerDiff(components, OmegaConf.to_object(cfg.segmentor))
 
 
 def assert_same_segmentation(a, b, rtol: float = 1e-4) -> None:

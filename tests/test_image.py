@@ -1,4 +1,4 @@
-"""SPEC step 1 and bad inputs: every supported form is read, every unreadable one is a clear error."""
+"""step 1 and bad inputs: every supported form is read, every unreadable one is a clear error."""
 
 from pathlib import Path
 
@@ -61,3 +61,15 @@ def test_seed_depends_on_content_and_base_seed_only(photo):
 def test_a_one_pixel_image_is_segmented_to_a_one_pixel_label_map(tiny_components):
     out = tiny_segmentor(tiny_components, resolution=128, num_masks=3).segment(np.full((1, 1, 3), 200, np.uint8))
     assert out.labels.shape == (1, 1) and 0 <= out.labels.item() < out.num_masks
+
+
+def test_working_size_keeps_the_aspect_with_the_shorter_side_at_the_resolution():
+    from emerdiff.image import largest_working_size, working_size
+
+    assert working_size(400, 600, 512) == (512, 768) and working_size(600, 400, 512) == (768, 512)
+    assert working_size(333, 517, 512) == (512, 768)  # 794.9 rounds to the nearest multiple of 64
+    assert working_size(400, 600, 512, aspect="square") == (512, 512)
+    assert working_size(100, 1000, 512) == (512, 1024)  # capped at twice the square's pixels
+    assert working_size(100, 1000, 512, max_pixels=512 * 640) == (512, 640)
+    assert largest_working_size(512) == (512, 1024) and largest_working_size(512, "square") == (512, 512)
+

@@ -1,7 +1,10 @@
 """Model loading: real layouts on the meta device, the miniature SD, and missing-weight errors."""
 
+import re
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from emerdiff import WeightsNotFoundError, load_config
 from emerdiff.config import ModelConfig
@@ -40,17 +43,69 @@ def test_miniature_sd_is_reproducible_and_has_the_sd_layout(tiny_components):
     assert names == full
 
 
-def test_missing_local_file_says_what_was_looked_for_and_how_to_fix_it(tmp_path):
+def test_missing_local_file_says_what_was_looked_for_and_how_to_fix_it_without_download_advice(tmp_path):
     cfg = ModelConfig(pretrained=str(tmp_path / "sd15.safetensors"), device="cpu")
-    with pytest.raises(WeightsNotFoundError, match=r"(?s)sd15.safetensors.*model.pretrained=/path/to/folder"):
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)sd15.safetensors.*does not exist.*model.pretrained=/path/to/folder"
+                       ) as error:
         load_sd(cfg)
+    assert "hf download" not in str(error.value)  # a local path is not a hub id: nothing to download
 
 
-def test_offline_hub_id_says_where_the_cache_is(monkeypatch, tmp_path):
+def test_missing_local_folder_is_not_mistaken_for_a_hub_id(tmp_path):
+    cfg = ModelConfig(pretrained=str(tmp_path / "weights" / "sd15"), device="cpu", local_files_only=True)
+    with pytest.raises(WeightsNotFoundError, match="does not exist") as error:
+        load_sd(cfg)
+    assert "hf download" not in str(error.value) and "huggingface-cli" not in str(error.value)
+
+
+def test_offline_hub_id_says_where_the_cache_is_and_how_to_download_it(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     cfg = ModelConfig(pretrained="someone/not-a-model", device="cpu", local_files_only=True)
-    with pytest.raises(WeightsNotFoundError, match=r"(?s)someone/not-a-model.*cache.*huggingface-cli download"):
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)someone/not-a-model.*cache: " + re.escape(str(tmp_path))
+                       + r".*`hf download someone/not-a-model`"):
+        load_sd(cfg)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":"])
+def test_empty_or_corrupt_safetensors_says_the_file_itself_is_invalid(tmp_path, content):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)model.safetensors' itself is invalid.*download or copy it again"):
+        load_sd(ModelConfig(pretrained=str(path), device="cpu", local_files_only=True))
+
+
+def _single_file(tmp_path, keys, name="model.safetensors"):
+    path = tmp_path / name
+    save_file({k: torch.zeros(2, 2) for k in keys}, path)
+    return ModelConfig(pretrained=str(path), device="cpu", local_files_only=True)
+
+
+def test_sdxl_checkpoint_is_refused_naming_sdxl_and_the_models_that_work(tmp_path):
+    cfg = _single_file(tmp_path, ["conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+                                  "model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.quant_conv.bias"])
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)Stable Diffusion XL.*SD 1.x/2.x.*emerdiff_sd15.yaml"):
+        load_sd(cfg)
+
+
+def test_a_diffusers_component_file_is_refused_pointing_at_its_folder(tmp_path):
+    cfg = _single_file(tmp_path, ["down_blocks.0.resnets.0.conv1.weight", "conv_in.weight"],
+                       "diffusion_pytorch_model.safetensors")
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)one component of a diffusers folder.*model_index.json"):
+        load_sd(cfg)
+
+
+def test_a_unet_only_checkpoint_says_what_is_missing(tmp_path):
+    cfg = _single_file(tmp_path, ["model.diffusion_model.input_blocks.0.0.weight"])
+    with pytest.raises(WeightsNotFoundError, match="no VAE and no text encoder"):
+        load_sd(cfg)
+
+
+def test_a_folder_without_model_index_names_the_checkpoint_inside_it(tmp_path):
+    (tmp_path / "v1-5-pruned.safetensors").write_bytes(b"x")
+    cfg = ModelConfig(pretrained=str(tmp_path), device="cpu", local_files_only=True)
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)not a diffusers pipeline folder.*no model_index.json.*"
+                                                   r"model.pretrained=.*v1-5-pruned.safetensors"):
         load_sd(cfg)
 
 

@@ -1,4 +1,4 @@
-"""SPEC steps 7-8: recording, injection and modulation through the attention processors."""
+"""steps 7-8: recording, injection and modulation through the attention processors."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from conftest import tiny_segmentor
 from emerdiff.image import load_image, to_model_input
-from emerdiff.inversion import encode_image
+from emerdiff.vae import encode_image
 from emerdiff.modulation import ModulationSettings, denoise_variants, variant_offsets
 from emerdiff.processors import AttentionControl, controlled, layer_names, shared_attention, use_processors
 
@@ -19,7 +19,7 @@ def setup(tiny_components, photo):
     """Segmentor at 128 px (4x4 grid at the modulated layer), its inversion and injection record."""
     model = tiny_segmentor(tiny_components, resolution=128)
     z0 = encode_image(model.vae, to_model_input(load_image(photo), 128))
-    inversion, record = model._invert(z0, torch.Generator().manual_seed(0))
+    inversion, record = model.invert(z0, torch.Generator().manual_seed(0))
     return model, z0, inversion, record
 
 
@@ -144,9 +144,20 @@ def test_half_precision_weights_keep_float32_latents_and_reconstruct_within_thei
 
     model = tiny_segmentor(cast_components(build_random_sd("tiny", seed=0), dtype), resolution=128)
     z0 = encode_image(model.vae, to_model_input(load_image(photo), 128))
-    inversion, record = model._invert(z0, torch.Generator().manual_seed(0))
+    inversion, record = model.invert(z0, torch.Generator().manual_seed(0))
     assert model.unet.dtype == dtype and z0.dtype == inversion.latents.dtype == inversion.noise.dtype == torch.float32
     latents, _ = run((model, z0, inversion, record), variant_offsets(torch.ones(1, 4, 4, dtype=torch.bool), 0.0),
                      impl="fast")
     assert latents.dtype == torch.float32 and torch.equal(latents[0], latents[1])  # lambda = 0: the signs agree exactly
     assert ((latents[0] - z0[0]).norm() / z0.norm()).item() < bound
+
+
+def test_token_grid_of_a_layer_follows_the_latents_aspect():
+    from emerdiff.processors import token_grid
+
+    assert token_grid(16 * 24, (64, 96), "layer") == (16, 24)  # a 512 x 768 image's 16x16-level layer
+    assert token_grid(32 * 48, (64, 96), "layer") == (32, 48)
+    assert token_grid(24 * 16, (96, 64), "layer") == (24, 16)  # tall: rows stay rows
+    with pytest.raises(ValueError, match="no downsampling of a 64 x 96 latent grid"):
+        token_grid(250, (64, 96), "layer")
+

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from emerdiff import EmerDiff, WeightsNotFoundError, load_config
-from emerdiff.metrics import ConfusionMatrixMetric
-from emerdiff.protocols import match_image
+from emerdiff.evaluation.metrics import ConfusionMatrixMetric
+from emerdiff.evaluation.protocols import match_image
 
 pytestmark = pytest.mark.slow
 

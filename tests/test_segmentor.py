@@ -1,4 +1,4 @@
-"""The whole recipe (SPEC steps 1-11) on the miniature SD and real photos."""
+"""The whole recipe (steps 1-11) on the miniature SD and real photos."""
 
 import numpy as np
 import pytest
@@ -22,7 +22,8 @@ def test_lambda_zero_gives_exactly_zero_difference_maps(tiny_components, photo):
 
 
 def test_labels_are_at_the_input_size_and_index_existing_masks(tiny_components, coffee):
-    out = tiny_segmentor(tiny_components, resolution=128, num_masks=4, keep_diff_maps=True).segment(coffee)
+    out = tiny_segmentor(tiny_components, resolution=128, num_masks=4, keep_diff_maps=True,
+                         aspect="square").segment(coffee)
     assert out.labels.shape == (333, 517) and out.labels.dtype == torch.int64
     assert out.labels_bilinear.shape == (333, 517)
     k = out.num_masks
@@ -38,7 +39,7 @@ def test_labels_are_at_the_input_size_and_index_existing_masks(tiny_components, 
 def test_mask_embeddings_are_the_mean_feature_inside_each_mask(tiny_components, photo):
     from emerdiff.features import extract_queries
     from emerdiff.image import image_seed, load_image, to_model_input
-    from emerdiff.inversion import encode_image
+    from emerdiff.vae import encode_image
 
     model = tiny_segmentor(tiny_components, resolution=128, num_masks=3)
     out = model.segment(photo)
@@ -95,7 +96,7 @@ def test_fast_path_equals_reference_path_at_any_modulated_layer(tiny_components,
 
 
 def test_a_tiny_memory_budget_chunks_every_stage_and_keeps_the_result(tiny_components, photo):
-    common = dict(resolution=128, num_masks=3, keep_diff_maps=True)
+    common = dict(resolution=128, num_masks=3, keep_diff_maps=True, aspect="square")  # planned for 128 x 128
     budgeted = tiny_segmentor(tiny_components, memory_budget_gb=0.0077, **common)  # ~8 MB, the record is 6.7
     plan = budgeted.chunk_plan()
     assert 1 <= plan.inversion < 15 and 1 < plan.variants < 6 and 1 <= plan.decode < 6
@@ -111,7 +112,7 @@ def test_attention_injection_switch_changes_the_result(tiny_components, photo):
 
 
 def test_fewer_denoising_steps_switch_runs_fewer_unet_passes_and_changes_the_result(tiny_components, photo):
-    from emerdiff.cost import image_cost
+    from emerdiff.profiling import image_cost
 
     fewer = tiny_segmentor(tiny_components, resolution=128, num_masks=2, denoise_steps=4, keep_diff_maps=True)
     assert fewer.grid.tail(281) == [281, 181, 101, 1]
@@ -176,3 +177,102 @@ def test_compile_switch_compiles_every_resnet_and_feed_forward_region_and_keeps_
 def test_an_invalid_choice_is_refused_when_the_segmentor_is_built_naming_the_key(tiny_components, key, value):
     with pytest.raises(ValueError, match=f"segmentor.{key}.*{value}"):
         tiny_segmentor(tiny_components, **{key: value})
+
+
+def test_settings_built_in_python_obey_the_same_rules_as_loaded_configs(tiny_components):
+    from emerdiff import EmerDiff
+    from emerdiff.config import SegmentorConfig
+
+    with pytest.raises(ValueError, match="segmentor.impl: quick is not valid; choose from fast, reference"):
+        EmerDiff(tiny_components, SegmentorConfig(impl="quick"))
+    with pytest.raises(ValueError, match="segmentor.num_masks must be at least 1, got 0"):
+        EmerDiff(tiny_components, SegmentorConfig(num_masks=0))
+
+
+def test_out_of_memory_halves_the_failing_stage_until_it_fits_and_keeps_the_labels(tiny_components, photo, caplog):
+    common = dict(resolution=128, num_masks=3, keep_diff_maps=True)
+    reference = tiny_segmentor(tiny_components, **common).segment(photo)
+
+    def fail_above_two(module, args):
+        if args[0].shape[0] > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: batch {args[0].shape[0]} > 2)")
+
+    model = tiny_segmentor(tiny_components, **common)
+    handle = tiny_components.unet.register_forward_pre_hook(fail_above_two)
+    try:
+        with caplog.at_level("WARNING", logger="emerdiff.segmentor"):
+            out = model.segment(photo)
+    finally:
+        handle.remove()
+    assert_same_segmentation(out, reference)
+    assert (model.chunks.inversion, model.chunks.variants) == (1, 1)  # 15 -> 7 -> 3 -> 1 and 6 -> 3 -> 1, kept
+    retries = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(retries) == 5 and "inversion stage at batch 15: retrying at batch 7" in retries[0]
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_retried(tiny_components, photo):
+    def broken(module, args):
+        raise RuntimeError("a broken kernel")
+
+    model = tiny_segmentor(tiny_components, resolution=64, num_masks=2)
+    handle = tiny_components.vae.decoder.register_forward_pre_hook(broken)
+    try:
+        with pytest.raises(RuntimeError, match="a broken kernel"):
+            model.segment(photo)
+    finally:
+        handle.remove()
+    assert model.chunks.decode == 0  # unchanged
+
+
+def test_a_half_precision_vae_that_overflows_decodes_again_in_float32(photo, caplog):
+    from emerdiff.models import build_random_sd
+
+    components = build_random_sd("tiny", seed=0)
+    components.vae.to(torch.bfloat16)
+    model = tiny_segmentor(components, resolution=64, num_masks=2)
+
+    def overflow_below_float32(module, args, output):
+        return output * float("nan") if output.dtype != torch.float32 else output
+
+    handle = components.vae.decoder.register_forward_hook(overflow_below_float32)
+    try:
+        with caplog.at_level("WARNING", logger="emerdiff.segmentor"):
+            maps = model.mask_maps(torch.rand(3, 64, 64), seed=0).maps
+        assert torch.isfinite(maps).all() and maps.abs().max() > 0
+        assert any("again in float32" in r.getMessage() for r in caplog.records)
+        assert components.vae.dtype == torch.bfloat16  # put back
+    finally:
+        handle.remove()
+    always_nan = components.vae.decoder.register_forward_hook(lambda module, args, output: output * float("nan"))
+    try:
+        with pytest.raises(FloatingPointError, match="even with a float32 VAE decode"):
+            model.mask_maps(torch.rand(3, 64, 64), seed=0)
+    finally:
+        always_nan.remove()
+
+
+def test_a_wide_photo_is_segmented_on_a_wide_feature_grid_by_default(tiny_components, coffee):
+    wide = tiny_segmentor(tiny_components, resolution=128, num_masks=4, keep_diff_maps=True).segment(coffee)
+    k = wide.num_masks  # 333 x 517 -> 128 x 192 working size -> a 4 x 6 grid of the tiny UNet's 16x16-level layer
+    assert wide.lowres_masks.shape == (k, 4, 6) and wide.lowres_labels.shape == (4, 6)
+    assert torch.equal(wide.lowres_masks.sum(0), torch.ones(4, 6, dtype=torch.long))
+    assert wide.labels.shape == (333, 517) and wide.labels.unique().numel() > 1
+    torch.testing.assert_close(wide.labels, wide.diff_maps.argmax(0))
+    square = tiny_segmentor(tiny_components, resolution=128, num_masks=4, aspect="square").segment(coffee)
+    assert square.lowres_masks.shape[1:] == (4, 4)
+
+
+def test_fast_path_equals_reference_path_on_a_non_square_grid(tiny_components, coffee):
+    common = dict(resolution=128, num_masks=3, keep_diff_maps=True, chunk_size=4)
+    fast = tiny_segmentor(tiny_components, **common).segment(coffee)
+    reference = tiny_segmentor(tiny_components, impl="reference", **common).segment(coffee)
+    assert fast.lowres_masks.shape[1:] == (4, 6)
+    assert_same_segmentation(fast, reference)
+
+
+def test_a_tall_photo_keeps_its_aspect_and_decodes_smaller_when_asked(tiny_components, coffee):
+    tall = np.ascontiguousarray(coffee.transpose(1, 0, 2))  # 517 x 333
+    model = tiny_segmentor(tiny_components, resolution=128, num_masks=3, decode_resolution=64)
+    maps = model.mask_maps(torch.from_numpy(tall).permute(2, 0, 1).float() / 255, seed=0)
+    assert maps.clusters.labels.shape == (6, 4) and maps.maps.shape[1:] == (192, 128)
+

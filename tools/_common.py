@@ -2,7 +2,8 @@
 
 Configs merge in order: the defaults (configs/base.yaml), each --cfg file (later files win), then the
 key=value overrides. Unknown keys are errors that name the key, in `trainer` too (checked against
-the arguments of pytorch_lightning.Trainer).
+the arguments of pytorch_lightning.Trainer). Only light modules are imported here at start-up, so
+`--help` and a config mistake answer before torch, Lightning and diffusers load.
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from emerdiff import ConfigError, EmerDiff, WeightsNotFoundError, load_config  # noqa: E402
-from emerdiff.config import ModelConfig, OVSegConfig, SegmentorConfig, to_dataclass  # noqa: E402
-from emerdiff.inputs import InputError  # noqa: E402
-from emerdiff.models import load_sd, resolve_dtype  # noqa: E402
-from emerdiff.outputs import OutputOptions  # noqa: E402
-from ovseg import Vocabulary, read_vocabulary  # noqa: E402
-from ovseg.pipeline import check_settings  # noqa: E402
+from emerdiff.config import ConfigError, UserError, is_random_model, load_config  # noqa: E402
+from ovseg.config import OVSegConfig, ovseg_settings as checked_ovseg_section, with_ovseg_defaults  # noqa: E402
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from emerdiff import EmerDiff
+    from ovseg.vocab import Vocabulary
 
 RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
                        "but its masks carry no meaning. Use e.g. --cfg configs/emerdiff_sd15.yaml for real results.")
@@ -62,14 +65,16 @@ def apply_output_arguments(cfg: DictConfig, args: argparse.Namespace) -> None:
 
 
 def load_cli_config(args: argparse.Namespace) -> DictConfig:
-    """Defaults, then every --cfg file in order, then the overrides; the trainer keys are checked too."""
-    cfg = load_config(args.cfg, overrides=args.overrides)
+    """Defaults, then every --cfg file in order, then the overrides; the ovseg section and trainer keys checked too."""
+    cfg = with_ovseg_defaults(load_config(args.cfg, overrides=args.overrides))
     check_trainer_keys(cfg.trainer)
     return cfg
 
 
 def trainer_arguments() -> List[str]:
     """The keyword arguments pytorch_lightning.Trainer accepts."""
+    import pytorch_lightning as pl
+
     return [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
 
 
@@ -84,8 +89,10 @@ def check_trainer_keys(settings: Mapping[str, Any]) -> None:
                               f"{hint} Valid: {', '.join(valid)}.")
 
 
-def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> pl.Trainer:
+def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> "pl.Trainer":
     """Trainer(**cfg.trainer, **tool_arguments); a key both set is an error naming it."""
+    import pytorch_lightning as pl
+
     settings = OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
     check_trainer_keys(settings)
     clash = sorted(settings.keys() & tool_arguments.keys())
@@ -94,17 +101,23 @@ def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> pl.Trai
     return pl.Trainer(**settings, **tool_arguments)
 
 
-def build_segmentor(cfg: DictConfig, trainer: pl.Trainer) -> EmerDiff:
+def build_segmentor(cfg: DictConfig, trainer: "pl.Trainer") -> "EmerDiff":
     """EmerDiff on the CPU, in the dtype `model.dtype` means on the Trainer's device; Lightning moves it there."""
-    model = to_dataclass(cfg.model, ModelConfig)
+    from emerdiff import EmerDiff
+    from emerdiff.models import load_sd, resolve_dtype
+
+    model = OmegaConf.to_object(cfg.model)
     dtype = resolve_dtype(model.dtype, trainer.strategy.root_device)
     model = replace(model, dtype=str(dtype).removeprefix("torch."))
-    return EmerDiff(load_sd(model, device="cpu"), to_dataclass(cfg.segmentor, SegmentorConfig))
+    return EmerDiff(load_sd(model, device="cpu"), OmegaConf.to_object(cfg.segmentor))
 
 
-def ovseg_settings(cfg: DictConfig) -> Tuple[OVSegConfig, Vocabulary]:
+def ovseg_settings(cfg: DictConfig) -> Tuple[OVSegConfig, "Vocabulary"]:
     """`cfg.ovseg` and its vocabulary, checked before any model loads: a bad value is a ConfigError."""
-    settings = to_dataclass(cfg.ovseg, OVSegConfig)
+    from ovseg import read_vocabulary
+    from ovseg.pipeline import check_settings
+
+    settings = checked_ovseg_section(cfg)
     try:
         vocab = read_vocabulary(settings.vocab)
         check_settings(settings, vocab)
@@ -113,20 +126,12 @@ def ovseg_settings(cfg: DictConfig) -> Tuple[OVSegConfig, Vocabulary]:
     return settings, vocab
 
 
-def output_options(cfg: DictConfig) -> OutputOptions:
-    """The `output` settings that decide which pictures are written."""
-    o = cfg.output
-    return OutputOptions(overlay=o.overlay, figure=o.figure, overlay_alpha=o.overlay_alpha, jpeg_quality=o.jpeg_quality,
-                         named=bool(cfg.ovseg.vocab))
-
-
 def random_model_notice(cfg: DictConfig) -> Optional[str]:
     """The warning for the tiny / random-weight models, or None for real weights."""
-    if cfg.model.pretrained == "tiny":
-        return RANDOM_MODEL_NOTICE.format(name="tiny")
-    if cfg.model.random_init:
-        return RANDOM_MODEL_NOTICE.format(name=f"{cfg.model.pretrained} (model.random_init=true)")
-    return None
+    if not is_random_model(cfg.model):
+        return None
+    name = "tiny" if cfg.model.pretrained == "tiny" else f"{cfg.model.pretrained} (model.random_init=true)"
+    return RANDOM_MODEL_NOTICE.format(name=name)
 
 
 @contextmanager
@@ -134,6 +139,6 @@ def reported_errors() -> Iterator[None]:
     """Turn a user's mistake (config, input, weights) into `error: ...` on stderr and exit status 2."""
     try:
         yield
-    except (ConfigError, InputError, WeightsNotFoundError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -29,12 +29,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from emerdiff import ConfigError, EmerDiff
-from emerdiff.config import ModelConfig, SegmentorConfig, to_dataclass
-from emerdiff.cost import GIB, image_cost, memory_profile
+from emerdiff.config import IMPLS, is_random_model
 from emerdiff.image import ImageInput
+from emerdiff.memory import GIB, measure_memory
 from emerdiff.models import SDComponents, build_random_sd, cast_components, load_sd, resolve_device, resolve_dtype
-from emerdiff.modulation import IMPLS
-from emerdiff.profiling import STAGES, StageCost, StageProfiler, profiled, total
+from emerdiff.profiling import STAGES, StageCost, StageProfiler, image_cost, profiled, total
 from emerdiff.segmentor import modulated_masks
 
 # Dense fp16/bf16 tensor-core peak of named GPUs, TFLOP/s (vendor data sheets, no sparsity).
@@ -72,10 +71,10 @@ def default_image() -> np.ndarray:
 
 def build_components(cfg: DictConfig, cost_only: bool) -> SDComponents:
     """The configured SD parts; with --cost-only, random-weight architectures are built on the meta device."""
-    model = to_dataclass(cfg.model, ModelConfig)
+    model = OmegaConf.to_object(cfg.model)
     if not cost_only:
         return load_sd(model)
-    if not (model.random_init or model.pretrained == "tiny"):
+    if not is_random_model(model):
         raise ConfigError("--cost-only builds random weights on the meta device: set model.random_init=true "
                           "(and model.arch) or use --cfg configs/tiny.yaml")
     components = build_random_sd("tiny" if model.pretrained == "tiny" else model.arch, device="meta")
@@ -120,7 +119,7 @@ def run(cfg: DictConfig, impls: Sequence[str], image: Optional[str], repeats: in
         warmup: bool) -> Tuple[List[ImplResult], Dict[str, EmerDiff]]:
     """Measure (unless `cost_only`) and cost-model every implementation on one set of SD components."""
     components = build_components(cfg, cost_only)
-    params = to_dataclass(cfg.segmentor, SegmentorConfig)
+    params = OmegaConf.to_object(cfg.segmentor)
     models = {impl: EmerDiff(components, replace(params, impl=impl)) for impl in impls}
     measured: Dict[str, Measured] = {}
     if not cost_only:
@@ -148,13 +147,13 @@ def _largest_batch(chunk: int, count: int) -> int:
 
 def memory_estimate(model: EmerDiff, result: ImplResult) -> Dict[str, int]:
     """Device memory of one image from the cost model: weights + the injection record + the largest stage peak."""
-    record = memory_profile(model).record  # 0 without injection
+    plan, steps, variants = model.chunk_plan(), len(model.grid.tail(model.params.t_modulate)), 2 * result.num_masks
+    record = (plan.profile or measure_memory(model)).record  # 0 without injection
     stage_peak = max(cost.peak_mem_bytes for cost in result.model.values())
     weights = weight_bytes(model)
-    plan, steps, variants = model.chunk_plan(), len(model.grid.tail(model.params.t_modulate)), 2 * result.num_masks
     return {"weights": weights, "record": record, "largest_stage_peak": stage_peak,
             "total": weights + record + stage_peak, "batch_inversion": _largest_batch(plan.inversion, steps),
-            "batch_variants": model._modulation_settings(plan.variants).batch_size(variants),
+            "batch_variants": model.modulation_settings(plan.variants).batch_size(variants),
             "batch_decode": _largest_batch(plan.decode, variants)}
 
 

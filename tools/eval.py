@@ -17,16 +17,13 @@ from typing import List, Optional
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
                      build_segmentor, build_trainer, load_cli_config,
                      parse_args, random_model_notice, reported_errors)
-import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from emerdiff import ConfigError
-from emerdiff.config import EvalConfig, ModelConfig, SegmentorConfig, to_dataclass
 from emerdiff.data import dataset_metadata
-from emerdiff.evaluation import (EvaluationData, EvaluationModule, PredictionCache, ResultsWriter, StaleCacheError,
-                                 prediction_settings)
-
-CACHE_DIR = "cache"
+from emerdiff.evaluation import (CACHE_DIR, EvaluationData, EvaluationModule, PredictionCache, ResultsWriter,
+                                 prediction_settings, run_and_report)
+from emerdiff.stopping import StopOnSignal
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -47,32 +44,23 @@ def evaluate(cfg: DictConfig) -> int:
                           "--cfg configs/eval/DATASET.yaml data.root=PATH --output DIR")
     out = Path(cfg.output.dir)
     cache = PredictionCache(out / CACHE_DIR, prediction_settings(
-        to_dataclass(cfg.model, ModelConfig), to_dataclass(cfg.segmentor, SegmentorConfig),
-        cfg.data.dataset, cfg.data.size), overwrite=cfg.output.overwrite)
+        OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor), cfg.data.dataset, cfg.data.size,
+        cfg.eval.crop),
+        overwrite=cfg.output.overwrite)
     try:
         data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
-                              cfg.data.num_workers)
+                              cfg.data.num_workers, crop=cfg.eval.crop)
         module = EvaluationModule(partial(build_segmentor, cfg), cache, cfg.data.dataset,
-                                  dataset_metadata(cfg.data.dataset), to_dataclass(cfg.eval, EvalConfig))
-    except ValueError as exc:  # unknown split or protocol, image list on a split without one
+                                  dataset_metadata(cfg.data.dataset), OmegaConf.to_object(cfg.eval),
+                                  max_repeated_failures=cfg.output.max_repeated_failures)
+    except ValueError as exc:  # unknown split, image list on a split without one
         raise ConfigError(str(exc)) from None
-    trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(out)], logger=False, enable_checkpointing=False,
+    trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(out), StopOnSignal()], logger=False,
+                            enable_checkpointing=False,
                             use_distributed_sampler=False, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, data, cache)
     return run_and_report(trainer, module, data, out)
-
-
-def run_and_report(trainer: pl.Trainer, module: pl.LightningModule, data: EvaluationData, results_dir: Path) -> int:
-    """Run `trainer.test` (a stale cache becomes a config error); rank 0 then prints the results table."""
-    try:
-        trainer.test(module, datamodule=data, verbose=False)
-    except StaleCacheError as exc:
-        raise ConfigError(str(exc)) from None
-    if trainer.is_global_zero:
-        print((results_dir / "results.md").read_text())
-        print(f"results: {results_dir / 'results.json'} and {results_dir / 'results.md'}")
-    return 0
 
 
 def announce(cfg: DictConfig, data: EvaluationData, cache: PredictionCache) -> None:
@@ -81,7 +69,7 @@ def announce(cfg: DictConfig, data: EvaluationData, cache: PredictionCache) -> N
     if notice:
         print(notice)
     ids = data.image_ids()
-    cached = 0 if cache.overwrite else sum(cache.path(i).is_file() for i in ids)
+    cached = cache.count(ids)
     print(f"{len(ids)} images in {cfg.data.dataset}: {cached} cached in {cache.folder}, {len(ids) - cached} to predict")
 
 

@@ -8,7 +8,9 @@ EmerDiff's masks are read from OUTPUT/cache/<image id>.npz, tools/eval.py's cach
 left them there (same model, segmentor and data settings), and written there otherwise; the named
 label maps are cached in OUTPUT/ov/cache/<image id>.npz. A rerun loads no model; --overwrite segments
 and labels every image again. Devices and strategy come from `trainer:`, e.g. trainer.devices=8
-trainer.strategy=ddp. Method, vocabularies and the paper's Table 3: docs/open_vocabulary.md.
+trainer.strategy=ddp. mIoU follows mmsegmentation's convention (as MaskCLIP, TCL and GroupViT) unless
+eval.miou_convention says otherwise (docs/evaluation.md). Method, vocabularies and the paper's Table 3:
+docs/open_vocabulary.md.
 """
 
 from __future__ import annotations
@@ -21,20 +23,17 @@ from typing import List, Optional
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
                      build_segmentor, build_trainer, load_cli_config, ovseg_settings,
                      parse_args, random_model_notice, reported_errors)
-from eval import CACHE_DIR as MASKS_DIR, run_and_report
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 
 from emerdiff import ConfigError
-from emerdiff.config import ModelConfig, SegmentorConfig, to_dataclass
 from emerdiff.data import DatasetMetadata, dataset_metadata
-from emerdiff.evaluation import (EvaluationData, PredictionCache, ResultsWriter,
-                                 prediction_settings)
+from emerdiff.evaluation import (CACHE_DIR, EvaluationData, PredictionCache, ResultsWriter, prediction_settings,
+                                 run_and_report)
+from emerdiff.stopping import StopOnSignal
 from ovseg import Vocabulary
-from ovseg.lightning import OpenVocabEvaluation, OpenVocabPrediction, open_vocab_settings
+from ovseg.evaluation import OV_DIR, PAPER_CONVENTION, OpenVocabEvaluation, OpenVocabPrediction, open_vocab_settings
 from ovseg.pipeline import build_labeller, text_cache_folder
-
-OV_DIR = "ov"  # results and caches of this tool, so that they never collide with tools/eval.py's in OUTPUT
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -61,21 +60,23 @@ def evaluate(cfg: DictConfig) -> int:
     try:
         metadata = dataset_metadata(cfg.data.dataset)
         data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
-                              cfg.data.num_workers)
+                              cfg.data.num_workers, crop=cfg.eval.crop)
     except ValueError as exc:  # unknown split
         raise ConfigError(str(exc)) from None
-    prediction = prediction_settings(to_dataclass(cfg.model, ModelConfig), to_dataclass(cfg.segmentor, SegmentorConfig),
-                                     cfg.data.dataset, cfg.data.size)
-    masks = PredictionCache(out / MASKS_DIR, prediction, overwrite=cfg.output.overwrite)
+    prediction = prediction_settings(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor),
+                                     cfg.data.dataset, cfg.data.size, cfg.eval.crop)
+    masks = PredictionCache(out / CACHE_DIR, prediction, overwrite=cfg.output.overwrite)
     labels = PredictionCache(results_dir / "cache", open_vocab_settings(prediction, settings, vocab),
                              overwrite=cfg.output.overwrite, record=OpenVocabPrediction)
     text_dir = text_cache_folder(settings, results_dir)
     try:
         module = OpenVocabEvaluation(partial(build_segmentor, cfg), partial(build_labeller, settings, vocab, text_dir),
-                                     masks, labels, cfg.data.dataset, metadata, vocab, settings)
+                                     masks, labels, cfg.data.dataset, metadata, vocab, settings,
+                                     convention=cfg.eval.miou_convention or PAPER_CONVENTION,
+                                     max_repeated_failures=cfg.output.max_repeated_failures)
     except ValueError as exc:  # vocabulary and split disagree on the classes
         raise ConfigError(str(exc)) from None
-    trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(results_dir)], logger=False,
+    trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(results_dir), StopOnSignal()], logger=False,
                             enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, data, masks, labels)
@@ -92,8 +93,7 @@ def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labe
         print(f"note: ovseg.clip_pretrained=null builds CLIP {cfg.ovseg.clip_model} with random weights: its class "
               "names carry no meaning.")
     ids = data.image_ids()
-    named = 0 if labels.overwrite else sum(labels.path(i).is_file() for i in ids)
-    segmented = 0 if masks.overwrite else sum(masks.path(i).is_file() for i in ids)
+    named, segmented = labels.count(ids), masks.count(ids)
     print(f"{len(ids)} images in {cfg.data.dataset}, vocabulary {cfg.ovseg.vocab}: {named} labelled in "
           f"{labels.folder}, {segmented} with EmerDiff masks in {masks.folder}")
 

@@ -11,24 +11,23 @@ Inputs, outputs and multi-GPU use: docs/usage.md.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
-                     build_segmentor, build_trainer, load_cli_config,
-                     output_options, ovseg_settings, parse_args, random_model_notice, reported_errors)
+                     build_segmentor, build_trainer, load_cli_config, ovseg_settings, parse_args,
+                     random_model_notice, reported_errors)
 from omegaconf import DictConfig, OmegaConf
 
 from emerdiff import ConfigError
-from emerdiff.config import RUN_ONLY_KEYS, OVSegConfig
-from emerdiff.inputs import InputImage, PredictImages, find_images
-from emerdiff.lightning_module import EmerDiffPredictor, ImagesProgressBar, ResultWriter
-from emerdiff.outputs import CONFIG, FAILURES, OutputStore, atomic_file
-from ovseg import Vocabulary
-from ovseg.pipeline import MaskNamer, build_labeller, text_cache_folder
-
-RESULT_SECTIONS = ("model", "segmentor", "ovseg")
+from emerdiff.config import load_config, result_settings
+from emerdiff.files import atomic_file
+from emerdiff.predict import (CONFIG, FAILURES, EmerDiffPredictor, ExtrasStep, ImagesProgressBar, OutputOptions,
+                              OutputStore, PredictImages, ResultWriter, SourceImage, find_images)
+from emerdiff.predict.export import FORMATS, export
+from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped, StopOnSignal
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -37,72 +36,105 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--input", help="image file, folder (recursive), glob pattern or .txt list (data.input)")
     add_output_arguments(parser, "redo images that are done")
     parser.add_argument("--figure", action="store_true", help="also write NAME_figure.png (output.figure=true)")
+    parser.add_argument("--export", action="append", choices=FORMATS, default=[], metavar="{coco,masks}",
+                        help="also write DIR/coco.json (coco) or DIR/NAME_masks/NN.png (masks) of every done image; "
+                             "repeatable (tools/export.py does the same for a finished folder)")
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
         cfg.data.input = args.input or cfg.data.input
         apply_output_arguments(cfg, args)
         cfg.output.figure = args.figure or cfg.output.figure
-        return predict(cfg)
+        return predict(cfg, args.export)
 
 
-def predict(cfg: DictConfig) -> int:
-    """Segment every image of `data.input` that is not done yet into `output.dir`."""
+def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
+    """Segment every image of `data.input` that is not done yet into `output.dir`, then write the `exports`."""
     if not cfg.data.input or not cfg.output.dir:
         raise ConfigError("tell where the images are and where results go: --input PATH --output DIR")
     out = Path(cfg.output.dir)
-    naming = ovseg_settings(cfg) if cfg.ovseg.vocab else None
-    store = OutputStore(out, output_options(cfg))
+    naming = ovseg_settings(cfg) if cfg.ovseg.vocab else None  # checked before anything loads or is written
+    store = OutputStore(out, OutputOptions.from_config(cfg.output, extra_files=named_files() if naming else ()))
     done = set() if cfg.output.overwrite else store.done()
     if done:  # only results bind a folder to its settings: a run that failed before any result does not
         check_same_settings(out / CONFIG, cfg)
     images = find_images(cfg.data.input, exclude=out)
     pending = [image for image in images if image.name not in done]
-    callbacks = [ResultWriter(store)]
+    callbacks = [ResultWriter(store, cfg.output.max_repeated_failures), StopOnSignal()]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(ImagesProgressBar())
     trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                            use_distributed_sampler=False, default_root_dir=str(out))
+                            use_distributed_sampler=True, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, images, pending)
-        with atomic_file(out / CONFIG) as handle:
-            handle.write(OmegaConf.to_yaml(cfg).encode())
-    if not pending:
-        return 0
-    module = EmerDiffPredictor(build_segmentor(cfg, trainer), build_namer(naming, out))
-    start = time.perf_counter()  # after loading the models: the summary's images/s is the segmentation rate
-    trainer.predict(module, datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
-    if trainer.is_global_zero:
-        print(summary(store, pending, len(images) - len(pending), time.perf_counter() - start))
-    return 0
+    status = 0
+    if pending:
+        module = EmerDiffPredictor(build_segmentor(cfg, trainer), build_namer(naming, out))
+        if trainer.is_global_zero:  # once the models loaded: a run that could not start leaves no config behind
+            with atomic_file(out / CONFIG) as handle:
+                handle.write(OmegaConf.to_yaml(cfg).encode())
+        start = time.perf_counter()  # after loading the models: the summary's images/s is the segmentation rate
+        try:
+            trainer.predict(module, datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
+        except RunStopped as stop:  # finished images are saved and merged; a rerun continues with the rest
+            print(f"{stop}: {len(store.manifest())} of {len(images)} images done; rerun the same command to continue",
+                  file=sys.stderr)
+            return stop.exit_code
+        if trainer.is_global_zero:
+            print(summary(store, pending, len(images) - len(pending), time.perf_counter() - start))
+        status = EXIT_SOME_FAILED if store.failures() else 0
+    if exports and trainer.is_global_zero:  # after every rank's results are merged into the manifest
+        export(out, exports)
+        print(f"exported {', '.join(exports)} of every done image to {out}/")
+    return status
 
 
-def build_namer(naming: Optional[Tuple[OVSegConfig, Vocabulary]], out: Path) -> Optional[MaskNamer]:
+def named_files() -> tuple:
+    """The files a run that names masks adds per image (ovseg, imported only for such a run)."""
+    from ovseg.outputs import NAMED_FILES
+
+    return NAMED_FILES
+
+
+def build_namer(naming: Optional[tuple], out: Path) -> Optional[ExtrasStep]:
     """With ovseg.vocab, the CLIP labeller that names every mask; text embeddings cached under the output."""
     if naming is None:
         return None
-    settings, vocab = naming
-    return MaskNamer(build_labeller(settings, vocab, text_cache_folder(settings, out)), vocab.names)
+    from ovseg.outputs import mask_namer  # loads open_clip: only for runs that name masks
+
+    return mask_namer(*naming, out)
 
 
 def check_same_settings(saved: Path, cfg: DictConfig) -> None:
-    """Refuse to add results made with other model or segmentor settings to an existing results folder."""
+    """Refuse to add results made with other model, segmentor or naming settings to an existing results folder."""
     if not saved.is_file():
         return
-    before, now = _flat(OmegaConf.load(saved), *RESULT_SECTIONS), _flat(cfg, *RESULT_SECTIONS)
+    before_cfg = load_config(saved)
+    named = bool(_vocab(before_cfg)) and bool(_vocab(cfg))  # else only the vocabulary itself can differ
+    before, now = result_values(before_cfg, named), result_values(cfg, named)
     changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(before.keys() | now.keys())
-               if k not in RUN_ONLY_KEYS and before.get(k) != now.get(k)]
+               if before.get(k) != now.get(k)]
     if changed:
         raise ConfigError(f"'{saved.parent}' holds results made with other settings ({'; '.join(changed)}); "
                           "choose another --output, or pass --overwrite to redo every image")
 
 
-def _flat(cfg: DictConfig, *sections: str) -> Dict[str, object]:
-    return {f"{s}.{k}": v for s in sections if s in cfg
-            for k, v in OmegaConf.to_container(cfg[s], resolve=True).items()}
+def result_values(cfg: DictConfig, named: bool) -> Dict[str, object]:
+    """``section.key -> value`` of the settings results depend on; all of the ovseg section only if `named`."""
+    values = {f"{section}.{k}": v for section in ("model", "segmentor")
+              for k, v in result_settings(OmegaConf.to_object(cfg[section])).items()}
+    if not named:
+        return values | {"ovseg.vocab": _vocab(cfg)}
+    from ovseg.config import ovseg_settings as checked_ovseg_settings  # masks are named: ovseg is in use
+
+    return values | {f"ovseg.{k}": v for k, v in result_settings(checked_ovseg_settings(cfg)).items()}
 
 
-def announce(cfg: DictConfig, images: List[InputImage], pending: List[InputImage]) -> None:
+def _vocab(cfg: DictConfig) -> Optional[str]:
+    return (cfg.get("ovseg") or {}).get("vocab")
+
+
+def announce(cfg: DictConfig, images: List[SourceImage], pending: List[SourceImage]) -> None:
     """What the run will do, before it starts."""
     notice = random_model_notice(cfg)
     if notice:
@@ -112,7 +144,7 @@ def announce(cfg: DictConfig, images: List[InputImage], pending: List[InputImage
           + (" (--overwrite redoes all)" if done else ""))
 
 
-def summary(store: OutputStore, pending: List[InputImage], skipped: int, seconds: float) -> str:
+def summary(store: OutputStore, pending: List[SourceImage], skipped: int, seconds: float) -> str:
     """One line: images segmented, failures, images skipped as done, time, where the results are."""
     manifest, failures = store.manifest(), store.failures()
     segmented = sum(image.name in manifest for image in pending)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from _common import base_parser, load_cli_config, output_options, parse_args, reported_errors  # first: finds the checkout
+from _common import base_parser, parse_args, reported_errors  # first: finds the checkout
 import numpy as np
 
-from emerdiff import ConfigError, ImageLoadError
+from emerdiff import ConfigError, ImageLoadError, load_config
 from emerdiff.image import read_image
-from emerdiff.outputs import CONFIG, OutputStore
+from emerdiff.predict import CONFIG, OutputOptions, OutputStore
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -29,7 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not saved.is_file():
             raise ConfigError(f"'{args.output}' is not a results folder of tools/predict.py (no config.yaml)")
         args.cfg = [saved, *args.cfg]
-        store = OutputStore(args.output, output_options(load_cli_config(args)))
+        cfg = load_config(args.cfg, overrides=args.overrides)
+        store = OutputStore(args.output, OutputOptions.from_config(cfg.output))
         drawn = draw_figures(store)
         print(f"drew {drawn} figures (NAME_figure.png) in {args.output}/")
     return 0

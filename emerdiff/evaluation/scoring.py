@@ -1,0 +1,158 @@
+"""Protocol dispatch and scoring: every protocol of one image, and the dataset-wide protocols on gathered masks.
+
+- Per-image protocols (``hungarian``, ``majority``, ``concept_image``) give each image a class map
+  (`per_image_class_map`) that updates confusion-matrix metrics, whose states are summed across DDP ranks.
+- Dataset-wide protocols (``dataset``, ``concept_dataset``) need every mask of the split: each
+  mask's embedding and class histogram go into `MaskRecords`, a metric whose states are
+  concatenated across ranks. Its class histograms also give the dataset-wide confusion matrices
+  exactly (`confusion_from_histograms`), since relabelling a mask moves all of its pixels to one
+  predicted class.
+
+The matching itself is `emerdiff.evaluation.protocols`; the scores are `emerdiff.evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from ..config import PROTOCOLS, EvalConfig, check_rules
+from .metrics import SegmentationScores, scores_from_confusion
+from .protocols import UNMATCHED, assign_to_concepts, cluster_masks, concept_sums, match_clusters, match_image, relabel
+
+# The mIoU convention of the papers each protocol's numbers are compared with (eval.miou_convention=null):
+# dataset-level = paper Table 1 beside STEGO; the others keep detectron2's (docs/evaluation.md says why).
+PAPER_CONVENTIONS = {"hungarian": "detectron2", "majority": "detectron2", "dataset": "stego",
+                     "concept_image": "detectron2", "concept_dataset": "detectron2"}
+METHODS = ("emerdiff", "bilinear")  # EmerDiff labels; bilinear upsampling of the same low-res masks
+PER_IMAGE_PROTOCOLS = ("hungarian", "majority", "concept_image")
+DATASET_PROTOCOLS = ("dataset", "concept_dataset")
+# PROTOCOLS (emerdiff.config): all of them, in table order
+
+
+def check_settings(settings: EvalConfig) -> None:
+    """Raise a ConfigError (a ValueError) naming a bad `eval` setting, for an EvalConfig built in Python.
+
+    The rules are the ones `emerdiff.config.load_config` checks on config files and overrides.
+    """
+    check_rules(OmegaConf.structured(settings), "eval.")
+
+
+def miou_convention(protocol: str, settings: EvalConfig) -> str:
+    """The mIoU convention a protocol is scored under: `eval.miou_convention`, or its paper's if that is null."""
+    return settings.miou_convention or PAPER_CONVENTIONS[protocol]
+
+
+def per_image_class_map(protocol: str, segments: np.ndarray, gt: np.ndarray, embeddings: np.ndarray,
+                        histogram: np.ndarray, num_classes: int, ignore_index: int, criterion: str,
+                        convention: str = "detectron2") -> np.ndarray:
+    """[H, W] class map (UNMATCHED where a mask got no class) of a per-image protocol, using this image's gt.
+
+    Under the ``stego`` convention, the Hungarian matching keeps pairings without a common pixel.
+    """
+    if protocol in ("hungarian", "majority"):
+        return match_image(segments, gt, num_classes, ignore_index=ignore_index, assignment=protocol,
+                           criterion=criterion, keep_empty_pairs=convention == "stego").labels
+    if protocol == "concept_image":
+        return relabel(segments, assign_to_concepts(embeddings, concept_sums(embeddings, histogram)))
+    raise ValueError(f"{protocol!r} is not a per-image protocol; those are {', '.join(PER_IMAGE_PROTOCOLS)}")
+
+
+def confusion_from_histograms(histograms: np.ndarray, class_of_mask: np.ndarray, num_classes: int) -> torch.Tensor:
+    """(C, C + 1) confusion matrix when every pixel of mask m is predicted as class_of_mask[m] (or no class).
+
+    The layout of `emerdiff.evaluation.metrics`: rows are ground truth, the last column counts pixels of masks
+    that got no class.
+    """
+    confmat = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    column = np.where(class_of_mask == UNMATCHED, num_classes, class_of_mask)
+    np.add.at(confmat.T, column, histograms)
+    return torch.from_numpy(confmat)
+
+
+@dataclass
+class DatasetMasks:
+    """Every mask of the split in (image index, mask id) order, whichever rank predicted it."""
+
+    embeddings: np.ndarray  # [N, D] float32
+    histograms: Dict[str, np.ndarray]  # method -> [N, C] int32 pixels of each class in each mask
+    num_images: int
+
+
+@dataclass
+class DatasetScores:
+    """Scores of the dataset-wide protocols and the number of k-means clusters actually used."""
+
+    scores: Dict[str, Dict[str, SegmentationScores]]  # method -> protocol -> scores
+    num_clusters: Optional[int]
+
+
+def dataset_protocol_scores(masks: DatasetMasks, protocols: Sequence[str], num_classes: int,
+                            settings: EvalConfig) -> DatasetScores:
+    """Score the dataset-wide protocols among `protocols` for every method from the gathered masks."""
+    scores: Dict[str, Dict[str, SegmentationScores]] = {method: {} for method in masks.histograms}
+    num_clusters = None
+    if "dataset" in protocols:
+        wanted = settings.dataset_clusters or num_classes
+        num_clusters = min(wanted, len(masks.embeddings))
+        if num_clusters < wanted:
+            rank_zero_warn(f"only {num_clusters} masks in the split: the dataset-level protocol clusters them "
+                           f"into {num_clusters} clusters instead of {wanted}")
+        clusters = cluster_masks(masks.embeddings, num_clusters, seed=settings.kmeans_seed, niter=settings.kmeans_iters,
+                                 nredo=settings.kmeans_restarts, l2_normalize=settings.kmeans_l2_normalize)
+    for method, histograms in masks.histograms.items():  # one k-means, matched on each method's histograms
+        if "dataset" in protocols:
+            convention = miou_convention("dataset", settings)
+            matching = match_clusters(clusters, histograms, num_clusters, keep_empty_pairs=convention == "stego")
+            confmat = confusion_from_histograms(histograms, matching.class_of_mask, num_classes)
+            scores[method]["dataset"] = scores_from_confusion(confmat, convention)
+        if "concept_dataset" in protocols:
+            classes = assign_to_concepts(masks.embeddings, concept_sums(masks.embeddings, histograms))
+            scores[method]["concept_dataset"] = scores_from_confusion(
+                confusion_from_histograms(histograms, classes, num_classes), miou_convention("concept_dataset", settings))
+    return DatasetScores(scores, num_clusters)
+
+
+class MaskRecords(Metric):
+    """Each mask's image index, embedding and per-method class histogram; states concatenated across ranks."""
+
+    full_state_update = False
+
+    def __init__(self, methods: Sequence[str] = METHODS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.methods = tuple(methods)
+        self.add_state("images", default=[], dist_reduce_fx="cat")  # one entry per image
+        self.add_state("image_of_mask", default=[], dist_reduce_fx="cat")
+        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
+        for method in self.methods:
+            self.add_state(f"histograms_{method}", default=[], dist_reduce_fx="cat")
+
+    def update(self, image_index: int, embeddings: torch.Tensor, histograms: Mapping[str, torch.Tensor]) -> None:
+        """Record one image's K masks: embeddings [K, D], histograms method -> [K, C]."""
+        device = self.device
+        self.images.append(torch.tensor([image_index], device=device))
+        self.image_of_mask.append(torch.full((len(embeddings),), image_index, device=device))
+        self.embeddings.append(embeddings.to(device=device, dtype=torch.float32))
+        for method in self.methods:
+            # int32 halves the gathered volume; a mask's pixel count fits easily
+            getattr(self, f"histograms_{method}").append(histograms[method].to(device=device, dtype=torch.int32))
+
+    def compute(self) -> DatasetMasks:
+        """All masks sorted by image index (stable, so each image keeps its mask order), on the CPU."""
+        images = dim_zero_cat(self.images).cpu()
+        if len(images.unique()) != len(images):
+            raise RuntimeError("an image was scored more than once (a sampler repeated samples across ranks)")
+        order = torch.argsort(dim_zero_cat(self.image_of_mask).cpu(), stable=True)
+        return DatasetMasks(
+            embeddings=dim_zero_cat(self.embeddings).cpu()[order].numpy(),
+            histograms={m: dim_zero_cat(getattr(self, f"histograms_{m}")).cpu()[order].numpy() for m in self.methods},
+            num_images=len(images),
+        )
+

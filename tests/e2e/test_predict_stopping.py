@@ -1,0 +1,88 @@
+"""tools/predict.py stops between images without losing work: SIGTERM, a failing image, a broken setup."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from skimage import data
+
+from conftest import REPO, TINY
+from emerdiff.files import read_jsonl
+from emerdiff.predict import OutputOptions, OutputStore
+from emerdiff.segmentor import EmerDiff
+
+sys.path.insert(0, str(REPO / "tools"))
+import predict  # noqa: E402
+
+SMALL = ["segmentor.resolution=64", "segmentor.num_masks=2", "segmentor.num_inference_steps=10", "segmentor.t_modulate=201",
+         "output.overlay=false", "data.num_workers=0", "trainer.enable_progress_bar=false"]
+
+
+def photo_folder(root: Path, count: int) -> Path:
+    """`count` real photos (crops of scikit-image's astronaut), each a different size so each is recognisable."""
+    astronaut = data.astronaut()
+    root.mkdir()
+    for i in range(count):
+        Image.fromarray(astronaut[: 48 + i, : 48 + i]).save(root / f"p{i}.png")
+    return root
+
+
+def _cli(photos: Path, out: Path, *extra: str) -> list:
+    return ["--cfg", str(TINY), "--input", str(photos), "--output", str(out), *SMALL, *extra]
+
+
+def test_sigterm_after_the_first_image_stops_within_one_image_and_the_rerun_finishes(tmp_path: Path):
+    photos, out = photo_folder(tmp_path / "photos", 10), tmp_path / "out"
+    command = [sys.executable, str(REPO / "tools" / "predict.py"), *_cli(photos, out)]
+    store = OutputStore(out, OutputOptions(overlay=False))
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not store.manifest():  # terminate it as soon as the first image is recorded
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 143
+    printed = (tmp_path / "first.log").read_text()
+    done = [r["name"] for r in read_jsonl(out / "manifest.jsonl")]
+    assert 1 <= len(done) <= 3 and "terminated (SIGTERM)" in printed and "rerun the same command" in printed
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"{len(done)} already done" in second.stdout
+    assert [r["name"] for r in read_jsonl(out / "manifest.jsonl")] == [f"p{i}" for i in range(10)]
+
+
+@pytest.fixture()
+def failing_on(monkeypatch):
+    """Make the segmentor raise for photos of the given widths (a stand-in for a bad image or a broken setup)."""
+    segment = EmerDiff.segment
+
+    def install(widths, error=lambda width: RuntimeError(f"faiss failed on width {width}")):
+        def maybe_failing(self, image):  # the tool passes the photo as a [3, H, W] tensor
+            if image.shape[-1] in widths:
+                raise error(image.shape[-1])
+            return segment(self, image)
+        monkeypatch.setattr(EmerDiff, "segment", maybe_failing)
+    return install
+
+
+def test_an_exception_on_one_image_of_five_is_recorded_and_the_run_goes_on(tmp_path: Path, failing_on):
+    photos, out = photo_folder(tmp_path / "photos", 5), tmp_path / "out"
+    failing_on({50})  # p2
+    assert predict.main(_cli(photos, out)) == 1  # some failed
+    assert [r["name"] for r in read_jsonl(out / "manifest.jsonl")] == ["p0", "p1", "p3", "p4"]
+    assert read_jsonl(out / "failures.jsonl") == [{"name": "p2", "path": str(photos / "p2.png"),
+                                                   "error": "faiss failed on width 50", "type": "RuntimeError"}]
+
+
+def test_the_same_error_on_every_image_stops_the_run_after_the_configured_count(tmp_path: Path, failing_on, capsys):
+    photos, out = photo_folder(tmp_path / "photos", 6), tmp_path / "out"
+    failing_on(set(range(48, 54)), error=lambda width: RuntimeError("CUDA driver version is insufficient"))
+    assert predict.main(_cli(photos, out, "output.max_repeated_failures=3")) == 1
+    assert len(read_jsonl(out / "failures.jsonl")) == 3  # stopped at the third, the other three never tried
+    printed = capsys.readouterr().err
+    assert "3 images in a row failed with the same error" in printed and "CUDA driver version" in printed

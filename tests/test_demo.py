@@ -1,0 +1,213 @@
+"""The browser demo's segmentation callback, without a browser (emerdiff/demo.py; the page itself: tests/e2e)."""
+
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+from skimage import data
+
+from conftest import tiny_segmentor
+
+gr = pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
+
+from emerdiff.predict import render  # noqa: E402
+from emerdiff.demo import (DISPLAY_SIDE, STAGE_TITLES, DemoPage, DemoSegmenter, MaskClasses,  # noqa: E402
+                           annotated_panel, mask_colours, read_upload)
+from emerdiff.profiling import STAGES  # noqa: E402
+
+SMALL = dict(resolution=64, num_masks=4, denoise_steps=3)
+CLASSES = ("sky", "ground")
+
+
+def parity_namer(photo, output, vocabulary):
+    """A stand-in for ovseg's CLIP namer: even masks are the first class of the vocabulary, odd ones the second."""
+    names = [n.strip() for n in vocabulary.split(",")]
+    if len(names) < 2:
+        raise ValueError("give two classes")
+    classes = np.arange(output.num_masks) % 2
+    return MaskClasses(names, classes, np.linspace(0.2, 0.3, output.num_masks))
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_components, tmp_path_factory):
+    model = tiny_segmentor(tiny_components, **SMALL)
+    return DemoSegmenter(model, namer=parity_namer, workdir=tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def page(segmenter):
+    return DemoPage(segmenter)
+
+
+def save(tmp_path, name, image: Image.Image) -> str:
+    path = tmp_path / name
+    image.save(path)
+    return str(path)
+
+
+def small(array: np.ndarray, side: int = 96) -> Image.Image:
+    img = Image.fromarray(array)
+    img.thumbnail((side, side))
+    return img
+
+
+def error_message(excinfo) -> str:
+    return str(excinfo.value.message if hasattr(excinfo.value, "message") else excinfo.value)
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("notes.png", b"this is not a picture", "is not an image the demo can read"),
+    ("empty.jpg", b"", "is not an image the demo can read"),
+    ("cut.png", None, "could not be read as an image"),  # a real PNG cut in half
+])
+def test_an_unreadable_upload_is_reported_by_name_not_as_a_traceback(page, tmp_path, name, content, expected):
+    if content is None:
+        buffer = io.BytesIO()
+        small(data.coffee()).save(buffer, format="PNG")
+        content = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    path = tmp_path / name
+    path.write_bytes(content)
+    for callback in (page.preview, lambda p: page.segment(p, 4, 10.0)):
+        with pytest.raises(gr.Error) as excinfo:
+            callback(str(path))
+        assert expected in error_message(excinfo) and name in error_message(excinfo)
+
+
+def test_a_huge_upload_is_refused_before_it_is_decoded(page, tmp_path):
+    path = save(tmp_path, "huge.png", Image.new("1", (8000, 6000)))  # 48 MP, a few KB on disk
+    with pytest.raises(gr.Error) as excinfo:
+        page.segment(path, 4, 10.0)
+    assert "8000 x 6000" in error_message(excinfo) and "MP" in error_message(excinfo)
+
+
+def test_a_tiny_picture_and_a_missing_photo_are_refused(page, tmp_path):
+    with pytest.raises(gr.Error, match="at least 16 pixels"):
+        page.segment(save(tmp_path, "icon.png", Image.new("RGB", (8, 8))), 4, 10.0)
+    with pytest.raises(gr.Error, match="Upload a photo"):
+        page.segment(None, 4, 10.0)
+
+
+@pytest.mark.parametrize("k, lam, expected", [(0, 10.0, "K"), (2.5, 10.0, "whole number"), (4, 0.0, "lambda")])
+def test_settings_out_of_range_are_refused(page, tmp_path, k, lam, expected):
+    with pytest.raises(gr.Error, match=expected):
+        page.segment(save(tmp_path, "coffee.png", small(data.coffee())), k, lam)
+
+
+def test_grayscale_and_rgba_photos_are_segmented_at_their_size_with_a_note(tmp_path):
+    gray = read_upload(save(tmp_path, "camera.png", small(data.camera())))
+    assert gray.photo.shape == (96, 96, 3) and gray.photo.dtype == np.uint8
+    assert np.array_equal(gray.photo[..., 0], gray.photo[..., 2]) and "grayscale" in gray.notes[0]
+    rgba = np.dstack([data.astronaut(), np.full(data.astronaut().shape[:2], 128, np.uint8)])
+    photo = read_upload(save(tmp_path, "astronaut.png", small(rgba))).photo
+    assert photo.shape == (96, 96, 3)
+    assert "transparency" in read_upload(save(tmp_path, "astronaut.png", small(rgba))).notes[0]
+
+
+def test_a_large_photo_is_shrunk_to_the_longest_side_with_a_note(tmp_path):
+    upload = read_upload(save(tmp_path, "chelsea.png", Image.fromarray(data.chelsea())), max_side=200)
+    assert max(upload.photo.shape[:2]) == 200 and upload.photo.shape[1] == 200  # chelsea is 451 wide, 300 high
+    assert "shrunk from 451 x 300" in upload.notes[0]
+
+
+def test_segment_returns_the_four_panels_and_valid_downloads(page, tmp_path):
+    photo = small(data.astronaut(), 80)
+    photo_small, kmeans, bilinear, emerdiff, text, files, rows, selected = page.segment(
+        save(tmp_path, "astronaut.png", photo), 3, 8.0)
+    assert photo_small.shape == (DISPLAY_SIDE, DISPLAY_SIDE, 3)  # every panel at the same display size
+    for base, layers in (kmeans, bilinear, emerdiff):
+        assert base.shape == (DISPLAY_SIDE, DISPLAY_SIDE, 3) and 1 <= len(layers) <= 3
+        coverage = sum((mask > 0).astype(int) for mask, _ in layers)
+        assert np.all(coverage == 1)  # every pixel in exactly one mask layer
+    png, npz, coco = files
+    assert png.endswith("astronaut.png") and npz.endswith("astronaut.npz") and coco.endswith("astronaut_coco.json")
+    arrays = np.load(npz)
+    with Image.open(png) as label_png:
+        assert label_png.mode == "P"
+        assert np.array_equal(np.asarray(label_png), arrays["labels"])
+    document = json.loads(Path(coco).read_text())
+    assert document["images"] == [{"id": 1, "file_name": "astronaut.png", "height": 80, "width": 80}]
+    decoded = np.full((80, 80), -1)
+    for annotation in document["annotations"]:  # class-agnostic categories "mask N" with id N + 1
+        decoded[coco_mask.decode(annotation["segmentation"]) > 0] = annotation["category_id"] - 1
+    assert np.array_equal(decoded, arrays["labels"])
+    assert arrays["labels"].shape == (80, 80) and arrays["lowres_masks"].shape[0] <= 3
+    assert len(rows) == arrays["lowres_masks"].shape[0] and abs(sum(r["share"] for r in rows) - 1) < 1e-9
+    assert f"**{len(rows)} masks**" in text and selected == ""
+
+
+def test_k_and_lambda_of_a_request_leave_the_shared_model_alone(segmenter, tmp_path):
+    before = asdict(segmenter.params)
+    mine = segmenter.segmentor(2, 5.0)
+    assert (mine.params.num_masks, mine.params.lam) == (2, 5.0) and mine.unet is segmenter.base.unet
+    result = segmenter.run(save(tmp_path, "coffee.png", small(data.coffee(), 64)), 2, 5.0)
+    assert result.num_masks <= 2
+    assert asdict(segmenter.params) == before and asdict(segmenter.base.params) == before
+
+
+def test_a_vocabulary_names_the_masks_in_the_legend_and_the_npz_with_progress_through_every_stage(page, tmp_path):
+    reports = []
+    *_, emerdiff, text, files, rows, _ = page.segment(save(tmp_path, "chelsea.png", small(data.chelsea())), 4, 10.0,
+                                                      "sky, ground", progress=lambda *report: reports.append(report))
+    legend = [label for _, label in emerdiff[1]]
+    assert set(legend) <= set(CLASSES) and legend  # one highlightable entry per class present
+    arrays = np.load(files[1])
+    assert list(arrays["class_names"]) == list(CLASSES)
+    assert np.array_equal(arrays["ov_labels"], arrays["mask_classes"][arrays["labels"]])
+    assert "| mask | class |" in text and all(r["class"] == CLASSES[r["mask"] % 2] for r in rows)
+    assert "sky" in DemoPage.describe(rows, "sky") and DemoPage.describe(rows, "mask 1").startswith("**mask 1**")
+
+    stages = [*STAGES, "naming"]
+    assert [text for _, text in reports[:-1]] == [f"{i + 1}/{len(stages)} {STAGE_TITLES[name]}"
+                                                 for i, name in enumerate(stages)]
+    fractions = [fraction for fraction, _ in reports]
+    assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1
+
+
+def test_a_vocabulary_the_namer_rejects_is_reported(page, tmp_path):
+    with pytest.raises(gr.Error, match="vocabulary: give two classes"):
+        page.segment(save(tmp_path, "coffee.png", small(data.coffee(), 64)), 3, 10.0, "sky")
+
+
+def test_without_a_namer_a_vocabulary_is_refused(tiny_components, tmp_path):
+    page = DemoPage(DemoSegmenter(tiny_segmentor(tiny_components, **SMALL), workdir=tmp_path))
+    with pytest.raises(gr.Error, match="without mask naming"):
+        page.segment(save(tmp_path, "coffee.png", small(data.coffee(), 64)), 3, 10.0, "cat, dog")
+
+
+def test_panel_layers_use_the_label_png_palette_and_white_boundaries():
+    labels = np.array([[0, 0, 1, 1]] * 4)
+    base, layers = annotated_panel(np.zeros((4, 4, 3), np.uint8), labels, [("mask 0", [0]), ("mask 1", [1]),
+                                                                          ("mask 2", [2])])
+    assert [label for _, label in layers] == ["mask 0", "mask 1"]  # an empty mask gets no legend entry
+    assert np.all(base[:, 1] == 255) and np.all(base[:, [0, 2, 3]] == 0)  # the boundary between the two masks
+    assert mask_colours(3)["mask 2"] == "#%02x%02x%02x" % tuple(int(v) for v in render.palette(3)[2])
+
+
+def test_the_tools_clip_namer_takes_names_or_shipped_vocabularies_never_a_file(tmp_path):
+    import torch
+
+    from conftest import TINY, load_tool
+    from emerdiff import load_config
+    from emerdiff.segmentor import SegmentationOutput
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password\nhunter2\n")
+    namer = load_tool("demo").clip_namer(load_config(TINY), "cpu", tmp_path)
+    labels = torch.zeros(32, 32, dtype=torch.long)
+    labels[:, 16:] = 1
+    masks = torch.stack([labels[::4, ::4] == 0, labels[::4, ::4] == 1])
+    output = SegmentationOutput(labels=labels, labels_bilinear=labels, lowres_labels=labels[::4, ::4],
+                                lowres_masks=masks, mask_embeddings=torch.zeros(2, 8), seed=0)
+    photo = np.array(small(data.coffee(), 32).resize((32, 32)))
+
+    named = namer(photo, output, " cat,  dog ")
+    assert list(named.class_names) == ["cat", "dog"] and set(named.mask_classes.tolist()) <= {0, 1}
+    assert len(namer(photo, output, "voc").class_names) > 2  # a shipped vocabulary by its name
+    assert list(namer(photo, output, str(secret)).class_names) == [str(secret)]  # a name, the file is not read
+    with pytest.raises(ValueError, match="duplicate"):
+        namer(photo, output, "cat, cat")
