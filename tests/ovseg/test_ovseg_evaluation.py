@@ -81,7 +81,8 @@ def ov_results(model: dict, clip_pretrained) -> OpenVocabResults:
         dataset="toy", vocab="cat,dog", classes=["cat", "dog"], num_images=3,
         scores={"maskclip": SegmentationScores(0.25, 0.5, iou, "mmseg"),
                 "emerdiff": SegmentationScores(0.5, 0.625, iou, "mmseg")},
-        settings={"model": model, "ovseg": {"clip_model": "ViT-B-16", "clip_pretrained": clip_pretrained}},
+        settings={"model": model, "ovseg": {"encoder": "maskclip", "clip_model": "ViT-B-16",
+                                            "clip_pretrained": clip_pretrained}},
         paper_miou={"emerdiff": 30.1}, paper_reference={"TCL": 33.9}, paper_note=None)
 
 
