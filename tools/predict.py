@@ -14,20 +14,20 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from _common import (add_output_arguments, apply_output_arguments, base_parser,  # first: finds the checkout
                      build_segmentor, build_trainer, load_cli_config, ovseg_settings, parse_args,
                      random_model_notice, reported_errors)
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff import ConfigError
-from emerdiff.config import load_config, result_settings
+from emerdiff.config import ConfigError, load_config, result_settings
 from emerdiff.files import atomic_file
-from emerdiff.predict import (CONFIG, FAILURES, EmerDiffPredictor, ExtrasStep, ImagesProgressBar, OutputOptions,
-                              OutputStore, PredictImages, ResultWriter, SourceImage, find_images)
 from emerdiff.predict.export import FORMATS, export
-from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped, StopOnSignal
+from emerdiff.predict.layout import CONFIG, FAILURES
+
+if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so --help answers at once
+    from emerdiff.predict import ExtrasStep, OutputStore, SourceImage
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -50,6 +50,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
     """Segment every image of `data.input` that is not done yet into `output.dir`, then write the `exports`."""
+    from emerdiff.predict import (EmerDiffPredictor, ImagesProgressBar, OutputOptions, OutputStore, PredictImages,
+                                  ResultWriter, find_images)
+    from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped, StopOnSignal
+
     if not cfg.data.input or not cfg.output.dir:
         raise ConfigError("tell where the images are and where results go: --input PATH --output DIR")
     out = Path(cfg.output.dir)
@@ -96,7 +100,7 @@ def named_files() -> tuple:
     return NAMED_FILES
 
 
-def build_namer(naming: Optional[tuple], out: Path) -> Optional[ExtrasStep]:
+def build_namer(naming: Optional[tuple], out: Path) -> Optional["ExtrasStep"]:
     """With ovseg.vocab, the CLIP labeller that names every mask; text embeddings cached under the output."""
     if naming is None:
         return None
@@ -134,7 +138,7 @@ def _vocab(cfg: DictConfig) -> Optional[str]:
     return (cfg.get("ovseg") or {}).get("vocab")
 
 
-def announce(cfg: DictConfig, images: List[SourceImage], pending: List[SourceImage]) -> None:
+def announce(cfg: DictConfig, images: List["SourceImage"], pending: List["SourceImage"]) -> None:
     """What the run will do, before it starts."""
     notice = random_model_notice(cfg)
     if notice:
@@ -144,7 +148,7 @@ def announce(cfg: DictConfig, images: List[SourceImage], pending: List[SourceIma
           + (" (--overwrite redoes all)" if done else ""))
 
 
-def summary(store: OutputStore, pending: List[SourceImage], skipped: int, seconds: float) -> str:
+def summary(store: "OutputStore", pending: List["SourceImage"], skipped: int, seconds: float) -> str:
     """One line: images segmented, failures, images skipped as done, time, where the results are."""
     manifest, failures = store.manifest(), store.failures()
     segmented = sum(image.name in manifest for image in pending)

@@ -3,15 +3,26 @@
 `inputs` finds and reads the images, `lightning` segments them (`EmerDiffPredictor`) and saves the
 results through `ResultWriter` into an `outputs.OutputStore`; `render` draws label maps; `export`
 rebuilds COCO JSON and per-mask PNGs from a results folder. Plug-ins (ovseg's mask names) add to
-each image's results through `ExtrasStep` / `ImageExtras`; nothing here imports them.
+each image's results through `ExtrasStep` / `ImageExtras`; nothing here imports them. Names are
+imported on first use (PEP 562), so a tool's `--help` does not wait for torch and Lightning.
 """
 
-from .inputs import InputError, PredictImages, PredictSample, SourceImage, SourceImages, find_images
-from .lightning import EmerDiffPredictor, ExtrasStep, ImagesProgressBar, ResultWriter
-from .outputs import CONFIG, FAILURES, MANIFEST, ImageExtras, OutputOptions, OutputStore, PredictedImage
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "CONFIG", "FAILURES", "MANIFEST", "EmerDiffPredictor", "ExtrasStep", "ImageExtras", "ImagesProgressBar",
-    "InputError", "OutputOptions", "OutputStore", "PredictImages", "PredictSample", "PredictedImage",
-    "ResultWriter", "SourceImage", "SourceImages", "find_images",
-]
+_EXPORTS = {
+    "InputError": "inputs", "PredictImages": "inputs", "PredictSample": "inputs", "SourceImage": "inputs",
+    "SourceImages": "inputs", "find_images": "inputs",
+    "EmerDiffPredictor": "lightning", "ExtrasStep": "lightning", "ImagesProgressBar": "lightning",
+    "ResultWriter": "lightning",
+    "CONFIG": "layout", "FAILURES": "layout", "MANIFEST": "layout",
+    "ImageExtras": "outputs", "OutputOptions": "outputs", "OutputStore": "outputs", "PredictedImage": "outputs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'emerdiff.predict' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

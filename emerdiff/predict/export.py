@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..files import atomic_file, read_jsonl
-from .outputs import MANIFEST
+from .layout import MANIFEST
 
 COCO_FILE = "coco.json"
 MASKS_ENDING = "_masks"  # NAME_masks/NN.png

@@ -33,11 +33,8 @@ from PIL import Image
 from ..files import atomic_file, read_jsonl, remove_temporary_files, write_jsonl
 from ..segmentor import SegmentationOutput
 from . import render
+from .layout import CONFIG, FAILURES, MANIFEST, PARTS_DIR
 
-PARTS_DIR = ".parts"
-MANIFEST = "manifest.jsonl"
-FAILURES = "failures.jsonl"
-CONFIG = "config.yaml"  # the resolved configuration of the run that wrote the folder
 
 
 @dataclass

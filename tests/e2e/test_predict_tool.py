@@ -279,3 +279,10 @@ def test_visualize_never_imports_open_clip_or_the_ovseg_pipeline(reference):
     assert run.returncode == 0 and "drew 5 figures" in run.stdout, run.stderr[-2000:]
     assert "emerdiff" in _imported(run) and "open_clip" not in _imported(run)
     assert "ovseg.pipeline" not in run.stderr and "ovseg.outputs" not in run.stderr
+
+
+def test_help_answers_without_loading_torch_or_lightning():
+    run = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" / "predict.py"), "--help"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "--input" in run.stdout
+    assert not {"torch", "pytorch_lightning", "diffusers", "open_clip"} & _imported(run)
