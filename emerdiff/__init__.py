@@ -4,8 +4,7 @@ Names are imported on first use (PEP 562): `import emerdiff.config` stays light,
 tools can parse their arguments and check a config before torch and diffusers load.
 """
 
-from importlib import import_module
-from typing import Any
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "ConfigError": "config", "EmerDiffConfig": "config", "load_config": "config",
@@ -16,8 +15,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'emerdiff' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -4,8 +4,7 @@ Names are imported on first use (PEP 562), so `import ovseg.config` or `ovseg.vo
 open_clip is loaded only by what needs a CLIP model.
 """
 
-from importlib import import_module
-from typing import Any
+from emerdiff.lazy import lazy_exports
 
 _EXPORTS = {
     "TINY_MODEL": "dense_encoder", "DenseEncoder": "dense_encoder", "LoadedClip": "dense_encoder",
@@ -18,8 +17,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ovseg' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

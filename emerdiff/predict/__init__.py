@@ -7,8 +7,7 @@ each image's results through `ExtrasStep` / `ImageExtras`; nothing here imports 
 imported on first use (PEP 562), so a tool's `--help` does not wait for torch and Lightning.
 """
 
-from importlib import import_module
-from typing import Any
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "InputError": "inputs", "PredictImages": "inputs", "PredictSample": "inputs", "SourceImage": "inputs",
@@ -21,8 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'emerdiff.predict' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -128,13 +128,19 @@ def hand_hungarian(segments: np.ndarray, gt: np.ndarray, num_classes: int, ignor
     return confusion
 
 
+def cached_hungarian_confusion(cache: Path, key: str) -> np.ndarray:
+    """The per-image Hungarian confusion summed over the cached predictions of `key`, computed by hand."""
+    confusion = np.zeros((VOC.num_classes, VOC.num_classes + 1))
+    for path in sorted(cache.glob("*.npz")):
+        with np.load(path) as cached:
+            confusion += hand_hungarian(cached[key], cached["gt"], VOC.num_classes, VOC.ignore_index)
+    return confusion
+
+
 def test_hungarian_scores_equal_a_hand_computation_from_the_cached_files(first_run):
     results = read_results(first_run)["results"]
     for method, key in (("emerdiff", "labels"), ("bilinear", "labels_bilinear")):
-        confusion = np.zeros((VOC.num_classes, VOC.num_classes + 1))
-        for path in sorted((first_run / "cache").glob("*.npz")):
-            with np.load(path) as cached:
-                confusion += hand_hungarian(cached[key], cached["gt"], VOC.num_classes, VOC.ignore_index)
+        confusion = cached_hungarian_confusion(first_run / "cache", key)
         tp, gt_pixels = np.diag(confusion), confusion.sum(1)
         present = gt_pixels > 0
         iou = tp[present] / (gt_pixels + confusion[:, :-1].sum(0) - tp)[present]
@@ -160,10 +166,7 @@ def test_results_name_each_protocols_convention_and_a_forced_one_rescores_the_ca
     rescored = read_results(tmp_path)
     assert rescored["protocol_settings"]["miou_convention"] == "mmseg"
     for method, key in (("emerdiff", "labels"), ("bilinear", "labels_bilinear")):
-        confusion = np.zeros((VOC.num_classes, VOC.num_classes + 1))
-        for path in sorted((first_run / "cache").glob("*.npz")):
-            with np.load(path) as cached:
-                confusion += hand_hungarian(cached[key], cached["gt"], VOC.num_classes, VOC.ignore_index)
+        confusion = cached_hungarian_confusion(first_run / "cache", key)
         tp, gt_pixels = np.diag(confusion), confusion.sum(1)
         union = gt_pixels + confusion[:, :-1].sum(0) - tp
         assert rescored["results"][method]["hungarian"]["miou_convention"] == "mmseg"
