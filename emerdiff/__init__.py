@@ -8,8 +8,8 @@ from .lazy import lazy_exports
 
 _EXPORTS = {
     "ConfigError": "config", "EmerDiffConfig": "config", "load_config": "config",
+    "WeightsNotFoundError": "config",
     "ImageLoadError": "image",
-    "WeightsNotFoundError": "models",
     "EmerDiff": "segmentor", "SegmentationOutput": "segmentor",
 }
 

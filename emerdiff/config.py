@@ -27,6 +27,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")  # model.dtype
 KMEANS_DEVICES = ("auto", "cpu", "gpu")  # segmentor.kmeans_device
 PROTOCOLS = ("hungarian", "majority", "dataset", "concept_image", "concept_dataset")  # eval.protocols, table order
 MATCH_CRITERIA = ("iou", "overlap")  # eval.match_criterion
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed with the package
 
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
@@ -57,6 +58,7 @@ class ModelConfig:
     random_init: bool = False  # build `arch` with random weights (benchmarks, no download)
     arch: str = "sd15"  # architecture for random_init: tiny, sd15, sd21_base
     init_seed: int = 0  # seed of the random weights of tiny / random_init models
+    cpu_threads: Optional[int] = setting(None, minimum=1, run_only=True)  # torch CPU threads; None = torch's default
 
 
 @dataclass
@@ -102,10 +104,11 @@ class DataConfig:
     """Which images are read and how (prediction inputs and evaluation datasets)."""
 
     input: Optional[str] = None  # prediction input: image file, folder (recursive), glob, or .txt list of paths
-    dataset: Optional[str] = None  # registered evaluation split, e.g. voc2012_val (emerdiff.data.registry)
+    dataset: Optional[str] = None  # registered evaluation split, e.g. voc2012_val, or folder (emerdiff.data.registry)
     root: Optional[str] = None  # dataset root in its standard layout
     size: Optional[int] = None  # evaluation: resize the shorter side and centre-crop; null = full image
     image_list: Optional[str] = None  # evaluation: text file of image ids restricting a COCO-Stuff split
+    reduce_zero_label: bool = False  # folder dataset: label 0 = ignore, 1..C = the classes (mmsegmentation's option)
     num_workers: int = setting(2, minimum=0)  # DataLoader workers
 
 
@@ -164,6 +167,12 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema."""
+
+
+class WeightsNotFoundError(UserError, FileNotFoundError):
+    """Model weights (Stable Diffusion, CLIP) could not be found or loaded; the message says how to provide them.
+
+    Defined here, with the other user errors, so that ovseg raises it without importing diffusers."""
 
 
 PathLike = Union[str, Path]
@@ -300,11 +309,30 @@ def load_config(*paths: Union[PathLike, Sequence[PathLike]], overrides: Sequence
     return cfg
 
 
+def shipped_configs() -> List[str]:
+    """Short names of the configs installed with the package: tiny, emerdiff_sd15, eval/voc, ov/ade150, ..."""
+    return sorted(p.relative_to(SHIPPED_CONFIGS).with_suffix("").as_posix() for p in SHIPPED_CONFIGS.rglob("*.yaml"))
+
+
+def config_path(name: PathLike) -> Path:
+    """A config file by path, else by a shipped config's short name (`tiny`, `eval/voc`, `configs/tiny.yaml`).
+
+    A file on disk wins; the short names make `--cfg tiny` work from any folder after a plain `pip install`.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    short = path.as_posix().removeprefix("configs/").removesuffix(".yaml")
+    shipped = SHIPPED_CONFIGS / f"{short}.yaml"
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"config file '{name}' does not exist (looked in {path.resolve()}) and is not a shipped "
+                            f"config; shipped: {', '.join(shipped_configs())}")
+
+
 def read_yaml(path: PathLike) -> DictConfig:
-    """One config file; a missing or unparsable file is an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file '{path}' does not exist (looked in {path.resolve()})")
+    """One config file, by path or shipped short name; a missing or unparsable file is an error that names it."""
+    path = config_path(path)
     try:
         return OmegaConf.load(path)
     except Exception as exc:  # yaml's scanner/parser errors carry the line and column

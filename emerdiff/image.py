@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from .config import UserError
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})  # image files
 
 
 class ImageLoadError(UserError, ValueError):

@@ -8,12 +8,14 @@ runs, ``sd15`` / ``sd21_base`` for benchmarks and layout checks.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -22,7 +24,10 @@ from diffusers.models.resnet import ResnetBlock2D
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .config import ModelConfig, UserError
+from .config import ModelConfig, WeightsNotFoundError
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 ARCH_DIR = Path(__file__).parent / "arch"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
@@ -33,10 +38,6 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-
-
-class WeightsNotFoundError(UserError, FileNotFoundError):
-    """Stable Diffusion weights could not be found or loaded; the message says how to provide them."""
 
 
 @dataclass
@@ -314,11 +315,20 @@ DEFAULT_CONFIG_REPOS = {"v1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "v2
 
 
 def _load_pipeline(cfg: ModelConfig, dtype: torch.dtype):
+    with warnings.catch_warnings():
+        # diffusers >= 0.40 renames torch_dtype to dtype with a FutureWarning; earlier releases know only torch_dtype
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return _read_pipeline(cfg, dtype)
+
+
+def _read_pipeline(cfg: ModelConfig, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     source = cfg.pretrained
     local_only = cfg.local_files_only or _offline()
-    no_safety = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    # low_cpu_mem_usage needs accelerate: asking for it without accelerate only earns a warning
+    no_safety = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                     low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     path = Path(source).expanduser()
     if source.endswith(SINGLE_FILE_SUFFIXES) or path.is_file():
         if not path.is_file():
@@ -353,7 +363,9 @@ def _variant_hint(cfg: ModelConfig, exc: BaseException) -> str:
 
 
 def load_sd(cfg: ModelConfig, device: Optional[str] = None) -> SDComponents:
-    """load SD from ``cfg`` (``tiny`` / ``random_init`` build random weights)."""
+    """Load SD from ``cfg`` (``tiny`` / ``random_init`` build random weights); ``cfg.cpu_threads`` sets torch's."""
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     target = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, target)
     if cfg.pretrained == "tiny" or cfg.random_init:
@@ -366,13 +378,23 @@ def load_sd(cfg: ModelConfig, device: Optional[str] = None) -> SDComponents:
         except (OSError, ValueError, RuntimeError, ImportError, KeyError) as exc:
             raise WeightsNotFoundError(_missing_weights_message(cfg.pretrained, cfg, exc) + _variant_hint(cfg, exc)
                                        ) from exc
-        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        components = freeze(SDComponents(
-            pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, name=cfg.pretrained
-        ))
+        components = pipeline_components(pipe, name=cfg.pretrained)
     for module in (components.unet, components.vae, components.text_encoder):
         module.to(target)
     return cast_components(components, dtype)
+
+
+def pipeline_components(pipe: StableDiffusionPipeline, name: str) -> SDComponents:
+    """A diffusers pipeline's own UNet, VAE, text encoder and tokenizer (the same objects, frozen in place) and a
+    DDIM scheduler made from its scheduler's config: EmerDiff inverts and denoises on DDIM's timestep grid."""
+    devices = {part: module.device for part, module in
+               (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder))}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{part}: {device}" for part, device in devices.items())
+        raise ValueError(f"the pipeline's modules are on different devices ({where}): move it to one with "
+                         "pipe.to(device) (CPU offload is not supported)")
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return freeze(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, name=name))
 
 
 def check_compile_options(backend: str, mode: Optional[str]) -> None:

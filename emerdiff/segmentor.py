@@ -13,7 +13,7 @@ import gc
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,10 +26,13 @@ from .features import QueryFeatures, extract_queries
 from .image import ImageInput, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
-from .models import SDComponents, check_compile_options, compile_regions, load_sd
+from .models import SDComponents, check_compile_options, compile_regions, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
 from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
 from .vae import decode_latents, decode_size, encode_image, resize_latents
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 
 @dataclass
@@ -131,6 +134,19 @@ class EmerDiff(nn.Module):
         """Load SD as `cfg.model` says and build the segmentor with `cfg.segmentor`."""
         components = load_sd(_section(cfg.model), device=device)
         return cls(components, _section(cfg.segmentor))
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusionPipeline, settings: Optional[SegmentorConfig] = None) -> "EmerDiff":
+        """A segmentor on a loaded diffusers ``StableDiffusionPipeline``, sharing its modules instead of copying them.
+
+        It runs the pipeline's own UNet, VAE, text encoder and tokenizer, on their device and in their dtype (move
+        the pipeline first with ``pipe.to(device, dtype)``; CPU offload is not supported), frozen in place (eval
+        mode, no gradients), with a ``DDIMScheduler`` made from the pipeline's scheduler config, because the
+        inversion and denoising run on DDIM's grid (the pipeline keeps its own scheduler). ``settings`` (default
+        ``SegmentorConfig()``) are checked like a loaded config's ``segmentor`` section.
+        """
+        components = pipeline_components(pipe, name=pipe.name_or_path or type(pipe).__name__)
+        return cls(components, settings if settings is not None else SegmentorConfig())
 
     @property
     def device(self) -> torch.device:

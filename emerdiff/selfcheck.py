@@ -243,12 +243,14 @@ def memory_estimate(model: EmerDiff, variants: int) -> Optional[int]:
     return weight_bytes(model) + profile.record + max(stages)
 
 
-def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: int = SMALL_K,
+def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: Optional[int] = None,
                   log: Callable[[str], None] = lambda message: None, timed: bool = True) -> SelfCheckReport:
     """Run every check on `model` (its device, dtype and settings) with one image; see the module docstring.
 
+    ``small_k`` is the K of the fast-vs-reference, lambda = 0 and injection checks (None: SMALL_K).
     ``timed=False`` leaves out the timed whole-image run (and so the memory check, which measures it).
     """
+    small_k = small_k or SMALL_K
     p = model.params
     device, dtype = model.device, model.unet.dtype
     tol = tolerance(dtype, device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ from emerdiff.segmentor import SegmentationOutput
 
 from .config import OVSegConfig
 from .labeller import MaskLabels
-from .pipeline import OpenVocabLabeller, build_labeller, text_cache_folder
 from .vocab import Vocabulary
+
+if TYPE_CHECKING:  # the pipeline loads open_clip: only a run that names masks needs it, not a redraw
+    from .pipeline import OpenVocabLabeller
 
 LABELS_FILE = "_ov.png"
 OVERLAY_FILE = "_ov_overlay.jpg"
@@ -46,6 +48,18 @@ class NamedMasks:
         """The npz entries: ov_labels, mask_classes, mask_scores, class_names."""
         return {"ov_labels": self.masks.label_map.numpy(), "mask_classes": self.masks.class_ids.numpy(),
                 "mask_scores": self.masks.scores.float().numpy(), "class_names": np.asarray(list(self.class_names))}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "NamedMasks":
+        """The names saved in an image's NAME.npz, to draw its pictures again (mask embeddings are not saved)."""
+        class_ids = torch.from_numpy(arrays["mask_classes"])
+        masks = MaskLabels(class_ids, torch.from_numpy(arrays["mask_scores"]), torch.from_numpy(arrays["ov_labels"]),
+                           mask_embeddings=torch.zeros(len(class_ids), 0))
+        return cls([str(name) for name in arrays["class_names"]], masks)
+
+    def figure_classes(self) -> render.NamedLabels:
+        """Every pixel's vocabulary id and the class names: the figure's class panel and legend."""
+        return render.NamedLabels(self.masks.label_map.numpy(), self.class_names)
 
     def record(self) -> Dict[str, Any]:
         """The manifest field "masks": each mask's class name (None: no pixel) and score."""
@@ -82,4 +96,6 @@ class MaskNamer(nn.Module):
 
 def mask_namer(settings: OVSegConfig, vocab: Vocabulary, results_dir: str | os.PathLike) -> MaskNamer:
     """The CLIP labeller that names every mask (loads CLIP); text embeddings cached as `settings` say."""
+    from .pipeline import build_labeller, text_cache_folder
+
     return MaskNamer(build_labeller(settings, vocab, text_cache_folder(settings, Path(results_dir))), vocab.names)

@@ -129,17 +129,32 @@ def text_cache_folder(settings: OVSegConfig, results_dir: str | os.PathLike) -> 
     return Path(settings.text_cache_dir) if settings.text_cache_dir else Path(results_dir) / "text_embeddings"
 
 
+class VocabularyLabellers:
+    """CLIP loaded once as `settings` say, and a labeller on it for any vocabulary (text embeddings cached on disk)."""
+
+    def __init__(self, settings: OVSegConfig, cache_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+        self.settings, self.cache_dir, self.device = settings, cache_dir, device
+        self.templates = template_set(settings.templates)
+        build_encoder = encoder_builder(settings.encoder)
+        with torch.random.fork_rng(devices=[]):  # random weights (tests) are the same on every rank and run
+            torch.manual_seed(settings.clip_init_seed)
+            self.clip = load_clip(settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir)
+        self.encoder = build_encoder(self.clip, settings)
+
+    def labeller(self, vocab: Vocabulary) -> OpenVocabLabeller:
+        """The labeller of `vocab`: its class texts embedded once (or read from the cache), the shared image encoder."""
+        settings, clip = self.settings, self.clip
+        check_threshold(vocab.background, settings.background_threshold)
+        text = cached_text_embeddings(clip.model, clip.tokenizer, vocab.synonyms, self.templates,
+                                      cache_dir=self.cache_dir, model_name=clip.model_name, pretrained=clip.pretrained,
+                                      init_seed=settings.clip_init_seed)
+        labeller = OpenVocabLabeller(self.encoder, text, vocab.background, settings.background_threshold)
+        return labeller.to(self.device).eval()
+
+
 def build_labeller(settings: OVSegConfig, vocab: Vocabulary, cache_dir: str | os.PathLike,
                    device: str | torch.device = "cpu") -> OpenVocabLabeller:
     """Load CLIP as `settings` say, embed the vocabulary once (cached on disk), keep only the dense image encoder."""
     check_threshold(vocab.background, settings.background_threshold)  # before the slow part
-    templates = template_set(settings.templates)
-    build_encoder = encoder_builder(settings.encoder)
-    with torch.random.fork_rng(devices=[]):  # random weights (tests) are the same on every rank and run
-        torch.manual_seed(settings.clip_init_seed)
-        clip = load_clip(settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir)
-    text = cached_text_embeddings(clip.model, clip.tokenizer, vocab.synonyms, templates, cache_dir=cache_dir,
-                                  model_name=clip.model_name, pretrained=clip.pretrained)
-    labeller = OpenVocabLabeller(build_encoder(clip, settings), text, vocab.background, settings.background_threshold)
-    return labeller.to(device).eval()
+    return VocabularyLabellers(settings, cache_dir, device).labeller(vocab)
 

@@ -64,17 +64,19 @@ def cached_text_embeddings(
     cache_dir: str | os.PathLike,
     model_name: str,
     pretrained: str | None,
+    init_seed: int | None = None,
 ) -> Tensor:
     """``text_embeddings`` through a file cache keyed by model, weights, vocabulary and templates.
 
     The key holds the model name and pretrained tag, SHA-256 hashes of the synonym groups
     (content and order) and of the templates, and a fingerprint of the text tower (the hash
     of one probe prompt's embedding), so random or retrained weights never share entries.
-    A file whose stored key differs from the expected one is recomputed and overwritten.
+    A file whose stored key differs from the expected one is recomputed and overwritten. The file
+    is named after the model and its weights (`weights_label`; ``init_seed`` names random ones).
     """
     key = text_cache_key(model, tokenizer, classes, templates, model_name, pretrained)
     digest = _sha256(json.dumps(key, sort_keys=True))
-    path = Path(cache_dir) / f"{_slug(model_name)}__{_slug(str(pretrained))}__{digest[:16]}.pt"
+    path = Path(cache_dir) / f"{_slug(model_name)}__{_slug(weights_label(pretrained, init_seed))}__{digest[:16]}.pt"
     device = next(model.parameters()).device
     if path.is_file():
         stored = torch.load(path, map_location=device, weights_only=True)
@@ -102,6 +104,13 @@ def text_cache_key(
         "templates_sha256": _sha256(json.dumps(list(templates))),
         "text_tower_sha256": _text_tower_fingerprint(model, tokenizer),
     }
+
+
+def weights_label(pretrained: str | None, init_seed: int | None = None) -> str:
+    """What cache file names call CLIP's weights: the tag or file, else ``random-seed<N>`` (or ``random``)."""
+    if pretrained is not None:
+        return pretrained
+    return "random" if init_seed is None else f"random-seed{init_seed}"
 
 
 def synonym_groups(classes: ClassNames) -> list[tuple[str, ...]]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from pathlib import Path
 from types import ModuleType
 
@@ -54,14 +53,8 @@ def assert_same_segmentation(a, b, rtol: float = 1e-4) -> None:
 
 
 def load_tool(name: str) -> ModuleType:
-    """tools/NAME.py imported as a module, as `python tools/NAME.py` would run it (tools/ on the path)."""
-    if str(REPO / "tools") not in sys.path:
-        sys.path.insert(0, str(REPO / "tools"))
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The command behind tools/NAME.py (and its console script): the module emerdiff/cli/NAME.py."""
+    return importlib.import_module(f"emerdiff.cli.{name}")
 
 
 def voc_folder(root: Path, count: int = 3) -> Path:

@@ -12,7 +12,7 @@ PACKAGES = ("emerdiff", "ovseg")
 
 
 def modules() -> Dict[str, Path]:
-    """Dotted name -> file of every module of the packages and every tool."""
+    """Dotted name -> file of every module of the packages and every tool (tools/NAME.py as tools.NAME)."""
     found = {}
     for package in PACKAGES:
         for path in sorted((REPO / package).rglob("*.py")):
@@ -34,11 +34,12 @@ def imported(name: str, path: Path, known: Set[str]) -> Set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             elif name.startswith("tools.") and base in {p.stem for p in (REPO / "tools").glob("*.py")}:
-                base = f"tools.{base}"  # tools import each other by bare name (tools/ is on the path)
+                base = f"tools.{base}"  # tools/ is on the path of `python tools/NAME.py`: bare names are tools
             submodules = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known]
             candidates = submodules or [base]  # `from pkg import module` is an arrow to the module alone
         elif isinstance(node, ast.Import):
-            candidates = [alias.name for alias in node.names]
+            candidates = [f"tools.{alias.name}" if name.startswith("tools.") and f"tools.{alias.name}" in known
+                          else alias.name for alias in node.names]
         else:
             continue
         out |= {c for c in candidates if c in known}
@@ -86,17 +87,37 @@ def test_no_module_imports_itself_back_through_others():
     assert cycle(graph()) == []
 
 
-def test_the_core_never_imports_ovseg_or_the_tools():
-    for name, deps in graph().items():
-        if name.startswith("emerdiff"):
-            assert not [d for d in deps if d.startswith(("ovseg", "tools"))], name
+def is_core(name: str) -> bool:
+    """The segmentor and everything it is made of: emerdiff less its command-line layer, emerdiff.cli."""
+    return name.startswith("emerdiff") and not name.startswith("emerdiff.cli")
 
 
-def test_no_tool_imports_another_tool():
-    """tools/_common.py is shared command-line plumbing (no entry point of its own); tools never import tools."""
+def test_the_core_never_imports_ovseg_the_commands_or_the_tools():
     for name, deps in graph().items():
-        if name.startswith("tools.") and name != "tools._common":
-            assert [d for d in deps if d.startswith("tools.")] in ([], ["tools._common"]), name
+        if is_core(name):
+            assert not [d for d in deps if d.startswith(("ovseg", "emerdiff.cli", "tools"))], name
+
+
+def test_ovseg_never_imports_the_commands():
+    for name, deps in graph().items():
+        if name.startswith("ovseg"):
+            assert not [d for d in deps if d.startswith(("emerdiff.cli", "tools"))], name
+
+
+def test_no_command_imports_another_command():
+    """emerdiff/cli/common.py is shared command-line plumbing (no entry point of its own); commands never import
+    commands."""
+    for name, deps in graph().items():
+        if name.startswith("emerdiff.cli.") and name != "emerdiff.cli.common":
+            assert [d for d in deps if d.startswith("emerdiff.cli")] in ([], ["emerdiff.cli.common"]), name
+
+
+def test_every_tool_is_a_shim_over_its_command():
+    """tools/NAME.py imports the checkout helper and emerdiff.cli.NAME, nothing else: the code lives in the package."""
+    for name, deps in graph().items():
+        if name.startswith("tools.") and name != "tools._checkout":
+            command = f"emerdiff.cli.{name.removeprefix('tools.')}"
+            assert deps == {"tools._checkout", command}, name
 
 
 def private_methods() -> Set[str]:

@@ -112,3 +112,12 @@ def test_a_folder_without_model_index_names_the_checkpoint_inside_it(tmp_path):
 def test_tiny_config_loads_the_miniature_model_offline():
     components = load_sd(load_config("configs/tiny.yaml").model)
     assert components.name == "random:tiny" and components.unet.device.type == "cpu"
+
+
+def test_cpu_threads_sets_torchs_thread_count_when_the_model_loads():
+    before = torch.get_num_threads()
+    try:
+        load_sd(ModelConfig(pretrained="tiny", cpu_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -108,7 +108,7 @@ def test_the_tool_exits_non_zero_naming_the_failed_check_and_what_to_report(tmp_
             Check.measured("lambda_zero", "lambda = 0 gives zero maps", 0.0, 1e-5)])
 
     tool = load_tool("selfcheck")
-    monkeypatch.setattr(tool, "run_selfcheck", one_failed_check)
+    monkeypatch.setattr("emerdiff.selfcheck.run_selfcheck", one_failed_check)  # the tool imports it after parsing
     status = tool.main(["--cfg", str(TINY), "--output", str(tmp_path)])
     printed = capsys.readouterr().out
     assert status == 1

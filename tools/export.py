@@ -1,35 +1,7 @@
-"""Export a finished results folder of tools/predict.py for labelling tools: COCO JSON with RLE masks, mask PNGs.
+"""`python tools/export.py ...` is the `emerdiff-export` command; its code and options: emerdiff/cli/export.py."""
 
-    python tools/export.py results/ --format coco [--format masks]
-
-coco: results/coco.json (images, one annotation per mask, categories from the vocabulary of a run that
-named its masks, else "mask N"); masks: results/NAME_masks/NN.png, one binary PNG per mask.
-Formats: docs/usage.md#exports.
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-from typing import List, Optional
-
-from _common import reported_errors  # first: finds the checkout
-
-from emerdiff.predict.export import FORMATS, export
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Parse the command line and write the exports; a folder that is not a results folder exits with status 2."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="results folder of tools/predict.py")
-    parser.add_argument("--format", action="append", choices=FORMATS, required=True, dest="formats",
-                        help="what to write; give it several times for several formats")
-    args = parser.parse_args(argv)
-    with reported_errors():
-        written = export(args.folder, args.formats)
-    print(f"wrote {', '.join(args.formats)} export of {args.folder}/ ({len(written)} files or folders)")
-    return 0
-
+import _checkout  # noqa: F401  (a checkout runs without installing)
+from emerdiff.cli.export import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,43 +1,7 @@
-"""Check a first run on your GPU and weights: invariants that hold for any weights, in your dtype, with timings.
+"""`python tools/selfcheck.py ...` is the `emerdiff-selfcheck` command; its code and options: emerdiff/cli/selfcheck.py."""
 
-    python tools/selfcheck.py --cfg configs/emerdiff_sd15.yaml [--image PHOTO] --output DIR [key=value ...]
-
-Writes DIR/selfcheck.json and DIR/selfcheck.md (environment, every check with its figure, threshold and
-pass / fail / skipped, seconds per stage, images/s). Exits 0 when no check fails, 1 when one does (the
-message says which and what to put in a bug report), 2 on a user error (config, weights, image).
-The checks: emerdiff/selfcheck.py; thresholds: docs/benchmarks.md ("Self-check").
-"""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-from typing import List, Optional
-
-from _common import base_parser, load_cli_config, parse_args, reported_errors  # first: finds the checkout
-
-from emerdiff import ConfigError, EmerDiff
-from emerdiff.selfcheck import SMALL_K, run_selfcheck, summary, write_report
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--image", help="photo to check with (default: scikit-image's astronaut)")
-    parser.add_argument("--output", help="folder for selfcheck.json and selfcheck.md")
-    parser.add_argument("--small-k", type=int, default=SMALL_K,
-                        help=f"masks of the fast-vs-reference and injection checks (default {SMALL_K})")
-    args = parse_args(parser, argv)
-    with reported_errors():
-        if not args.output:
-            raise ConfigError("tell where the report goes: --output DIR")
-        cfg = load_cli_config(args)
-        model = EmerDiff.from_config(cfg)
-        report = run_selfcheck(model, args.image, args.small_k, log=lambda m: print(f"selfcheck: {m}", flush=True))
-    output = Path(args.output)
-    write_report(report, output)
-    print(summary(report, output))
-    return 0 if report.passed else 1
-
+import _checkout  # noqa: F401  (a checkout runs without installing)
+from emerdiff.cli.selfcheck import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -13,21 +13,26 @@ default collate turns them into tensors (use batch size 1 or a custom collate wh
 Class names, ignore index and palette are class-level metadata (``Dataset.metadata()``),
 read on first use from the JSON files in ``emerdiff/data/metadata/``, which also hold the
 map from raw annotation values to class ids. The ignore index is 255 everywhere except
-PASCAL-Context-459, where 255 is a real class and the ignore index is 65535.
+PASCAL-Context-459, where 255 is a real class and the ignore index is 65535. A user's own
+labelled folder (`LabelledFolder`) brings its metadata along: its ``classes.txt`` and its labels' palette.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from emerdiff.config import UserError
+from emerdiff.image import IMAGE_SUFFIXES
 
 Interpolation = Literal["bilinear", "bicubic"]
 
@@ -40,6 +45,10 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class EmptySplitError(DatasetNotFoundError):
     """A dataset split was found on disk but lists no images."""
+
+
+class LabelError(UserError, ValueError):
+    """A label file that does not decode to class ids (colour image, unknown value); the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -68,25 +77,35 @@ def voc_colormap(num_colors: int) -> np.ndarray:
     return colormap
 
 
+def _colours(rows: Iterable[Iterable[int]]) -> tuple[tuple[int, int, int], ...]:
+    """RGB rows (lists, arrays) as the tuples of `DatasetMetadata.palette`."""
+    return tuple((int(r), int(g), int(b)) for r, g, b in rows)
+
+
+def _lookup_table(label_map: Mapping[int, int], ignore_index: int) -> np.ndarray:
+    """Raw annotation value -> class id, the ignore index for unlisted values (read-only)."""
+    # Raw annotations are 8- or 16-bit, so a 65536-entry table covers every raw value.
+    lookup = np.full(1 << 16, ignore_index, dtype=np.int64)
+    for raw, class_id in label_map.items():
+        lookup[raw] = class_id
+    lookup.setflags(write=False)
+    return lookup
+
+
 @functools.cache
 def _load_label_set(label_set: str) -> tuple[DatasetMetadata, np.ndarray]:
     """Read one metadata JSON file: its metadata and a raw-value -> class-id lookup table."""
     text = resources.files("emerdiff.data").joinpath("metadata", f"{label_set}.json").read_text()
     spec = json.loads(text)
     classes = tuple(spec["classes"])
-    palette = spec.get("palette") or voc_colormap(len(classes)).tolist()
     metadata = DatasetMetadata(
         name=spec["name"],
         classes=classes,
         ignore_index=int(spec["ignore_index"]),
-        palette=tuple(tuple(int(v) for v in color) for color in palette),
+        palette=_colours(spec.get("palette") or voc_colormap(len(classes))),
     )
-    # Raw annotations are 8- or 16-bit, so a 65536-entry table covers every raw value.
-    lookup = np.full(1 << 16, metadata.ignore_index, dtype=np.int64)
-    for raw, class_id in spec["label_map"].items():
-        lookup[int(raw)] = class_id
-    lookup.setflags(write=False)
-    return metadata, lookup
+    label_map = {int(raw): class_id for raw, class_id in spec["label_map"].items()}
+    return metadata, _lookup_table(label_map, metadata.ignore_index)
 
 
 def load_metadata(label_set: str) -> DatasetMetadata:
@@ -179,20 +198,24 @@ class SegmentationDataset(Dataset):
     def _decode_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
         """Map raw annotation values to class ids; unlisted values become the ignore index."""
         if raw.ndim != 2 or raw.dtype not in (np.uint8, np.uint16):
-            raise ValueError(
-                f"{path}: expected a single-channel 8- or 16-bit label image, "
-                f"got shape {raw.shape} and dtype {raw.dtype}"
+            raise LabelError(
+                f"{path}: expected a single-channel 8- or 16-bit label image, got shape {raw.shape} and dtype "
+                f"{raw.dtype}; save class ids as a greyscale or palette PNG, not as colours"
             )
-        return _load_label_set(self.LABEL_SET)[1][raw]
+        return self._label_lookup()[raw]
+
+    def _label_lookup(self) -> np.ndarray:
+        """The raw value -> class id table of this dataset's labels."""
+        return _load_label_set(self.LABEL_SET)[1]
 
     def _find_samples(self) -> list[Sample]:
         """List the split's samples, checking the layout on the way."""
         raise NotImplementedError
 
     def _layout_message(self, problem: str) -> str:
-        name = type(self).__name__
+        split = f", split={self.split!r}" if self.split else ""
         return (
-            f"{name} (root={str(self.root)!r}, split={self.split!r}): {problem}.\n"
+            f"{type(self).__name__} (root={str(self.root)!r}{split}): {problem}.\n"
             f"Expected layout under the root:\n{self.LAYOUT.format(split=self.split)}"
         )
 
@@ -206,13 +229,16 @@ class SegmentationDataset(Dataset):
         self, ids: list[str], image_dir: Path, image_suffix: str, label_dir: Path, label_suffix: str
     ) -> list[Sample]:
         """Pair each id with its image and label file; every one of them must exist."""
-        samples = [
-            Sample(i, image_dir / f"{i}{image_suffix}", label_dir / f"{i}{label_suffix}") for i in ids
-        ]
+        return self._checked(
+            [Sample(i, image_dir / f"{i}{image_suffix}", label_dir / f"{i}{label_suffix}") for i in ids]
+        )
+
+    def _checked(self, samples: list[Sample]) -> list[Sample]:
+        """`samples`, or a DatasetNotFoundError naming a missing image or label file."""
         missing = [p for s in samples for p in (s.image_path, s.label_path) if not p.is_file()]
         if missing:
             raise DatasetNotFoundError(
-                self._layout_message(f"{len(missing)} listed files are missing, e.g. {str(missing[0])!r}")
+                self._layout_message(f"{len(missing)} files of the split are missing, e.g. {str(missing[0])!r}")
             )
         return samples
 
@@ -385,3 +411,106 @@ class VOC2012(SegmentationDataset):
         return self._samples_from_ids(
             ids, self.root / "JPEGImages", ".jpg", self.root / "SegmentationClass", ".png"
         )
+
+
+class LabelledFolder(SegmentationDataset):
+    """A user's own labelled images, in mmsegmentation's CustomDataset layout (``data.dataset: folder``).
+
+    Its metadata is the folder's: class names from ``classes.txt`` (line 1 names class 0), ignore index
+    255, colours from the labels' palette when they are palette PNGs (else PASCAL VOC's colour map).
+
+    Args:
+        reduce_zero_label: label 0 means "ignore" and 1..C are the classes (mmsegmentation's option of the
+            same name): every label value shifts down by one.
+    """
+
+    IGNORE_INDEX: ClassVar[int] = 255
+    CLASSES_FILE: ClassVar[str] = "classes.txt"
+    DEFAULT_SPLIT = ""  # the whole folder is the split
+    LAYOUT = (
+        "  images/<id>.jpg   (any of " + " ".join(sorted(IMAGE_SUFFIXES)) + "; not in sub-folders)\n"
+        "  labels/<id>.png   (8-bit grey or palette PNG of class ids: 0..C-1, 255 = ignore;\n"
+        "                     with data.reduce_zero_label=true: 0 = ignore, 1..C = the classes)\n"
+        "  classes.txt       (C lines, one class name per line, in class-id order)"
+    )
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        size: int | None = None,
+        interpolation: Interpolation = "bicubic",
+        reduce_zero_label: bool = False,
+    ) -> None:
+        self.reduce_zero_label = reduce_zero_label
+        super().__init__(root, split, size, interpolation)
+        self.folder_metadata = self._read_metadata()
+        offset = int(reduce_zero_label)
+        self._lookup = _lookup_table(
+            {offset + c: c for c in range(self.folder_metadata.num_classes)}, self.IGNORE_INDEX
+        )
+
+    @classmethod
+    def metadata(cls, root: str | Path | None = None, reduce_zero_label: bool = False) -> DatasetMetadata:
+        """The metadata of the folder at `root` (which it needs: the class names are the folder's)."""
+        if root is None:
+            raise ValueError(f"a labelled folder's class names come from ROOT/{cls.CLASSES_FILE}: set data.root")
+        return cls(root, reduce_zero_label=reduce_zero_label).folder_metadata
+
+    def _find_samples(self) -> list[Sample]:
+        image_dir, label_dir = self._require(self.root / "images"), self._require(self.root / "labels")
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        repeated = [stem for stem, count in Counter(p.stem for p in images).items() if count > 1]
+        if repeated:
+            raise DatasetNotFoundError(
+                self._layout_message(f"several images are named {repeated[0]!r}: keep one image per <id>")
+            )
+        return self._checked([Sample(p.stem, p, label_dir / f"{p.stem}.png") for p in images])
+
+    def _read_metadata(self) -> DatasetMetadata:
+        """Class names from classes.txt (one per line, none empty), the ignore index and the class colours."""
+        path = self._require(self.root / self.CLASSES_FILE)
+        names = tuple(line.strip() for line in path.read_text(encoding="utf-8-sig").rstrip().splitlines())
+        if not names:
+            raise DatasetNotFoundError(self._layout_message(f"{str(path)!r} names no class"))
+        if "" in names:
+            empty = f"line {names.index('') + 1} of {str(path)!r} is empty: name a class on every line"
+            raise DatasetNotFoundError(self._layout_message(empty))
+        most = self.IGNORE_INDEX - int(self.reduce_zero_label)
+        if len(names) > most:
+            raise DatasetNotFoundError(self._layout_message(
+                f"{str(path)!r} names {len(names)} classes, more than the {most} that label values below 255 "
+                "(the ignore label) can hold"
+            ))
+        return DatasetMetadata(
+            name=self.root.resolve().name, classes=names, ignore_index=self.IGNORE_INDEX,
+            palette=self._class_colours(len(names)),
+        )
+
+    def _class_colours(self, num_classes: int) -> tuple[tuple[int, int, int], ...]:
+        """The first label's palette entries of the classes when it is a palette PNG, else VOC's colour map."""
+        first = int(self.reduce_zero_label)
+        with Image.open(self.samples[0].label_path) as label:
+            palette = label.getpalette() if label.mode == "P" else None
+        if palette is None or len(palette) < 3 * (first + num_classes):
+            return _colours(voc_colormap(num_classes))
+        return _colours(np.reshape(palette, (-1, 3))[first: first + num_classes])
+
+    def _label_lookup(self) -> np.ndarray:
+        return self._lookup
+
+    def _decode_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Class ids of a label file; a value that is neither a class nor ignored is a LabelError naming both."""
+        labels = super()._decode_label(raw, path)
+        ignored = {self.IGNORE_INDEX, 0} if self.reduce_zero_label else {self.IGNORE_INDEX}
+        unknown = [int(v) for v in np.unique(raw[labels == self.IGNORE_INDEX]) if int(v) not in ignored]
+        if unknown:
+            count, classes_file = self.folder_metadata.num_classes, self.root / self.CLASSES_FILE
+            values = f"1..{count} (the classes), 0" if self.reduce_zero_label else f"0..{count - 1}"
+            hint = ("; labels that number the classes from 1 with 0 = unlabelled need data.reduce_zero_label=true"
+                    if not self.reduce_zero_label and unknown[-1] == count else "")
+            raise LabelError(
+                f"{path}: label value {unknown[-1]} is not a class: {classes_file} names {count} classes, so labels "
+                f"hold {values} or 255 (ignored). Fix the label or name the missing classes in {classes_file}{hint}"
+            )
+        return labels

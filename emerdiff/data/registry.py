@@ -1,11 +1,13 @@
 """Named evaluation splits: an explicit, read-only table from split name to dataset class.
 
 Nothing is registered at import time; callers look names up with ``build_dataset`` or
-``dataset_metadata``. To add a split, add an entry to ``DATASETS``.
+``dataset_metadata``. To add a split, add an entry to ``DATASETS``. ``folder`` is a user's own
+labelled folder (`LabelledFolder`): its metadata comes from its root, not from the package.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -20,6 +22,7 @@ from emerdiff.data.datasets import (
     CocoStuff27,
     CocoStuff171,
     DatasetMetadata,
+    LabelledFolder,
     PascalContext59,
     PascalContext459,
     SegmentationDataset,
@@ -33,10 +36,9 @@ class DatasetSpec:
     dataset_cls: type[SegmentationDataset]
     split: str
 
-    @property
-    def metadata(self) -> DatasetMetadata:
-        """Class names, ignore index and palette of the split."""
-        return self.dataset_cls.metadata()
+    def takes(self, option: str) -> bool:
+        """Whether the dataset class takes keyword `option` (image_list, reduce_zero_label, ...)."""
+        return option in inspect.signature(self.dataset_cls).parameters
 
 
 DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
@@ -50,6 +52,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
         "cityscapes19_val": DatasetSpec(Cityscapes19, "val"),
         "cityscapes27_val": DatasetSpec(Cityscapes27, "val"),
         "voc2012_val": DatasetSpec(VOC2012, "val"),
+        "folder": DatasetSpec(LabelledFolder, ""),
     }
 )
 
@@ -62,12 +65,26 @@ def dataset_spec(name: str) -> DatasetSpec:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from None
 
 
-def dataset_metadata(name: str) -> DatasetMetadata:
-    """Class names, ignore index and palette of a named split, without touching the disk."""
-    return dataset_spec(name).metadata
+def dataset_metadata(name: str, root: str | Path | None = None, reduce_zero_label: bool = False) -> DatasetMetadata:
+    """Class names, ignore index and palette of a named split.
+
+    A registered split ships them (no disk access; `root` and `reduce_zero_label` are ignored); ``folder``
+    reads them from the labelled folder at `root`.
+    """
+    dataset_cls = dataset_spec(name).dataset_cls
+    if issubclass(dataset_cls, LabelledFolder):
+        return dataset_cls.metadata(root, reduce_zero_label)
+    return dataset_cls.metadata()
 
 
 def build_dataset(name: str, root: str | Path, **options: Any) -> SegmentationDataset:
-    """Construct a named split from `root`; options go to the dataset (size, interpolation, ...)."""
+    """Construct a named split from `root`; options go to the dataset (size, interpolation, image_list, ...).
+
+    An option the split does not take is a ValueError naming the splits that take it.
+    """
     spec = dataset_spec(name)
+    for option in options:
+        if not spec.takes(option):
+            takers = ", ".join(n for n, s in DATASETS.items() if s.takes(option)) or "no split"
+            raise ValueError(f"{option} is not supported by {name}; it is an option of {takers}")
     return spec.dataset_cls(root, split=spec.split, **options)

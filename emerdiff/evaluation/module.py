@@ -14,7 +14,6 @@ twice; `run_and_report` runs a tool's ``Trainer.test`` and prints the table.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import json
 import sys
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 
 from ..config import PROTOCOLS, ConfigError, EvalConfig, UserError
-from ..data import DatasetMetadata, build_dataset, dataset_spec
+from ..data import DatasetMetadata, build_dataset
 from ..image import ImageLoadError
 from ..stopping import RepeatedFailures, RunStopped
 from .cache import CachedPrediction, PredictionCache, StaleCacheError
@@ -248,21 +247,19 @@ class EvaluationData(pl.LightningDataModule):
     """One image per step from a registered split; rank r of w gets images r, r + w, ... (none twice, no padding).
 
     `size` resizes the shorter side; `crop` (``eval.crop``) then keeps the central size x size square
-    (``center``) or the whole image (``none``). Lightning's UnrepeatedDistributedSampler shards the
-    split, so Lightning injects no sampler of its own.
+    (``center``) or the whole image (``none``). `image_list` (COCO-Stuff) and `reduce_zero_label`
+    (``folder``) go to the datasets that take them; given to another split, they are a ValueError.
+    Lightning's UnrepeatedDistributedSampler shards the split, so Lightning injects no sampler of its own.
     """
 
     def __init__(self, dataset: str, root: str, size: Optional[int] = None, image_list: Optional[str] = None,
-                 num_workers: int = 2, crop: str = "center") -> None:
+                 num_workers: int = 2, crop: str = "center", reduce_zero_label: bool = False) -> None:
         super().__init__()
         if crop not in CROPS:
             raise ValueError(f"eval.crop must be one of {', '.join(CROPS)}, got {crop!r}")
         self.shorter_side = size if crop == "none" else None
-        options: Dict[str, Any] = {"size": None if crop == "none" else size}
-        if image_list is not None:
-            if "image_list" not in inspect.signature(dataset_spec(dataset).dataset_cls).parameters:
-                raise ValueError(f"data.image_list is not supported by {dataset}; only COCO-Stuff splits take one")
-            options["image_list"] = image_list
+        given = {"image_list": image_list, "reduce_zero_label": reduce_zero_label}
+        options = {"size": None if crop == "none" else size, **{k: v for k, v in given.items() if v}}
         self.split = build_dataset(dataset, root, **options)
         self.num_workers = num_workers
 

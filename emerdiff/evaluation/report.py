@@ -3,20 +3,22 @@
 `ResultsTable` is what every evaluation's results share (the split, its classes, the image
 count, the table layout); `EvaluationResults` is the unsupervised evaluation's (tools/eval.py),
 ``ovseg.evaluation.OpenVocabResults`` the open-vocabulary one's. After ``Trainer.test``, the
-`ResultsWriter` callback writes the module's ``results`` as results.json and results.md.
+`ResultsWriter` callback writes the module's ``results`` as results.json and results.md. A rescore
+of some protocols keeps the other protocols' numbers of the folder's results.json when they were
+computed with the same settings (`ResultsTable.merged_with`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 
-from ..config import PROTOCOLS, is_random_model
+from ..config import PROTOCOLS, fingerprint, is_random_model, settings_diff
 from ..files import atomic_file
 from .metrics import SegmentationScores
 
@@ -60,6 +62,11 @@ class ResultsTable:
         """The results page (results.md)."""
         raise NotImplementedError
 
+    def merged_with(self, previous: Mapping[str, Any]) -> Tuple["ResultsTable", Optional[str]]:
+        """These results with what `previous` (the folder's results.json) holds that still stands, and a line
+        saying what was dropped (None: nothing). By default nothing stands: a rerun replaces every number."""
+        return self, None
+
     def page(self, title: str, rows: Sequence[Sequence[str]], notes: Sequence[str]) -> str:
         """``# title``, the counts, the table (header row, alignment row, rows) and the notes as a list."""
         lines = [f"# {title}", "",
@@ -84,24 +91,32 @@ class EvaluationResults(ResultsTable):
     prediction_settings: Dict[str, Any]
     paper_miou: Dict[str, Dict[str, float]] = field(default_factory=dict)
     paper_note: Optional[str] = None
+    kept: Dict[str, Dict[str, dict]] = field(default_factory=dict)  # method -> protocol -> entry of an earlier run
+
+    def results_in_percent(self) -> Dict[str, Dict[str, dict]]:
+        """method -> protocol -> miou, pixel_acc, convention and per-class iou in percent (None = absent): this run's
+        scores and the `kept` entries of an earlier run, in protocol order."""
+        results = {}
+        for method, by_protocol in self.scores.items():
+            entries = {**self.kept.get(method, {}), **{p: s.in_percent(self.classes) for p, s in by_protocol.items()}}
+            results[method] = {p: entries[p] for p in PROTOCOLS if p in entries}
+        return results
 
     def to_dict(self) -> dict:
         """JSON-ready: results[method][protocol] holds miou, pixel_acc and per-class iou, in percent (null = absent)."""
-        results = {
-            method: {protocol: s.in_percent(self.classes) for protocol, s in by_protocol.items()}
-            for method, by_protocol in self.scores.items()
-        }
         return {
             "dataset": self.dataset, "num_images": self.num_images, "num_classes": len(self.classes),
-            "results": results, "paper": {"source": PAPER, "miou": self.paper_miou, "note": self.paper_note},
+            "results": self.results_in_percent(),
+            "paper": {"source": PAPER, "miou": self.paper_miou, "note": self.paper_note},
             "protocol_settings": self.protocol_settings, "prediction_settings": self.prediction_settings,
             **self.skipped_entry(),
         }
 
     def to_markdown(self) -> str:
         """The protocol x method grid (mIoU and pixel accuracy), the paper's mIoU beside ours."""
-        methods = list(self.scores)
-        protocols = [p for p in PROTOCOLS if any(p in self.scores[m] for m in methods)]
+        results = self.results_in_percent()
+        methods = list(results)
+        protocols = [p for p in PROTOCOLS if any(p in results[m] for m in methods)]
         header = ["protocol"]
         for m in methods:
             header += [f"{METHOD_TITLES[m]} mIoU", "paper"]
@@ -110,9 +125,9 @@ class EvaluationResults(ResultsTable):
         for p in protocols:
             row = [PROTOCOL_TITLES[p]]
             for m in methods:
-                row += [percent_cell(100 * self.scores[m][p].miou), percent_cell(self.paper_miou.get(p, {}).get(m))]
-            row += [percent_cell(100 * self.scores[m][p].pixel_acc) for m in methods]
-            row.append(" / ".join(dict.fromkeys(self.scores[m][p].convention for m in methods)))
+                row += [percent_cell(results[m][p]["miou"]), percent_cell(self.paper_miou.get(p, {}).get(m))]
+            row += [percent_cell(results[m][p]["pixel_acc"]) for m in methods]
+            row.append(" / ".join(dict.fromkeys(results[m][p]["miou_convention"] for m in methods)))
             rows.append(row)
         notes = [self.paper_note] if self.paper_note else []
         notes.append(CONVENTIONS_NOTE)
@@ -125,6 +140,36 @@ class EvaluationResults(ResultsTable):
             notes.append("These numbers come from a miniature model with random weights: they say nothing about "
                          "EmerDiff's quality.")
         return self.page(f"Unsupervised segmentation: {self.dataset}", rows, notes)
+
+    def merged_with(self, previous: Mapping[str, Any]) -> Tuple["EvaluationResults", Optional[str]]:
+        """These results plus the protocols `previous` scored and this run did not, when both were computed with the
+        same settings (split, images, eval and prediction settings); otherwise those are dropped and the line says so.
+        """
+        scored = {p for by_protocol in self.scores.values() for p in by_protocol}
+        earlier = {m: {p: entry for p, entry in by_protocol.items() if p in PROTOCOLS and p not in scored}
+                   for m, by_protocol in previous.get("results", {}).items() if m in self.scores}
+        earlier_protocols = [p for p in PROTOCOLS if any(p in by_protocol for by_protocol in earlier.values())]
+        if not earlier_protocols:
+            return self, None
+        before, now = fingerprint(scoring_context(previous)), fingerprint(scoring_context(self.to_dict()))
+        if before != now:
+            return self, (f"results.json: dropped the earlier scores of {', '.join(earlier_protocols)}, computed with "
+                          f"other settings ({settings_diff(before, now)})")
+        protocol_settings = {**self.protocol_settings,
+                             "protocols": [p for p in PROTOCOLS if p in scored or p in earlier_protocols]}
+        if "dataset" in earlier_protocols:
+            protocol_settings["dataset_clusters_used"] = previous["protocol_settings"].get("dataset_clusters_used")
+        return replace(self, kept=earlier, protocol_settings=protocol_settings), None
+
+
+def scoring_context(results: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """What the numbers of a results.json depend on besides its protocols, as `fingerprint` sections: the split and
+    the images scored, the eval settings and the prediction settings."""
+    split = {"dataset": results.get("dataset"), "num_images": results.get("num_images"),
+             "num_classes": results.get("num_classes"), "skipped": [r["id"] for r in results.get("skipped", [])]}
+    protocol = {k: v for k, v in results.get("protocol_settings", {}).items()
+                if k not in ("protocols", "dataset_clusters_used")}
+    return {"split": split, "eval": protocol, **results.get("prediction_settings", {})}
 
 
 class ResultsWriter(pl.Callback):
@@ -141,8 +186,26 @@ class ResultsWriter(pl.Callback):
 
 
 def write_results(results: ResultsTable, folder: Path) -> None:
-    """results.json (full numbers) and results.md (the table), each written atomically."""
+    """results.json (full numbers) and results.md (the table), each written atomically.
+
+    What the folder's earlier results.json holds and this run did not score is kept when it still stands
+    (`ResultsTable.merged_with`); a printed line says what was dropped instead.
+    """
+    previous = earlier_results(Path(folder) / "results.json")
+    if previous is not None:
+        results, dropped = results.merged_with(previous)
+        if dropped:
+            print(dropped)
     with atomic_file(Path(folder) / "results.json") as handle:
         handle.write((json.dumps(results.to_dict(), indent=2) + "\n").encode())
     with atomic_file(Path(folder) / "results.md") as handle:
         handle.write(results.to_markdown().encode())
+
+
+def earlier_results(path: Path) -> Optional[dict]:
+    """The results.json an earlier run left at `path`, or None when there is none or it cannot be read."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) else None

@@ -23,9 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import UserError
-from ..image import ImageLoadError, read_image
+from ..image import IMAGE_SUFFIXES, ImageLoadError, read_image
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 GLOB_CHARS = frozenset("*?[")
 

@@ -120,9 +120,14 @@ class ResultWriter(BasePredictionWriter):
 
 
 class ImagesProgressBar(TQDMProgressBar):
-    """Lightning's progress bar counting images (one per step) and showing images/s."""
+    """Lightning's progress bar counting images (one per step) and showing images/s, in prediction and evaluation."""
 
     def init_predict_tqdm(self) -> Tqdm:
         bar = super().init_predict_tqdm()
+        bar.unit = "img"
+        return bar
+
+    def init_test_tqdm(self) -> Tqdm:
+        bar = super().init_test_tqdm()
         bar.unit = "img"
         return bar

@@ -24,13 +24,14 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..files import atomic_file, read_jsonl, remove_temporary_files, write_jsonl
+from ..image import ImageLoadError, read_image
 from ..segmentor import SegmentationOutput
 from . import render
 from .layout import CONFIG, FAILURES, MANIFEST, PARTS_DIR
@@ -65,6 +66,12 @@ class ImageExtras(Protocol):
 
     def write(self, store: "OutputStore", name: str, photo: np.ndarray) -> None:
         """Write the plug-in's own files of the image (photo [H, W, 3] uint8), e.g. with `store.save_picture`."""
+
+    def figure_classes(self) -> Optional[render.NamedLabels]:
+        """Per-pixel classes and their names for NAME_figure.png's class panel and legend, or None."""
+
+
+ExtrasFromArrays = Callable[[Mapping[str, np.ndarray]], ImageExtras]  # a plug-in's extras rebuilt from NAME.npz
 
 
 @dataclass
@@ -135,7 +142,7 @@ class OutputStore:
         if self.options.overlay:
             self.write_overlay(result.name, photo, arrays)
         if self.options.figure:
-            self.write_figure(result.name, photo, arrays)
+            self.write_figure(result.name, photo, arrays, extras)
         if extras is not None:
             extras.write(self, result.name, photo)
         height, width = arrays["labels"].shape
@@ -171,11 +178,60 @@ class OutputStore:
         picture = render.overlay(photo, arrays["labels"], len(arrays["lowres_masks"]), self.options.overlay_alpha)
         self.save_picture(name, "_overlay.jpg", picture)
 
-    def write_figure(self, name: str, photo: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
-        """NAME_figure.png: photo | low-res k-means masks | bilinear upsampling | EmerDiff labels."""
+    def write_figure(self, name: str, photo: np.ndarray, arrays: Mapping[str, np.ndarray],
+                     extras: Optional[ImageExtras] = None) -> None:
+        """NAME_figure.png: photo | low-res k-means masks | bilinear upsampling | EmerDiff labels (| classes)."""
         picture = render.figure(photo, arrays["lowres_labels"], arrays["labels_bilinear"], arrays["labels"],
-                                len(arrays["lowres_masks"]), self.options.overlay_alpha)
+                                len(arrays["lowres_masks"]), self.options.overlay_alpha,
+                                extras.figure_classes() if extras is not None else None)
         self.save_picture(name, "_figure.png", picture)
+
+    def missing_pictures(self, name: str) -> List[str]:
+        """Endings of the files the options ask for that a recorded image lacks while its NAME.npz is there.
+
+        They can be drawn from the npz without segmenting again (`redraw`).
+        """
+        if not self.path(name, ".npz").is_file():
+            return []
+        return [path.name.removeprefix(Path(name).name) for path in self.files(name) if not path.is_file()]
+
+    def redraw(self, name: str, photo: np.ndarray, endings: Sequence[str],
+               extras: Optional[ExtrasFromArrays] = None) -> None:
+        """Draw the files of image `name` with these `endings` again from its NAME.npz, without the model.
+
+        `extras` rebuilds a plug-in's extras from the npz arrays: its files and the figure's class panel.
+        """
+        with np.load(self.path(name, ".npz")) as npz:
+            arrays = dict(npz)
+        plugin = extras(arrays) if extras is not None else None
+        if ".png" in endings:
+            self.save_picture(name, ".png", render.label_image(arrays["labels"], len(arrays["lowres_masks"])))
+        if "_overlay.jpg" in endings:
+            self.write_overlay(name, photo, arrays)
+        if "_figure.png" in endings:
+            self.write_figure(name, photo, arrays, plugin)
+        if plugin is not None and set(endings) & set(self.options.extra_files):
+            plugin.write(self, name, photo)
+
+    def redraw_finished(self, extras: Optional[ExtrasFromArrays] = None,
+                        endings: Optional[Sequence[str]] = None) -> Tuple[int, Dict[str, str]]:
+        """Draw finished images' files again from their npz: `endings`, or else the ones each image lacks.
+
+        Returns how many images were drawn, and the images skipped with why (their photo cannot be read).
+        """
+        drawn, skipped = 0, {}
+        for name, record in self.manifest().items():
+            wanted = self.missing_pictures(name) if endings is None else list(endings)
+            if not wanted:
+                continue
+            try:
+                photo = read_image(record["path"])
+            except (ImageLoadError, FileNotFoundError) as exc:
+                skipped[name] = str(exc)
+                continue
+            self.redraw(name, photo, wanted, extras)
+            drawn += 1
+        return drawn, skipped
 
     def _append(self, part: str, record: dict) -> None:
         self.parts.mkdir(parents=True, exist_ok=True)

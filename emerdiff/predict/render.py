@@ -1,9 +1,10 @@
-"""Pictures of label maps: palette, label PNG, colour overlay with boundaries, side-by-side figure."""
+"""Pictures of label maps: palette, label PNG, colour overlay with boundaries, side-by-side figure, class legend."""
 
 from __future__ import annotations
 
 import colorsys
-from typing import Sequence, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -11,6 +12,14 @@ from PIL import Image, ImageDraw, ImageFont
 GOLDEN = 0.6180339887498949
 FIGURE_HEIGHT = 512  # figure panels are shrunk to at most this height
 TITLE_HEIGHT = 22
+
+
+@dataclass(frozen=True)
+class NamedLabels:
+    """A per-pixel class map (ids into `names`; negative = no class) and the class names, for a legend."""
+
+    labels: np.ndarray
+    names: Sequence[str]
 
 
 def palette(n: int) -> np.ndarray:
@@ -63,8 +72,12 @@ def resize_nearest(labels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
 
 
 def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.ndarray, labels: np.ndarray,
-           num_masks: int, alpha: float = 0.5) -> Image.Image:
-    """One row: photo | low-res k-means masks | bilinear upsampling | EmerDiff labels, titled."""
+           num_masks: int, alpha: float = 0.5, classes: Optional[NamedLabels] = None) -> Image.Image:
+    """One row: photo | low-res k-means masks | bilinear upsampling | EmerDiff labels, titled.
+
+    With `classes` (a run that named its masks) a fifth panel shows the classes, and a legend of the classes
+    present goes below the row.
+    """
     height, width = labels.shape
     scale = min(1.0, FIGURE_HEIGHT / height)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
@@ -73,30 +86,41 @@ def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.nda
                         for m in (lowres_labels, labels_bilinear, labels)]
     h, w = lowres_labels.shape
     titles = ["photo", f"k-means {h}x{w} ({num_masks} masks)", "bilinear upsampling", "EmerDiff"]
-    return _titled_row(panels, titles)
+    if classes is None:
+        return _titled_row(panels, titles)
+    panels.append(class_overlay(small, resize_nearest(classes.labels, size), len(classes.names), alpha))
+    return with_legend(_titled_row(panels, [*titles, "classes"]), NamedLabels(classes.labels, classes.names))
+
+
+def class_overlay(photo: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
+    """Class colours over the photo; pixels with a negative id (no class) keep the photo's colours."""
+    named = labels >= 0
+    blended = overlay(photo, np.where(named, labels, 0), num_classes, alpha)
+    blended[~named] = photo[~named]
+    return blended
 
 
 def legend_overlay(photo: np.ndarray, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
                    ) -> Image.Image:
-    """Class colours over the photo with a legend (colour swatch + name) of the classes present, below it.
+    """Class colours over the photo with a legend (colour swatch + name) of the classes present, below it."""
+    picture = Image.fromarray(class_overlay(photo, labels, len(class_names), alpha))
+    return with_legend(picture, NamedLabels(labels, class_names))
 
-    Pixels with a negative id (no class) keep the photo's colours.
-    """
-    named = labels >= 0
-    blended = overlay(photo, np.where(named, labels, 0), len(class_names), alpha)
-    blended[~named] = photo[~named]
-    present = [int(c) for c in np.unique(labels) if c >= 0]
-    colours = palette(max(len(class_names), 1))
+
+def with_legend(picture: Image.Image, classes: NamedLabels) -> Image.Image:
+    """`picture` with a row per class present in `classes.labels` below it: colour swatch and name."""
+    present = [int(c) for c in np.unique(classes.labels) if c >= 0]
+    colours = palette(max(len(classes.names), 1))
     row = TITLE_HEIGHT
-    height, width = labels.shape
+    width, height = picture.size
     canvas = Image.new("RGB", (width, height + row * max(len(present), 1)), "white")
-    canvas.paste(Image.fromarray(blended), (0, 0))
+    canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=15)
     for i, c in enumerate(present):
         top = height + i * row
         draw.rectangle([4, top + 4, 4 + row - 8, top + row - 4], fill=tuple(int(v) for v in colours[c]))
-        draw.text((row + 2, top + 3), class_names[c], fill="black", font=font)
+        draw.text((row + 2, top + 3), str(classes.names[c]), fill="black", font=font)
     return canvas
 
 

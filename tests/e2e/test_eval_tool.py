@@ -6,6 +6,7 @@ rescoring without the model, DDP reduction, and agreement with a hand computatio
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -184,11 +185,23 @@ def test_rescoring_a_full_cache_never_loads_the_model_and_gives_identical_result
     assert eval_tool.main(command(voc_root, tmp_path)) == 0
     assert (tmp_path / "results.json").read_text() == (first_run / "results.json").read_text()
 
-    # another protocol is scored from the same cache
+    # another protocol is scored from the same cache and merged: the earlier protocols' numbers stay
     assert eval_tool.main(command(voc_root, tmp_path, "eval.protocols=[majority,hungarian]")) == 0
     rescored, reference = read_results(tmp_path)["results"], read_results(first_run)["results"]
-    assert list(rescored["emerdiff"]) == ["hungarian", "majority"]
-    assert rescored["emerdiff"]["hungarian"] == reference["emerdiff"]["hungarian"]
+    assert list(rescored["emerdiff"]) == ["hungarian", "majority", "dataset", "concept_image", "concept_dataset"]
+    for protocol in ("hungarian", "dataset", "concept_image", "concept_dataset"):
+        assert rescored["emerdiff"][protocol] == reference["emerdiff"][protocol]
+
+
+def test_a_csv_logger_records_the_scores_of_results_json(eval_tool, first_run, voc_root, tmp_path):
+    shutil.copytree(first_run / "cache", tmp_path / "cache")  # a rescore: no model
+    assert eval_tool.main(command(voc_root, tmp_path, "trainer.logger=csv")) == 0
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as handle:
+        logged = next(csv.DictReader(handle))
+    scores = read_results(tmp_path)["results"]
+    for method in ("emerdiff", "bilinear"):
+        for protocol, value in scores[method].items():
+            assert float(logged[f"{method}/{protocol}/miou"]) == pytest.approx(value["miou"], rel=1e-6)
 
 
 def test_cache_made_with_other_settings_is_refused_naming_the_setting(eval_tool, first_run, voc_root, tmp_path,

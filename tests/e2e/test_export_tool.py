@@ -1,6 +1,5 @@
 """tools/predict.py --export and tools/export.py end to end: COCO JSON and mask PNGs of a real run."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +8,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from skimage import data
 
-from conftest import REPO, TINY
+from conftest import TINY, load_tool
 
-sys.path.insert(0, str(REPO / "tools"))
-import predict  # noqa: E402
-from conftest import load_tool  # noqa: E402
-
+predict = load_tool("predict")
 export_tool = load_tool("export")
 
 

@@ -1,6 +1,6 @@
 """tools/predict.py with ovseg.vocab: every mask named from the vocabulary, in files users can open."""
 
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from conftest import REPO, TINY
+from conftest import TINY, load_tool
 from emerdiff.files import read_jsonl
+from emerdiff.predict.render import TITLE_HEIGHT
 
-sys.path.insert(0, str(REPO / "tools"))
-import predict  # noqa: E402
+predict = load_tool("predict")
 
 VOCAB = ["cat", "dog", "grass", "sky", "rocket"]
 
@@ -70,3 +70,28 @@ def test_a_setting_that_does_not_change_results_may_differ_when_resuming_a_named
             f"ovseg.clip_cache_dir={tmp_path}"]  # run-only: where open_clip looks for weights
     assert predict.main(argv) == 0
     assert "2 already done" in capsys.readouterr().out
+
+
+def test_figures_asked_for_after_the_run_are_drawn_from_the_saved_arrays_with_a_class_legend(
+        named_run, tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although every image is done")
+
+    monkeypatch.setattr("emerdiff.models.build_random_sd", refuse)
+    monkeypatch.setattr("ovseg.pipeline.load_clip", refuse)
+    out = tmp_path / "out"
+    shutil.copytree(named_run, out)
+    (out / "rocket_ov_overlay.jpg").unlink()  # a lost picture is drawn again too
+    photos = Path(read_jsonl(named_run / "manifest.jsonl")[0]["path"]).parent
+    argv = ["--cfg", str(TINY), "--input", str(photos), "--output", str(out), "segmentor.resolution=64",
+            "segmentor.num_masks=3", f"ovseg.vocab={','.join(VOCAB)}", "ovseg.clip_init_seed=3", "--figure"]
+    assert predict.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "drew the missing pictures of 2 finished images" in printed and "0 to segment" in printed
+    assert (out / "rocket_ov_overlay.jpg").read_bytes() == (named_run / "rocket_ov_overlay.jpg").read_bytes()
+    for name in ("chelsea", "rocket"):
+        with np.load(out / f"{name}.npz") as arrays:
+            height, width = arrays["labels"].shape
+            classes = len(np.unique(arrays["ov_labels"][arrays["ov_labels"] >= 0]))
+        figure = Image.open(out / f"{name}_figure.png")  # five panels: ... | EmerDiff | classes, then the legend
+        assert figure.size == (5 * width, height + TITLE_HEIGHT + TITLE_HEIGHT * classes)

@@ -10,13 +10,12 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, load_tool
 from emerdiff.files import read_jsonl
 from emerdiff.predict import OutputOptions, OutputStore
 from emerdiff.segmentor import EmerDiff
 
-sys.path.insert(0, str(REPO / "tools"))
-import predict  # noqa: E402
+predict = load_tool("predict")
 
 SMALL = ["segmentor.resolution=64", "segmentor.num_masks=2", "segmentor.num_inference_steps=10", "segmentor.t_modulate=201",
          "output.overlay=false", "data.num_workers=0", "trainer.enable_progress_bar=false"]
@@ -35,25 +34,43 @@ def _cli(photos: Path, out: Path, *extra: str) -> list:
     return ["--cfg", str(TINY), "--input", str(photos), "--output", str(out), *SMALL, *extra]
 
 
-def test_sigterm_after_the_first_image_stops_within_one_image_and_the_rerun_finishes(tmp_path: Path):
-    photos, out = photo_folder(tmp_path / "photos", 10), tmp_path / "out"
+def run_until_the_first_image_then_signal(photos: Path, out: Path, log: Path, signum: int) -> subprocess.Popen:
+    """tools/predict.py in a subprocess, sent `signum` as soon as its first image is recorded; returns it ended."""
     command = [sys.executable, str(REPO / "tools" / "predict.py"), *_cli(photos, out)]
     store = OutputStore(out, OutputOptions(overlay=False))
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    with open(log, "w") as handle:
+        run = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
-        while not store.manifest():  # terminate it as soon as the first image is recorded
-            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()
+        while not store.manifest():
+            assert run.poll() is None and time.time() < deadline, log.read_text()
             time.sleep(0.05)
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=300) == 143
+        run.send_signal(signum)
+        run.wait(timeout=300)
+    return run
+
+
+def test_sigterm_after_the_first_image_stops_within_one_image_and_the_rerun_finishes(tmp_path: Path):
+    photos, out = photo_folder(tmp_path / "photos", 10), tmp_path / "out"
+    first = run_until_the_first_image_then_signal(photos, out, tmp_path / "first.log", signal.SIGTERM)
+    assert first.returncode == 143
     printed = (tmp_path / "first.log").read_text()
     done = [r["name"] for r in read_jsonl(out / "manifest.jsonl")]
     assert 1 <= len(done) <= 3 and "terminated (SIGTERM)" in printed and "rerun the same command" in printed
-    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    second = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), *_cli(photos, out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"{len(done)} already done" in second.stdout
     assert [r["name"] for r in read_jsonl(out / "manifest.jsonl")] == [f"p{i}" for i in range(10)]
+
+
+def test_ctrl_c_after_the_first_image_stops_within_one_image_with_status_130_and_one_line(tmp_path: Path):
+    photos, out = photo_folder(tmp_path / "photos", 10), tmp_path / "out"
+    run = run_until_the_first_image_then_signal(photos, out, tmp_path / "run.log", signal.SIGINT)
+    printed = (tmp_path / "run.log").read_text()
+    assert run.returncode == 130, printed[-2000:]
+    done = read_jsonl(out / "manifest.jsonl")
+    assert 1 <= len(done) <= 3 and "Traceback" not in printed
+    assert f"interrupted (Ctrl-C): {len(done)} of 10 images done; rerun the same command to continue" in printed
 
 
 @pytest.fixture()

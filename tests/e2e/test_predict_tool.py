@@ -20,13 +20,9 @@ from skimage import data
 from conftest import REPO, TINY, assert_same_segmentation
 from emerdiff import ConfigError
 from emerdiff.files import read_jsonl
+from emerdiff.cli import predict, sample_images, visualize
+from emerdiff.cli.common import build_trainer, check_trainer_keys
 from emerdiff.predict import OutputOptions, OutputStore
-
-sys.path.insert(0, str(REPO / "tools"))
-import predict  # noqa: E402
-from _common import build_trainer, check_trainer_keys  # noqa: E402
-import sample_images  # noqa: E402
-import visualize  # noqa: E402
 
 SMALL = ["segmentor.resolution=64", "segmentor.num_masks=3", "segmentor.keep_diff_maps=true"]
 GOOD = ["animals/chelsea", "astronaut", "coffee", "gray/camera", "objects/rocket"]
@@ -258,6 +254,17 @@ def test_trainer_keys_are_checked_against_the_trainer_signature():
         build_trainer({"use_distributed_sampler": True}, use_distributed_sampler=False)
 
 
+def test_trainer_logger_takes_csv_or_tensorboard_under_the_output_and_names_the_choices_otherwise(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    trainer = build_trainer({"logger": "csv", "accelerator": "cpu"}, default_root_dir=str(tmp_path))
+    assert isinstance(trainer.logger, CSVLogger) and Path(trainer.logger.log_dir).parent == tmp_path / "logs"
+    assert build_trainer({"accelerator": "cpu"}, default_root_dir=str(tmp_path)).logger is None  # off by default
+    with pytest.raises(ConfigError, match="trainer.logger: 'wandb' is not valid; choose from false, true, csv, "
+                                          "tensorboard"):
+        build_trainer({"logger": "wandb"}, default_root_dir=str(tmp_path))
+
+
 def _imported(run: subprocess.CompletedProcess) -> set:
     """Top-level packages a `python -X importtime` run imported (from its stderr)."""
     return {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines()
@@ -279,10 +286,3 @@ def test_visualize_never_imports_open_clip_or_the_ovseg_pipeline(reference):
     assert run.returncode == 0 and "drew 5 figures" in run.stdout, run.stderr[-2000:]
     assert "emerdiff" in _imported(run) and "open_clip" not in _imported(run)
     assert "ovseg.pipeline" not in run.stderr and "ovseg.outputs" not in run.stderr
-
-
-def test_help_answers_without_loading_torch_or_lightning():
-    run = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" / "predict.py"), "--help"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "--input" in run.stdout
-    assert not {"torch", "pytorch_lightning", "diffusers", "open_clip"} & _imported(run)

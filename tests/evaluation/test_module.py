@@ -112,6 +112,11 @@ def test_image_list_on_a_split_that_takes_none_is_refused(tmp_path):
         EvaluationData("voc2012_val", str(tmp_path), image_list="ids.txt")
 
 
+def test_reduce_zero_label_goes_to_the_dataset_and_a_split_that_takes_none_refuses_it(voc_split):
+    with pytest.raises(ValueError, match="reduce_zero_label is not supported by voc2012_val; it is an option of folder"):
+        EvaluationData("voc2012_val", str(voc_split.split.root), reduce_zero_label=True)
+
+
 def test_whole_image_crop_resizes_the_shorter_side_and_keeps_the_aspect_ratio(voc_split):
     whole = EvaluationData("voc2012_val", str(voc_split.split.root), size=32, num_workers=0, crop="none")
     whole.trainer = SimpleNamespace(world_size=1, global_rank=0)

@@ -1,10 +1,17 @@
-"""MaskCLIP dense encoder on the tiny random open_clip model: shapes, norms, the value-path formula, windows."""
+"""MaskCLIP dense encoder on the tiny random open_clip model: shapes, norms, the value-path formula, windows;
+loading CLIP weights from the cache, a file, or failing at once with the fix."""
 
+import socket
+import time
+
+import huggingface_hub
 import open_clip
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from emerdiff.config import UserError, WeightsNotFoundError
 from ovseg import TINY_MODEL, DenseEncoder, MaskCLIPEncoder, load_clip
 
 
@@ -122,22 +129,85 @@ def test_local_checkpoint_file_loads_the_same_weights(clip, tmp_path):
         torch.testing.assert_close(got[name], expected[name], msg=name)
 
 
-def test_missing_weights_error_says_what_was_looked_for_and_how_to_fix_it(monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("no network")
+class NetworkGuard:
+    """Replaces name lookups and socket connections with failures, counting every attempt."""
 
-    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
-    with pytest.raises(RuntimeError) as error:
-        load_clip("ViT-B-16", pretrained="openai")
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.attempts: list[str] = []
+        monkeypatch.setattr(socket, "getaddrinfo", self.refuse)
+        monkeypatch.setattr(socket.socket, "connect", self.refuse)
+
+    def refuse(self, *args, **kwargs):
+        self.attempts.append(repr(args[:2]))
+        raise OSError("network is unreachable (test)")
+
+
+def _hub_switched(monkeypatch: pytest.MonkeyPatch, offline: bool) -> None:
+    """HF_HUB_OFFLINE as a user sets it, whatever the environment running the tests says."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+
+
+def test_offline_clip_weights_fail_at_once_naming_the_settings_and_the_fix(monkeypatch, tmp_path):
+    _hub_switched(monkeypatch, offline=True)
+    network = NetworkGuard(monkeypatch)
+    with pytest.raises(WeightsNotFoundError) as error:
+        load_clip("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
     message = str(error.value)
-    for expected in ["'ViT-B-16'", "'openai'", "looked in", "HF_HOME", "local checkpoint"]:
+    for expected in ["ovseg.clip_model='ViT-B-16'", "ovseg.clip_pretrained='openai'",
+                     f"ovseg.clip_cache_dir='{tmp_path}'", "timm/vit_base_patch16_clip_224.openai", "HF_HUB_OFFLINE=1",
+                     "hf download timm/vit_base_patch16_clip_224.openai open_clip_model.safetensors",
+                     "ovseg.clip_pretrained=/path/to/checkpoint.pt"]:
         assert expected in message
+    assert isinstance(error.value, UserError) and network.attempts == []
 
 
-def test_missing_local_checkpoint_file_is_reported_with_the_path(tmp_path):
-    missing = str(tmp_path / "nope.pt")
-    with pytest.raises(RuntimeError, match="nope.pt.* neither a known open_clip tag .* nor an existing checkpoint"):
-        load_clip(TINY_MODEL, pretrained=missing)
+def test_unreachable_hub_is_asked_without_waiting_to_retry_and_reported_without_a_chained_traceback(
+        monkeypatch, tmp_path):
+    _hub_switched(monkeypatch, offline=False)
+    network = NetworkGuard(monkeypatch)
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)  # huggingface_hub waits 1, 2, 4, 8, 8 s between retries
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)hub could not be reached.*ovseg\.clip_cache_dir") as error:
+        load_clip("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
+    assert network.attempts and waits == []
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_tag_weights_in_the_cache_load_without_the_network_with_the_tags_preprocessing(
+        clip, monkeypatch, tmp_path, offline):
+    snapshot = tmp_path / "models--someone--tiny-clip" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--someone--tiny-clip" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-clip" / "refs" / "main").write_text("0" * 40)
+    weights = {name: tensor.contiguous() for name, tensor in clip.model.state_dict().items()}
+    safetensors.torch.save_file(weights, str(snapshot / "open_clip_model.safetensors"))
+    tag = {"hf_hub": "someone/tiny-clip/", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda model, name: tag if name == "cached" else {})
+    _hub_switched(monkeypatch, offline=offline)
+    network = NetworkGuard(monkeypatch)
+    loaded = load_clip(TINY_MODEL, pretrained="cached", cache_dir=str(tmp_path))
+    for name, tensor in weights.items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, msg=name)
+    encoder = MaskCLIPEncoder(loaded.model.visual)
+    assert (encoder.mean, encoder.std) == (tag["mean"], tag["std"])
+    assert loaded.pretrained == "cached" and network.attempts == []
+
+
+def test_missing_local_checkpoint_file_is_reported_as_not_existing_with_the_setting(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(WeightsNotFoundError, match=rf"ovseg.clip_pretrained='{missing}' is not an open_clip tag .* "
+                                                   rf"checkpoint file {missing} does not exist"):
+        load_clip(TINY_MODEL, pretrained=str(missing))
+
+
+def test_corrupt_checkpoint_file_is_reported_with_its_path_without_a_chained_traceback(tmp_path):
+    corrupt = tmp_path / "tiny.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsNotFoundError, match=rf"weights file {corrupt} could not be loaded") as error:
+        load_clip(TINY_MODEL, pretrained=str(corrupt))
+    assert error.value.__cause__ is None and error.value.__suppress_context__
 
 
 def test_unknown_architecture_is_a_value_error_naming_the_tiny_model():

@@ -54,6 +54,12 @@ def test_random_clip_is_the_same_in_every_build_so_ddp_ranks_agree(tmp_path):
     assert first.dense_embeddings(image).shape == (32, 4, 6)
 
 
+def test_labeller_of_a_random_clip_caches_the_class_texts_under_its_seed(tmp_path):
+    settings = OVSegConfig(vocab="cat,dog", clip_model="ovseg-tiny", clip_pretrained=None, clip_init_seed=5)
+    build_labeller(settings, read_vocabulary("cat,dog"), tmp_path)
+    assert [p.name.split("__")[:2] for p in tmp_path.glob("*.pt")] == [["ovseg-tiny", "random-seed5"]]
+
+
 def test_cached_labels_depend_on_the_vocabulary_content_and_clip_side_not_on_caches_or_paper_numbers():
     vocab = read_vocabulary("cat,dog")
     base = open_vocab_settings({}, OVSegConfig(vocab="cat,dog"), vocab)

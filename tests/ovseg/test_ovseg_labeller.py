@@ -90,6 +90,17 @@ def test_text_cache_is_not_used_for_a_changed_vocabulary_or_templates(clip, tmp_
     assert len(list(tmp_path.glob("*.pt"))) == 2
 
 
+def test_text_cache_file_names_a_random_clip_by_its_seed_and_real_weights_by_their_tag_as_before(clip, tmp_path):
+    for folder, weights in [("random", dict(pretrained=None, init_seed=3)), ("unknown_seed", dict(pretrained=None)),
+                            ("tag", dict(pretrained="openai", init_seed=3))]:
+        cached_text_embeddings(clip.model, clip.tokenizer, ["cat"], ONE_TEMPLATE, cache_dir=tmp_path / folder,
+                               model_name=TINY_MODEL, **weights)
+    names = {folder: [p.name.split("__")[:2] for p in (tmp_path / folder).glob("*.pt")]
+             for folder in ("random", "unknown_seed", "tag")}
+    assert names == {"random": [[TINY_MODEL, "random-seed3"]], "unknown_seed": [[TINY_MODEL, "random"]],
+                     "tag": [[TINY_MODEL, "openai"]]}
+
+
 def test_text_cache_is_not_shared_between_different_weights_with_the_same_names(clip, tmp_path):
     torch.manual_seed(1)
     other = load_clip(TINY_MODEL, pretrained=None)

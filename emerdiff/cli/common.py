@@ -11,21 +11,17 @@ from __future__ import annotations
 import argparse
 import difflib
 import inspect
+import logging
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Optional, Tuple
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from emerdiff.config import ConfigError, UserError, is_random_model, load_config  # noqa: E402
-from ovseg.config import OVSegConfig, ovseg_settings as checked_ovseg_section, with_ovseg_defaults  # noqa: E402
+from emerdiff.config import ConfigError, UserError, is_random_model, load_config
+from ovseg.config import OVSegConfig, ovseg_settings as checked_ovseg_section, with_ovseg_defaults
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -34,22 +30,45 @@ if TYPE_CHECKING:
     from ovseg.vocab import Vocabulary
 
 RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
-                       "but its masks carry no meaning. Use e.g. --cfg configs/emerdiff_sd15.yaml for real results.")
+                       "but its masks carry no meaning. Use e.g. --cfg emerdiff_sd15 for real results.")
+LOGGERS = ("csv", "tensorboard")  # trainer.logger, besides false (none) and true (Lightning's default)
+# Library messages a user can do nothing about: Lightning's hardware lines and product tips (INFO), and a
+# deprecation inside Lightning's own code.
+QUIET_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+OVERRIDES_HELP = "config overrides applied after the files, e.g. segmentor.num_masks=10 trainer.devices=4"
+
+
+def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argparse.ArgumentParser:
     """A parser with the options every tool shares: --cfg (repeatable) and key=value overrides."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cfg", action="append", default=[], metavar="YAML",
-                        help="config file; give it several times, later files override earlier ones")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides applied after the files, e.g. segmentor.num_masks=10 trainer.devices=4")
+                        help="config file, or a shipped config by name (tiny, emerdiff_sd15, eval/voc, ov/ade150, ...); "
+                             "give it several times, later files override earlier ones")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     return parser
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
-    """Parse, allowing key=value overrides before, between and after the options."""
-    return parser.parse_intermixed_args(argv)
+    """Parse, allowing key=value overrides before, between and after the options; then quiet the libraries."""
+    args = parser.parse_intermixed_args(argv)
+    quiet_libraries()
+    return args
+
+
+def quiet_libraries() -> None:
+    """Hide the libraries' messages that ask nothing of the user (QUIET_LOGGERS, QUIET_WARNINGS); warnings stay."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 image', '3 images'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
@@ -90,7 +109,11 @@ def check_trainer_keys(settings: Mapping[str, Any]) -> None:
 
 
 def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> "pl.Trainer":
-    """Trainer(**cfg.trainer, **tool_arguments); a key both set is an error naming it."""
+    """Trainer(**cfg.trainer, **tool_arguments); a key both set is an error naming it.
+
+    `trainer.logger` takes csv or tensorboard (written under the run's folder, default_root_dir/logs), true for
+    Lightning's default, or false (the default): eval and ov_eval log their scores there.
+    """
     import pytorch_lightning as pl
 
     settings = OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
@@ -98,7 +121,36 @@ def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> "pl.Tra
     clash = sorted(settings.keys() & tool_arguments.keys())
     if clash:
         raise ConfigError(f"{', '.join(f'trainer.{k}' for k in clash)} cannot be configured: this tool sets it")
-    return pl.Trainer(**settings, **tool_arguments)
+    logger = build_logger(settings.pop("logger", False), tool_arguments.get("default_root_dir", "."))
+    return pl.Trainer(**settings, logger=logger, **tool_arguments)
+
+
+def progress_bar(settings: Mapping[str, Any]) -> List[Any]:
+    """[the bar counting images/s], unless `trainer.enable_progress_bar` is false: Trainer callbacks."""
+    if not settings.get("enable_progress_bar", True):
+        return []
+    from emerdiff.predict import ImagesProgressBar
+
+    return [ImagesProgressBar()]
+
+
+def build_logger(choice: Any, folder: str) -> Any:
+    """`trainer.logger` as Lightning takes it: False, True, or a CSV / TensorBoard logger writing to FOLDER/logs."""
+    if isinstance(choice, bool) or choice is None:
+        return bool(choice)
+    if choice == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(folder, name="logs")
+    if choice == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        try:
+            return TensorBoardLogger(folder, name="logs")
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"trainer.logger=tensorboard needs TensorBoard ({exc}): pip install tensorboard, "
+                              "or use trainer.logger=csv") from None
+    raise ConfigError(f"trainer.logger: {choice!r} is not valid; choose from false, true, {', '.join(LOGGERS)}")
 
 
 def build_segmentor(cfg: DictConfig, trainer: "pl.Trainer") -> "EmerDiff":
@@ -140,5 +192,17 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_message(exc: BaseException) -> str:
+    """The exception's message; for one re-raised from a DataLoader worker, the original message alone.
+
+    PyTorch re-raises a worker's exception with "Caught X in DataLoader worker process N" and the worker's
+    traceback as its text; the last line of that is "module.X: message".
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text

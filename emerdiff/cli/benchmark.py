@@ -1,0 +1,78 @@
+"""Benchmark EmerDiff's fast and reference paths: time, FLOPs, UNet/VAE calls and peak memory per stage.
+
+    python tools/benchmark.py --cfg configs/tiny.yaml --impl fast,reference --output bench/
+    python tools/benchmark.py model.random_init=true model.arch=sd15 segmentor.resolution=256 \\
+        segmentor.num_masks=4 --output bench/   # SD-1.5-sized random weights on this machine
+    python tools/benchmark.py model.random_init=true model.arch=sd15 model.dtype=float16 --cost-only
+
+Each implementation segments the same image (a photo from scikit-image unless --image) in
+one process, so the fast/reference ratios share the machine's conditions; --repeats runs
+the implementations alternately and keeps each stage's fastest time. FLOPs are counted with
+torch.utils.flop_counter.FlopCounterMode on meta-device copies of the model with the run's
+shapes (the same count as in the run, without its overhead); --cost-only skips the run and
+reports that cost model alone (any size, no weights, no data). Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from emerdiff.cli.common import base_parser, load_cli_config, parse_args, reported_errors
+from emerdiff.config import IMPLS, ConfigError
+
+# Dense fp16/bf16 tensor-core peak of named GPUs, TFLOP/s (vendor data sheets, no sparsity).
+GPU_PEAK_TFLOPS = {"H100-SXM": 989.0, "A100": 312.0, "L40S": 362.0, "RTX4090": 165.0, "A10": 125.0,
+                   "L4": 121.0, "V100": 125.0, "RTX3090": 71.0, "T4": 65.0}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the command line, benchmark, print the table and write --output/benchmark.json."""
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--impl", default="fast,reference", help="comma-separated: fast, reference")
+    parser.add_argument("--image", help="image to segment (default: scikit-image's astronaut photo)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate runs per impl; the fastest stage times count")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed UNet/VAE warm-up pass")
+    parser.add_argument("--cost-only", action="store_true", help="cost model on the meta device only, no run")
+    parser.add_argument("--gpu", default="A100", choices=sorted(GPU_PEAK_TFLOPS), help="GPU of the time projection")
+    parser.add_argument("--utilization", type=float, default=0.4, help="share of the GPU's peak assumed sustained")
+    parser.add_argument("--output", help="folder for benchmark.json")
+    args = parse_args(parser, argv)
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in arguments)
+    with reported_errors():
+        cfg = load_cli_config(args)
+        impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+        unknown = [i for i in impls if i not in IMPLS]
+        if unknown or not impls:
+            raise ConfigError(f"--impl takes fast and/or reference, got {args.impl!r}")
+        from emerdiff.benchmark import gib_text, memory_estimate, report, run, table  # torch loads after the checks
+
+        results, models = run(cfg, impls, args.image, max(args.repeats, 1), args.cost_only, not args.no_warmup)
+    measured = not args.cost_only
+    memory = {r.impl: memory_estimate(models[r.impl], r) for r in results}
+    print(f"# {command}")
+    print(table(results, measured))
+    record = report(cfg, results, memory, measured, args.gpu, GPU_PEAK_TFLOPS[args.gpu], args.utilization,
+                    command)
+    for impl, seconds in record["projection"]["seconds"].items():
+        print(f"projected {impl}: {seconds:.3g} s/image on {args.gpu} at {args.utilization:.0%} of "
+              f"{GPU_PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s")
+    for impl, mem in memory.items():
+        print(f"memory estimate {impl}: {gib_text(mem['total'])} GiB = weights {gib_text(mem['weights'])} + record "
+              f"{gib_text(mem['record'])} + largest stage {gib_text(mem['largest_stage_peak'])} (meta-device tensors; "
+              f"largest batches: inversion {mem['batch_inversion']}, variants {mem['batch_variants']}, "
+              f"decode {mem['batch_decode']})")
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(record, indent=2))
+        print(f"wrote {out / 'benchmark.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

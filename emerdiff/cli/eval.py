@@ -1,0 +1,85 @@
+"""Evaluate EmerDiff on a labelled split under every unsupervised protocol: OUTPUT/results.json and results.md.
+
+    python tools/eval.py --cfg configs/eval/ade20k.yaml data.root=/data/ADEChallengeData2016 --output runs/ade20k
+
+Predictions are cached in OUTPUT/cache/<image id>.npz: rerunning re-scores without loading the model
+and a killed run resumes (--overwrite predicts every image again). Devices and strategy come from
+`trainer:`, e.g. trainer.devices=8 trainer.strategy=ddp. Protocols, datasets, paper numbers:
+docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser,
+                                build_segmentor, build_trainer, load_cli_config,
+                                parse_args, plural, progress_bar, random_model_notice,
+                                reported_errors)
+from emerdiff.config import ConfigError
+
+if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so --help answers at once
+    from emerdiff.evaluation import EvaluationData, PredictionCache
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the command line and evaluate; user errors exit with status 2 and a message."""
+    parser = base_parser(__doc__.split("\n")[0])
+    add_output_arguments(parser, "predict every image again")
+    args = parse_args(parser, argv)
+    with reported_errors():
+        cfg = load_cli_config(args)
+        apply_output_arguments(cfg, args)
+        return evaluate(cfg)
+
+
+def evaluate(cfg: DictConfig) -> int:
+    """Score `data.dataset` under `eval.protocols`, predicting only images missing from the cache."""
+    if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir:
+        raise ConfigError("tell which split, where it is and where results go: "
+                          "--cfg configs/eval/DATASET.yaml data.root=PATH --output DIR")
+    from emerdiff.data import dataset_metadata
+    from emerdiff.evaluation import (CACHE_DIR, EvaluationData, EvaluationModule, PredictionCache, ResultsWriter,
+                                     prediction_settings, run_and_report)
+    from emerdiff.stopping import StopOnSignal
+
+    out = Path(cfg.output.dir)
+    cache = PredictionCache(out / CACHE_DIR, prediction_settings(
+        OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor), cfg.data.dataset, cfg.data.size,
+        cfg.eval.crop),
+        overwrite=cfg.output.overwrite)
+    try:
+        metadata = dataset_metadata(cfg.data.dataset, cfg.data.root, cfg.data.reduce_zero_label)
+        data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
+                              cfg.data.num_workers, crop=cfg.eval.crop,
+                              reduce_zero_label=cfg.data.reduce_zero_label)
+        module = EvaluationModule(partial(build_segmentor, cfg), cache, cfg.data.dataset,
+                                  metadata, OmegaConf.to_object(cfg.eval),
+                                  max_repeated_failures=cfg.output.max_repeated_failures)
+    except ValueError as exc:  # unknown split, image list on a split without one
+        raise ConfigError(str(exc)) from None
+    trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(out), StopOnSignal(), *progress_bar(cfg.trainer)],
+                            enable_checkpointing=False,
+                            use_distributed_sampler=False, default_root_dir=str(out))
+    if trainer.is_global_zero:
+        announce(cfg, data, cache)
+    return run_and_report(trainer, module, data, out)
+
+
+def announce(cfg: DictConfig, data: EvaluationData, cache: PredictionCache) -> None:
+    """What the run will do, before it starts."""
+    notice = random_model_notice(cfg)
+    if notice:
+        print(notice)
+    ids = data.image_ids()
+    cached = cache.count(ids)
+    print(f"{plural(len(ids), 'image')} in {cfg.data.dataset}: {cached} cached in {cache.folder}, "
+          f"{len(ids) - cached} to predict")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

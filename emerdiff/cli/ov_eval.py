@@ -1,0 +1,127 @@
+"""Open-vocabulary evaluation: MaskCLIP and MaskCLIP + EmerDiff masks on a labelled split, OUTPUT/ov/results.*.
+
+    python tools/ov_eval.py --vocab ade150 --cfg configs/ov/ade150.yaml data.root=/data/ADEChallengeData2016 \\
+        --output runs/ade20k
+
+Results go to OUTPUT/ov/ (results.json, results.md), beside what tools/eval.py writes to OUTPUT.
+EmerDiff's masks are read from OUTPUT/cache/<image id>.npz, tools/eval.py's cache, when an earlier run
+left them there (same model, segmentor and data settings), and written there otherwise; the named
+label maps are cached in OUTPUT/ov/cache/<image id>.npz. A rerun loads no model; --overwrite segments
+and labels every image again. Devices and strategy come from `trainer:`, e.g. trainer.devices=8
+trainer.strategy=ddp. mIoU follows mmsegmentation's convention (as MaskCLIP, TCL and GroupViT) unless
+eval.miou_convention says otherwise (docs/evaluation.md). Method, vocabularies and the paper's Table 3:
+docs/open_vocabulary.md.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser,
+                                build_segmentor, build_trainer, load_cli_config, ovseg_settings,
+                                parse_args, plural, progress_bar, random_model_notice,
+                                reported_errors)
+from emerdiff.config import ConfigError
+
+if TYPE_CHECKING:  # torch, Lightning and open_clip load once the arguments are parsed, so --help answers at once
+    from emerdiff.data import DatasetMetadata
+    from emerdiff.evaluation import EvaluationData, PredictionCache
+    from ovseg import Vocabulary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the command line and evaluate; user errors exit with status 2 and a message."""
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--vocab", help="shipped vocabulary name, .txt file or 'cat,dog,grass' (ovseg.vocab)")
+    add_output_arguments(parser, "segment and label every image again")
+    args = parse_args(parser, argv)
+    with reported_errors():
+        cfg = load_cli_config(args)
+        cfg.ovseg.vocab = args.vocab or cfg.ovseg.vocab
+        apply_output_arguments(cfg, args)
+        return evaluate(cfg)
+
+
+def evaluate(cfg: DictConfig) -> int:
+    """Score plain MaskCLIP and MaskCLIP + EmerDiff on `data.dataset` with the classes of `ovseg.vocab`."""
+    if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir or not cfg.ovseg.vocab:
+        raise ConfigError("tell which vocabulary and split, where it is and where results go: "
+                          "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR")
+    from emerdiff.data import dataset_metadata
+    from emerdiff.evaluation import (CACHE_DIR, EvaluationData, PredictionCache, ResultsWriter, prediction_settings,
+                                     run_and_report)
+    from emerdiff.stopping import StopOnSignal
+    from ovseg.evaluation import (OV_DIR, PAPER_CONVENTION, OpenVocabEvaluation, OpenVocabPrediction,
+                                  open_vocab_settings)
+    from ovseg.pipeline import build_labeller, text_cache_folder
+
+    out = Path(cfg.output.dir)
+    results_dir = out / OV_DIR
+    settings, vocab = ovseg_settings(cfg)
+    try:
+        metadata = dataset_metadata(cfg.data.dataset, cfg.data.root, cfg.data.reduce_zero_label)
+        data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
+                              cfg.data.num_workers, crop=cfg.eval.crop,
+                              reduce_zero_label=cfg.data.reduce_zero_label)
+    except ValueError as exc:  # unknown split
+        raise ConfigError(str(exc)) from None
+    prediction = prediction_settings(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor),
+                                     cfg.data.dataset, cfg.data.size, cfg.eval.crop)
+    masks = PredictionCache(out / CACHE_DIR, prediction, overwrite=cfg.output.overwrite)
+    labels = PredictionCache(results_dir / "cache", open_vocab_settings(prediction, settings, vocab),
+                             overwrite=cfg.output.overwrite, record=OpenVocabPrediction)
+    text_dir = text_cache_folder(settings, results_dir)
+    try:
+        module = OpenVocabEvaluation(partial(build_segmentor, cfg), partial(build_labeller, settings, vocab, text_dir),
+                                     masks, labels, cfg.data.dataset, metadata, vocab, settings,
+                                     convention=cfg.eval.miou_convention or PAPER_CONVENTION,
+                                     max_repeated_failures=cfg.output.max_repeated_failures)
+    except ValueError as exc:  # vocabulary and split disagree on the classes
+        raise ConfigError(str(exc)) from None
+    callbacks = [ResultsWriter(results_dir), StopOnSignal(), *progress_bar(cfg.trainer)]
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks,
+                            enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))
+    if trainer.is_global_zero:
+        announce(cfg, data, masks, labels)
+        warn_if_names_differ(vocab, metadata)
+    return run_and_report(trainer, module, data, results_dir)
+
+
+def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labels: PredictionCache) -> None:
+    """What the run will do, before it starts."""
+    notice = random_model_notice(cfg)
+    if notice:
+        print(notice)
+    if cfg.ovseg.clip_pretrained is None:
+        print(f"note: ovseg.clip_pretrained=null builds CLIP {cfg.ovseg.clip_model} with random weights: its class "
+              "names carry no meaning.")
+    ids = data.image_ids()
+    named, segmented = labels.count(ids), masks.count(ids)
+    print(f"{plural(len(ids), 'image')} in {cfg.data.dataset}, vocabulary {cfg.ovseg.vocab}: {named} labelled in "
+          f"{labels.folder}, {segmented} with EmerDiff masks in {masks.folder}")
+
+
+def warn_if_names_differ(vocab: Vocabulary, metadata: DatasetMetadata) -> None:
+    """Scores compare ids, so a vocabulary listing other names than the dataset's classes is worth a warning."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    differ = [(i, ours, theirs) for i, (ours, theirs) in enumerate(zip(vocab.names, metadata.classes))
+              if _plain(ours) != _plain(theirs)]
+    if differ:
+        examples = ", ".join(f"{i}: {ours!r} vs {theirs!r}" for i, ours, theirs in differ[:3])
+        rank_zero_warn(f"{len(differ)} vocabulary names differ from {metadata.name}'s class names at the same id "
+                       f"({examples}); mIoU compares ids, so check that the vocabulary is in the dataset's id order")
+
+
+def _plain(name: str) -> str:
+    """Lower-case letters and digits only, so 'tv monitor' matches 'tvmonitor'."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

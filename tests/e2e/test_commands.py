@@ -1,0 +1,104 @@
+"""The commands as users start them: `python tools/NAME.py`, the console scripts, and a plain (non-editable) install.
+
+Every tool answers --help before torch, Lightning, diffusers or open_clip load; every tool has a console
+command running the same `main`; after `pip install .` the shipped configs work by short name from any folder.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from importlib.metadata import distribution
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from skimage import data
+
+from conftest import REPO
+
+TOOLS = sorted(p.stem for p in (REPO / "tools").glob("*.py") if not p.stem.startswith("_"))
+HEAVY = {"torch", "pytorch_lightning", "lightning", "diffusers", "open_clip", "gradio"}
+
+
+def imported_packages(stderr: str) -> set:
+    """Top-level packages a `python -X importtime` run imported (from its stderr)."""
+    return {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_answers_before_any_heavy_library_loads(tool):
+    run = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" / f"{tool}.py"), "--help"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage:"), run.stderr[-2000:]
+    assert not HEAVY & imported_packages(run.stderr)
+
+
+def test_every_tool_has_a_console_command_with_the_same_main():
+    scripts = {e.name: e.value for e in distribution("emerdiff").entry_points if e.group == "console_scripts"}
+    expected = {f"emerdiff-{tool.replace('_', '-')}": f"emerdiff.cli.{tool}:main" for tool in TOOLS}
+    assert scripts == expected
+
+
+@pytest.mark.parametrize("mistake, named", [
+    (["segmentor.num_masks=-3"], "segmentor.num_masks must be at least 1"),
+    (["segmentor.impl=fastest"], "segmentor.impl: fastest is not valid; choose from fast, reference"),
+    (["--cfg", "{tmp}/broken.yaml"], "broken.yaml' is not valid YAML"),
+    (["model.pretrained={tmp}/missing"], "{tmp}/missing"),
+    (["model.pretrained={tmp}/corrupt.safetensors"], "corrupt.safetensors"),
+    (["ovseg.vocab=cat,dog", "ovseg.clip_pretrained=openai", "ovseg.clip_model=ViT-B-16",
+      "ovseg.clip_cache_dir={tmp}/no_clip"], "ovseg.clip_pretrained"),
+])
+def test_each_user_mistake_is_one_error_line_and_exit_status_2(mistake, named, tmp_path):
+    (tmp_path / "broken.yaml").write_text("segmentor: [unclosed\n")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file")
+    Image.fromarray(data.coffee()).resize((96, 64)).save(tmp_path / "coffee.png")
+    args = ["--cfg", "tiny", "--input", str(tmp_path / "coffee.png"), "--output", str(tmp_path / "out"),
+            "segmentor.resolution=64", "segmentor.num_masks=2", *[a.format(tmp=tmp_path) for a in mistake]]
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert errors[0].startswith("error: ") and named.format(tmp=tmp_path) in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def plain_install(tmp_path_factory) -> Path:
+    """The package built as a wheel from a copy of the checkout and installed, not editable, into a fresh venv.
+
+    The venv sees this environment's site-packages for the dependencies (no download); its own emerdiff,
+    installed from the wheel, comes first on its path.
+    """
+    root = tmp_path_factory.mktemp("install")
+    source = root / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for name in ("emerdiff", "ovseg", "configs"):
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(root / "wheel"), str(source)], check=True, capture_output=True, timeout=600)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    wheel = next((root / "wheel").glob("emerdiff-*.whl"))
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
+                   capture_output=True, timeout=600)
+    return venv
+
+
+def test_a_plain_install_segments_with_a_short_config_name_from_any_folder(plain_install, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(data.coffee()).resize((96, 64)).save(elsewhere / "coffee.png")
+    installed = subprocess.run([str(plain_install / "bin" / "python"), "-c", "import emerdiff; print(emerdiff.__file__)"],
+                               cwd=elsewhere, capture_output=True, text=True, check=True).stdout
+    assert installed.startswith(str(plain_install))  # the wheel's copy, not this checkout
+    run = subprocess.run([str(plain_install / "bin" / "emerdiff-predict"), "--cfg", "tiny", "--input", "coffee.png",
+                          "--output", "out", "segmentor.resolution=64", "segmentor.num_masks=2",
+                          "trainer.enable_progress_bar=false"],
+                         cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (elsewhere / "out" / "coffee.png").is_file() and "1 segmented" in run.stdout
