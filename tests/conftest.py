@@ -52,6 +52,12 @@ def assert_same_segmentation(a, b, rtol: float = 1e-4) -> None:
     assert torch.equal(a.labels[decided], b.labels[decided])
 
 
+def imported_packages(stderr: str) -> set:
+    """Top-level packages a `python -X importtime` run imported (from its stderr)."""
+    return {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
 def load_tool(name: str) -> ModuleType:
     """The command behind tools/NAME.py (and its console script): the module emerdiff/cli/NAME.py."""
     return importlib.import_module(f"emerdiff.cli.{name}")

@@ -15,16 +15,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from conftest import REPO
+from conftest import REPO, imported_packages
 
 TOOLS = sorted(p.stem for p in (REPO / "tools").glob("*.py") if not p.stem.startswith("_"))
 HEAVY = {"torch", "pytorch_lightning", "lightning", "diffusers", "open_clip", "gradio"}
-
-
-def imported_packages(stderr: str) -> set:
-    """Top-level packages a `python -X importtime` run imported (from its stderr)."""
-    return {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines()
-            if line.startswith("import time:") and "|" in line}
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -204,6 +204,17 @@ def test_a_csv_logger_records_the_scores_of_results_json(eval_tool, first_run, v
             assert float(logged[f"{method}/{protocol}/miou"]) == pytest.approx(value["miou"], rel=1e-6)
 
 
+def test_the_voc_photos_as_a_labelled_folder_score_exactly_as_the_voc_split(eval_tool, first_run, voc_root, tmp_path):
+    folder = tmp_path / "mine"  # images/, labels/ (VOC's palette PNGs) and classes.txt: a user's own folder
+    shutil.copytree(voc_root / "JPEGImages", folder / "images")
+    shutil.copytree(voc_root / "SegmentationClass", folder / "labels")
+    (folder / "classes.txt").write_text("\n".join(VOC.classes) + "\n")
+    out = tmp_path / "out"
+    argv = ["--cfg", "eval/folder", "--cfg", "tiny", f"data.root={folder}", "--output", str(out), *FAST]
+    assert eval_tool.main(argv) == 0
+    assert read_results(out)["results"] == read_results(first_run)["results"]
+
+
 def test_cache_made_with_other_settings_is_refused_naming_the_setting(eval_tool, first_run, voc_root, tmp_path,
                                                                       capsys):
     shutil.copytree(first_run / "cache", tmp_path / "cache")

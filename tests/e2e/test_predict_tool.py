@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from skimage import data
 
-from conftest import REPO, TINY, assert_same_segmentation
+from conftest import REPO, TINY, assert_same_segmentation, imported_packages
 from emerdiff import ConfigError
 from emerdiff.files import read_jsonl
 from emerdiff.cli import predict, sample_images, visualize
@@ -255,20 +255,15 @@ def test_trainer_keys_are_checked_against_the_trainer_signature():
 
 
 def test_trainer_logger_takes_csv_or_tensorboard_under_the_output_and_names_the_choices_otherwise(tmp_path):
-    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    trainer = build_trainer({"logger": "csv", "accelerator": "cpu"}, default_root_dir=str(tmp_path))
-    assert isinstance(trainer.logger, CSVLogger) and Path(trainer.logger.log_dir).parent == tmp_path / "logs"
+    for choice, kind in (("csv", CSVLogger), ("tensorboard", TensorBoardLogger)):
+        trainer = build_trainer({"logger": choice, "accelerator": "cpu"}, default_root_dir=str(tmp_path / choice))
+        assert isinstance(trainer.logger, kind) and Path(trainer.logger.log_dir).parent == tmp_path / choice / "logs"
     assert build_trainer({"accelerator": "cpu"}, default_root_dir=str(tmp_path)).logger is None  # off by default
     with pytest.raises(ConfigError, match="trainer.logger: 'wandb' is not valid; choose from false, true, csv, "
                                           "tensorboard"):
         build_trainer({"logger": "wandb"}, default_root_dir=str(tmp_path))
-
-
-def _imported(run: subprocess.CompletedProcess) -> set:
-    """Top-level packages a `python -X importtime` run imported (from its stderr)."""
-    return {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines()
-            if line.startswith("import time:") and "|" in line}
 
 
 def test_a_run_that_does_not_name_masks_never_imports_open_clip(reference, photos):
@@ -276,13 +271,13 @@ def test_a_run_that_does_not_name_masks_never_imports_open_clip(reference, photo
                           *_cli(photos, reference, "data.num_workers=0")],  # retries the two unreadable files
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "2 to segment" in run.stdout, run.stderr[-2000:]
-    assert {"emerdiff", "pytorch_lightning"} <= _imported(run)
-    assert "open_clip" not in _imported(run) and "ovseg.outputs" not in run.stderr
+    assert {"emerdiff", "pytorch_lightning"} <= imported_packages(run.stderr)
+    assert "open_clip" not in imported_packages(run.stderr) and "ovseg.outputs" not in run.stderr
 
 
 def test_visualize_never_imports_open_clip_or_the_ovseg_pipeline(reference):
     run = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" / "visualize.py"),
                           "--output", str(reference)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "drew 5 figures" in run.stdout, run.stderr[-2000:]
-    assert "emerdiff" in _imported(run) and "open_clip" not in _imported(run)
+    assert "emerdiff" in imported_packages(run.stderr) and "open_clip" not in imported_packages(run.stderr)
     assert "ovseg.pipeline" not in run.stderr and "ovseg.outputs" not in run.stderr
