@@ -36,8 +36,6 @@ LOGGERS = ("csv", "tensorboard")  # trainer.logger, besides false (none) and tru
 # deprecation inside Lightning's own code.
 QUIET_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
 QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
-
-
 OVERRIDES_HELP = "config overrides applied after the files, e.g. segmentor.num_masks=10 trainer.devices=4"
 
 
