@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from emerdiff import EmerDiff
+    from emerdiff.data import DatasetMetadata
+    from emerdiff.evaluation import EvaluationData
+    from emerdiff.predict.outputs import ExtrasFromArrays
     from ovseg.vocab import Vocabulary
 
 RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
@@ -174,6 +177,43 @@ def ovseg_settings(cfg: DictConfig) -> Tuple[OVSegConfig, "Vocabulary"]:
     except ValueError as exc:  # unknown vocabulary, templates or encoder, threshold without background
         raise ConfigError(str(exc)) from None
     return settings, vocab
+
+
+def vocabulary_of(cfg: DictConfig) -> Optional[str]:
+    """`ovseg.vocab`, also of a config without an ovseg section (a results folder's saved config.yaml)."""
+    return (cfg.get("ovseg") or {}).get("vocab")
+
+
+def saved_names(cfg: DictConfig) -> Optional["ExtrasFromArrays"]:
+    """For a run that named its masks, the names read back from each image's npz (CLIP does not load); else None."""
+    if not vocabulary_of(cfg):
+        return None
+    from ovseg.outputs import NamedMasks
+
+    return NamedMasks.from_arrays
+
+
+def evaluation_split(cfg: DictConfig) -> Tuple["DatasetMetadata", "EvaluationData"]:
+    """The labelled split `data.*` names: its classes and its data module; an unknown split or option is a
+    ConfigError."""
+    from emerdiff.data import dataset_metadata
+    from emerdiff.evaluation import EvaluationData
+
+    data = cfg.data
+    try:
+        return (dataset_metadata(data.dataset, data.root, data.reduce_zero_label),
+                EvaluationData(data.dataset, data.root, data.size, data.image_list, data.num_workers,
+                               crop=cfg.eval.crop, reduce_zero_label=data.reduce_zero_label))
+    except ValueError as exc:  # unknown split, an option the split does not take, a folder without a root
+        raise ConfigError(str(exc)) from None
+
+
+def mask_prediction_settings(cfg: DictConfig) -> dict:
+    """What EmerDiff's cached predictions of the split depend on (the cache shared by eval and ov_eval)."""
+    from emerdiff.evaluation import prediction_settings
+
+    return prediction_settings(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor), cfg.data.dataset,
+                               cfg.data.size, cfg.eval.crop)
 
 
 def random_model_notice(cfg: DictConfig) -> Optional[str]:

@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser,
-                                build_segmentor, build_trainer, load_cli_config,
-                                parse_args, plural, progress_bar, random_model_notice,
-                                reported_errors)
+from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser, build_segmentor,
+                                build_trainer, evaluation_split, load_cli_config, mask_prediction_settings,
+                                parse_args, plural, progress_bar, random_model_notice, reported_errors)
 from emerdiff.config import ConfigError
 
 if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so --help answers at once
@@ -42,25 +41,17 @@ def evaluate(cfg: DictConfig) -> int:
     if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir:
         raise ConfigError("tell which split, where it is and where results go: "
                           "--cfg configs/eval/DATASET.yaml data.root=PATH --output DIR")
-    from emerdiff.data import dataset_metadata
-    from emerdiff.evaluation import (CACHE_DIR, EvaluationData, EvaluationModule, PredictionCache, ResultsWriter,
-                                     prediction_settings, run_and_report)
+    from emerdiff.evaluation import CACHE_DIR, EvaluationModule, PredictionCache, ResultsWriter, run_and_report
     from emerdiff.stopping import StopOnSignal
 
     out = Path(cfg.output.dir)
-    cache = PredictionCache(out / CACHE_DIR, prediction_settings(
-        OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor), cfg.data.dataset, cfg.data.size,
-        cfg.eval.crop),
-        overwrite=cfg.output.overwrite)
+    cache = PredictionCache(out / CACHE_DIR, mask_prediction_settings(cfg), overwrite=cfg.output.overwrite)
+    metadata, data = evaluation_split(cfg)
     try:
-        metadata = dataset_metadata(cfg.data.dataset, cfg.data.root, cfg.data.reduce_zero_label)
-        data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
-                              cfg.data.num_workers, crop=cfg.eval.crop,
-                              reduce_zero_label=cfg.data.reduce_zero_label)
         module = EvaluationModule(partial(build_segmentor, cfg), cache, cfg.data.dataset,
                                   metadata, OmegaConf.to_object(cfg.eval),
                                   max_repeated_failures=cfg.output.max_repeated_failures)
-    except ValueError as exc:  # unknown split, image list on a split without one
+    except ValueError as exc:  # a bad eval setting
         raise ConfigError(str(exc)) from None
     trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(out), StopOnSignal(), *progress_bar(cfg.trainer)],
                             enable_checkpointing=False,

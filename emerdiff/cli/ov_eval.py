@@ -20,11 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser,
-                                build_segmentor, build_trainer, load_cli_config, ovseg_settings,
-                                parse_args, plural, progress_bar, random_model_notice,
+from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser, build_segmentor,
+                                build_trainer, evaluation_split, load_cli_config, mask_prediction_settings,
+                                ovseg_settings, parse_args, plural, progress_bar, random_model_notice,
                                 reported_errors)
 from emerdiff.config import ConfigError
 
@@ -52,9 +52,7 @@ def evaluate(cfg: DictConfig) -> int:
     if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir or not cfg.ovseg.vocab:
         raise ConfigError("tell which vocabulary and split, where it is and where results go: "
                           "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR")
-    from emerdiff.data import dataset_metadata
-    from emerdiff.evaluation import (CACHE_DIR, EvaluationData, PredictionCache, ResultsWriter, prediction_settings,
-                                     run_and_report)
+    from emerdiff.evaluation import CACHE_DIR, PredictionCache, ResultsWriter, run_and_report
     from emerdiff.stopping import StopOnSignal
     from ovseg.evaluation import (OV_DIR, PAPER_CONVENTION, OpenVocabEvaluation, OpenVocabPrediction,
                                   open_vocab_settings)
@@ -63,15 +61,8 @@ def evaluate(cfg: DictConfig) -> int:
     out = Path(cfg.output.dir)
     results_dir = out / OV_DIR
     settings, vocab = ovseg_settings(cfg)
-    try:
-        metadata = dataset_metadata(cfg.data.dataset, cfg.data.root, cfg.data.reduce_zero_label)
-        data = EvaluationData(cfg.data.dataset, cfg.data.root, cfg.data.size, cfg.data.image_list,
-                              cfg.data.num_workers, crop=cfg.eval.crop,
-                              reduce_zero_label=cfg.data.reduce_zero_label)
-    except ValueError as exc:  # unknown split
-        raise ConfigError(str(exc)) from None
-    prediction = prediction_settings(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor),
-                                     cfg.data.dataset, cfg.data.size, cfg.eval.crop)
+    metadata, data = evaluation_split(cfg)
+    prediction = mask_prediction_settings(cfg)
     masks = PredictionCache(out / CACHE_DIR, prediction, overwrite=cfg.output.overwrite)
     labels = PredictionCache(results_dir / "cache", open_vocab_settings(prediction, settings, vocab),
                              overwrite=cfg.output.overwrite, record=OpenVocabPrediction)

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser,
                                 build_segmentor, build_trainer, load_cli_config, ovseg_settings, parse_args,
-                                plural, progress_bar, random_model_notice, reported_errors)
+                                plural, progress_bar, random_model_notice, reported_errors, saved_names,
+                                vocabulary_of)
 from emerdiff.config import ConfigError, load_config, result_settings
 from emerdiff.files import atomic_file
 from emerdiff.predict.export import FORMATS, export
@@ -61,7 +62,7 @@ def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
     store = OutputStore(out, OutputOptions.from_config(cfg.output, extra_files=named_files() if naming else ()))
     if not cfg.output.overwrite and store.manifest():  # results bind a folder to its settings; a failed start does not
         check_same_settings(out / CONFIG, cfg)
-        redraw_missing(store, naming is not None)
+        redraw_missing(store, cfg)
     done = set() if cfg.output.overwrite else store.done()
     images = find_images(cfg.data.input, exclude=out)
     pending = [image for image in images if image.name not in done]
@@ -99,14 +100,9 @@ def named_files() -> tuple:
     return NAMED_FILES
 
 
-def redraw_missing(store: "OutputStore", named: bool) -> None:
+def redraw_missing(store: "OutputStore", cfg: DictConfig) -> None:
     """Draw the pictures finished images lack (e.g. --figure after the run) from their npz, without the model."""
-    extras = None
-    if named:
-        from ovseg.outputs import NamedMasks  # light: the names are read from the npz, CLIP is not loaded
-
-        extras = NamedMasks.from_arrays
-    drawn, _ = store.redraw_finished(extras)  # an unreadable photo: its image is segmented again, and fails there
+    drawn, _ = store.redraw_finished(saved_names(cfg))  # an unreadable photo: segmented again, and fails there
     if drawn:
         print(f"drew the missing pictures of {plural(drawn, 'finished image')} from their saved arrays")
 
@@ -125,7 +121,7 @@ def check_same_settings(saved: Path, cfg: DictConfig) -> None:
     if not saved.is_file():
         return
     before_cfg = load_config(saved)
-    named = bool(_vocab(before_cfg)) and bool(_vocab(cfg))  # else only the vocabulary itself can differ
+    named = bool(vocabulary_of(before_cfg)) and bool(vocabulary_of(cfg))  # else only the vocabulary can differ
     before, now = result_values(before_cfg, named), result_values(cfg, named)
     changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(before.keys() | now.keys())
                if before.get(k) != now.get(k)]
@@ -139,14 +135,10 @@ def result_values(cfg: DictConfig, named: bool) -> Dict[str, object]:
     values = {f"{section}.{k}": v for section in ("model", "segmentor")
               for k, v in result_settings(OmegaConf.to_object(cfg[section])).items()}
     if not named:
-        return values | {"ovseg.vocab": _vocab(cfg)}
+        return values | {"ovseg.vocab": vocabulary_of(cfg)}
     from ovseg.config import ovseg_settings as checked_ovseg_settings  # masks are named: ovseg is in use
 
     return values | {f"ovseg.{k}": v for k, v in result_settings(checked_ovseg_settings(cfg)).items()}
-
-
-def _vocab(cfg: DictConfig) -> Optional[str]:
-    return (cfg.get("ovseg") or {}).get("vocab")
 
 
 def announce(cfg: DictConfig, images: List["SourceImage"], pending: List["SourceImage"]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from emerdiff.cli.common import base_parser, parse_args, plural, reported_errors
+from emerdiff.cli.common import base_parser, parse_args, plural, reported_errors, saved_names
 from emerdiff.config import ConfigError, load_config
 from emerdiff.predict.layout import CONFIG
 
@@ -36,12 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from emerdiff.predict import OutputOptions, OutputStore  # torch loads once the arguments are checked
 
         store = OutputStore(args.output, OutputOptions.from_config(cfg.output))
-        extras = None
-        if (cfg.get("ovseg") or {}).get("vocab"):
-            from ovseg.outputs import NamedMasks  # the saved names; CLIP is not loaded
-
-            extras = NamedMasks.from_arrays
-        drawn, skipped = store.redraw_finished(extras, endings=["_figure.png"])
+        drawn, skipped = store.redraw_finished(saved_names(cfg), endings=["_figure.png"])
         for name, why in skipped.items():
             print(f"skipped {name}: {why}")
         print(f"drew {plural(drawn, 'figure')} (NAME_figure.png) in {args.output}/")

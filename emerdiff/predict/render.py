@@ -89,7 +89,7 @@ def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.nda
     if classes is None:
         return _titled_row(panels, titles)
     panels.append(class_overlay(small, resize_nearest(classes.labels, size), len(classes.names), alpha))
-    return with_legend(_titled_row(panels, [*titles, "classes"]), NamedLabels(classes.labels, classes.names))
+    return with_legend(_titled_row(panels, [*titles, "classes"]), classes)
 
 
 def class_overlay(photo: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
