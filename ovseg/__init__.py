@@ -7,8 +7,8 @@ open_clip is loaded only by what needs a CLIP model.
 from emerdiff.lazy import lazy_exports
 
 _EXPORTS = {
-    "TINY_MODEL": "dense_encoder", "DenseEncoder": "dense_encoder", "LoadedClip": "dense_encoder",
-    "MaskCLIPEncoder": "dense_encoder", "load_clip": "dense_encoder", "register_model_configs": "dense_encoder",
+    "TINY_MODEL": "clip_model", "LoadedClip": "clip_model", "load_clip": "clip_model",
+    "register_model_configs": "clip_model", "DenseEncoder": "dense_encoder", "MaskCLIPEncoder": "dense_encoder",
     "UNLABELLED": "labeller", "MaskLabels": "labeller", "label_masks": "labeller", "maskclip_labels": "labeller",
     "IMAGENET_TEMPLATES": "text", "MASKCLIP_TEMPLATES": "text", "cached_text_embeddings": "text",
     "text_embeddings": "text",

@@ -12,10 +12,32 @@ from typing import Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.config import check_rules, merge, setting, strict
+from emerdiff.config import ConfigError, check_rules, merge, setting, strict
 
-ENCODER_NAMES = ("maskclip", "tcl")  # ovseg.encoder (built by ovseg.pipeline.ENCODERS)
 TEMPLATE_NAMES = ("maskclip", "imagenet", "tcl")  # ovseg.templates (ovseg.pipeline.TEMPLATE_SETS)
+TEXT_AVERAGES = ("normalised", "raw")  # prompts' embeddings averaged after / before L2 normalisation
+BASELINES = ("cells", "tcl")  # the baseline's decision: per-cell cosine argmax, or TCL's own (PAMR, KP, constant)
+BACKGROUNDS = ("prompt", "constant", "ignore")  # what a vocabulary's background class is (docs/open_vocabulary.md)
+
+
+@dataclass(frozen=True)
+class EncoderConventions:
+    """What a dense encoder's reference evaluation does: the values of the ovseg settings left null."""
+
+    title: str  # the encoder's name in tables and in the paper's rows
+    templates: str  # its prompt set (TEMPLATE_NAMES)
+    text_average: str  # how its prompts' embeddings are averaged (TEXT_AVERAGES)
+    baseline: str  # its own per-pixel decision (BASELINES)
+    background: str  # how its evaluation treats a background class (BACKGROUNDS)
+
+
+# ovseg.encoder -> its reference conventions; the encoders themselves are built by ovseg.pipeline.ENCODER_BUILDERS.
+# MaskCLIP: CLIP's zero-shot averaging; its public VOC evaluation is "w/o background" (background pixels not
+# scored, no background prompt). TCL: raw prompt average normalised once; a constant background score.
+ENCODERS: Dict[str, EncoderConventions] = {
+    "maskclip": EncoderConventions("MaskCLIP", "maskclip", "normalised", "cells", "ignore"),
+    "tcl": EncoderConventions("TCL", "tcl", "raw", "tcl", "constant"),
+}
 
 
 @dataclass
@@ -25,15 +47,21 @@ class OVSegConfig:
     vocab: Optional[str] = None  # shipped name (coco, ade150, ...), a .txt file, or "cat,dog,grass"
     clip_model: str = "ViT-B-16"  # open_clip architecture; ovseg-tiny = tiny test model
     clip_pretrained: Optional[str] = "openai"  # open_clip tag or checkpoint file; null = random weights
+    clip_quick_gelu: Optional[bool] = None  # activation of the CLIP weights; null = from the tag or file (see docs)
     clip_init_seed: int = 0  # seed of the random weights when clip_pretrained is null
     clip_cache_dir: Optional[str] = setting(None, run_only=True)  # where open_clip looks for weights
-    encoder: str = setting("maskclip", choices=ENCODER_NAMES)  # dense encoder: maskclip or tcl (ovseg/tcl.py)
+    encoder: str = setting("maskclip", choices=tuple(ENCODERS))  # dense encoder: maskclip or tcl (ovseg/tcl.py)
     tcl_checkpoint: Optional[str] = setting(None, before=None)  # TCL's tcl.pth; null = random masker (random CLIP only)
     window: Optional[int] = setting(None, minimum=1)  # sliding-window size in pixels; null = the model's input size
     window_stride: Optional[int] = setting(None, minimum=1)  # window step in pixels; null = half a window
     keep_residual: bool = True  # MaskCLIP's last block keeps residual + MLP; false = bare value path
-    templates: str = setting("maskclip", choices=TEMPLATE_NAMES)  # prompts: maskclip (85), imagenet (80), tcl (9)
-    background_threshold: Optional[float] = None  # masks below this cosine become background; null = off
+    templates: Optional[str] = setting(None, choices=TEMPLATE_NAMES)  # maskclip (85), imagenet (80), tcl (9); null = the encoder's
+    baseline: Optional[str] = setting(None, choices=BASELINES, before="cells")  # the baseline row; null = the encoder's own
+    background: Optional[str] = setting(None, choices=BACKGROUNDS, before="prompt")  # background class; null = the encoder's
+    background_threshold: Optional[float] = None  # background=prompt: masks below this cosine become background
+    tcl_pamr: bool = setting(True, before=True)  # baseline=tcl: PAMR refinement of TCL's masks (TCL's evaluation: on)
+    tcl_kp_weight: float = setting(0.3, minimum=0.0, before=0.3)  # baseline=tcl: weight of TCL's KP branch
+    tcl_background_score: Optional[float] = setting(None, before=None)  # background=constant: null = 0.4 with PAMR, else 0.5
     text_cache_dir: Optional[str] = setting(None, run_only=True)  # class text embeddings cache
     paper_miou: Dict[str, float] = setting(factory=dict, run_only=True)  # method -> paper's mIoU
     paper_reference: Dict[str, float] = setting(factory=dict, run_only=True)  # paper rows we do not run -> mIoU
@@ -41,10 +69,28 @@ class OVSegConfig:
 
 
 def ovseg_section(cfg: DictConfig) -> DictConfig:
-    """`cfg.ovseg` merged onto the OVSegConfig defaults and checked: unknown keys and bad values name `ovseg.KEY`."""
+    """`cfg.ovseg` merged onto the OVSegConfig defaults, checked (unknown keys and bad values name `ovseg.KEY`),
+    and with the settings left null set to the encoder's conventions (`ENCODERS`)."""
     section = merge(strict(OVSegConfig), cfg.get("ovseg") or {}, "the 'ovseg' section", prefix="ovseg.")
     check_rules(section, "ovseg.")
+    conventions = ENCODERS[section.encoder]
+    for key in ("templates", "baseline", "background"):
+        if section[key] is None:
+            section[key] = getattr(conventions, key)
+    check_encoder_choices(section)
     return section
+
+
+def check_encoder_choices(section: DictConfig | OVSegConfig) -> None:
+    """Refuse what only TCL can do (its decision, its constant background) with another encoder, and a threshold
+    outside background=prompt."""
+    if section.encoder != "tcl" and "tcl" in (section.baseline, {"constant": "tcl"}.get(section.background)):
+        key = "ovseg.baseline=tcl" if section.baseline == "tcl" else "ovseg.background=constant"
+        raise ConfigError(f"{key} needs TCL's grounding masks: set ovseg.encoder=tcl, or leave it null for "
+                          f"ovseg.encoder={section.encoder}'s own")
+    if section.background_threshold is not None and section.background != "prompt":
+        raise ConfigError(f"ovseg.background_threshold applies to ovseg.background=prompt (background named by its "
+                          f"prompts), not {section.background}: set ovseg.background=prompt or drop the threshold")
 
 
 def ovseg_settings(cfg: DictConfig) -> OVSegConfig:

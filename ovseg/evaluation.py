@@ -32,20 +32,33 @@ from emerdiff.data import DatasetMetadata
 from emerdiff.evaluation import (CONVENTIONS_NOTE, PAPER, CachedEvaluation, ConfusionMatrixMetric, PredictionCache,
                                  ResultsTable, SegmentationScores, SegmentorLoader, percent_cell)
 
-from .config import OVSegConfig
+from .config import ENCODERS, OVSegConfig
 from .pipeline import OpenVocabLabeller, check_threshold
 from .vocab import Vocabulary
 
 METHODS = ("maskclip", "emerdiff")  # table order: the baseline, then EmerDiff's masks named by it
-ENCODER_NAMES = {"maskclip": "MaskCLIP", "tcl": "TCL"}  # ovseg.encoder -> its name in tables and paper rows
-BASELINE_TITLES = {"maskclip": "MaskCLIP (per patch, upsampled)", "tcl": "TCL (per 4x4 cell, upsampled; no PAMR/KP)"}
+CELLS = {"maskclip": "per patch", "tcl": "per 4x4 cell"}  # what one dense embedding covers, per encoder
+BACKGROUND_NOTES = {
+    "prompt": "the background class is named by its text prompts like any other class",
+    "constant": "the background class is not embedded: a constant score (TCL's) decides it",
+    "ignore": "the background class is neither named nor scored: its pixels are ignored (MaskCLIP's evaluation "
+              "\"w/o background\")",
+}
 
 
-def method_titles(encoder: str) -> Dict[str, str]:
-    """Table titles of the two methods with dense encoder `encoder` (`ovseg.encoder`)."""
-    name = ENCODER_NAMES.get(encoder, encoder)
-    return {"maskclip": BASELINE_TITLES.get(encoder, f"{name} (per cell, upsampled)"),
-            "emerdiff": f"{name} + EmerDiff masks"}
+def encoder_title(encoder: str) -> str:
+    """The name of dense encoder `encoder` (`ovseg.encoder`) in tables and paper rows."""
+    return ENCODERS[encoder].title if encoder in ENCODERS else encoder
+
+
+def method_titles(encoder: str, baseline: str = "cells") -> Dict[str, str]:
+    """Table titles of the two methods with dense encoder `encoder` and the baseline's decision `baseline`."""
+    name = encoder_title(encoder)
+    if baseline == "tcl":
+        first = "TCL (its own decision: PAMR, KP branch, background constant)"
+    else:
+        first = f"{name} ({CELLS.get(encoder, 'per cell')}, upsampled)"
+    return {"maskclip": first, "emerdiff": f"{name} + EmerDiff masks"}
 
 
 METHOD_TITLES = method_titles("maskclip")
@@ -105,8 +118,9 @@ class OpenVocabResults(ResultsTable):
 
     def to_markdown(self) -> str:
         """Our two methods beside the paper's numbers, then the paper's rows with other encoders as reference."""
-        encoder = self.settings["ovseg"]["encoder"]
-        titles = method_titles(encoder)
+        ovseg = self.settings["ovseg"]
+        encoder = ovseg["encoder"]
+        titles = method_titles(encoder, ovseg.get("baseline") or "cells")
         paper, reference = self.paper_rows(encoder)
         rows = [["method", "mIoU", "paper", "pixel acc."], ["---", "---:", "---:", "---:"]]
         for method, s in self.scores.items():
@@ -118,6 +132,7 @@ class OpenVocabResults(ResultsTable):
         notes = [self.paper_note] if self.paper_note else []
         conventions = ", ".join(dict.fromkeys(s.convention for s in self.scores.values()))
         notes.append(f"mIoU convention: {conventions}. {CONVENTIONS_NOTE}")
+        notes.append(self.naming_note())
         notes += self.random_weight_notes()
         return self.page(f"Open-vocabulary segmentation: {self.dataset}, vocabulary {self.vocab}", rows, notes)
 
@@ -130,10 +145,25 @@ class OpenVocabResults(ResultsTable):
         """
         maskclip = {"MaskCLIP": self.paper_miou.get("maskclip"), "MaskCLIP + EmerDiff": self.paper_miou.get("emerdiff")}
         rows = {**{k: v for k, v in maskclip.items() if v is not None}, **self.paper_reference}
-        name = ENCODER_NAMES.get(encoder, encoder)
+        name = encoder_title(encoder)
         ours = {"maskclip": name, "emerdiff": f"{name} + EmerDiff"}
         paper = {method: rows[row] for method, row in ours.items() if row in rows}
         return paper, {row: miou for row, miou in rows.items() if row not in ours.values()}
+
+    def naming_note(self) -> str:
+        """Which decision the baseline row is, how the background was treated, and CLIP's activation."""
+        ovseg = self.settings["ovseg"]
+        baseline = ovseg.get("baseline") or "cells"
+        decision = ("TCL's own decision (PAMR " + ("on" if ovseg.get("tcl_pamr", True) else "off") +
+                    f", KP weight {ovseg.get('tcl_kp_weight', 0.3)})" if baseline == "tcl"
+                    else "the argmax of per-cell cosines, upsampled bilinearly")
+        background = BACKGROUND_NOTES[ovseg.get("background") or "prompt"]
+        quick_gelu = ovseg.get("clip_quick_gelu")
+        activation = ("as the CLIP weights' tag or file says" if quick_gelu is None
+                      else "QuickGELU" if quick_gelu else "GELU")
+        return (f"Baseline row: {decision} (ovseg.baseline={baseline}). Background: {background} "
+                f"(ovseg.background={ovseg.get('background') or 'prompt'}; only for vocabularies with a background "
+                f"class). Prompts: {ovseg.get('templates')} templates. CLIP activation: {activation}.")
 
     def random_weight_notes(self) -> List[str]:
         """Warnings for numbers that come from random weights (miniature SD, random CLIP)."""
@@ -144,7 +174,7 @@ class OpenVocabResults(ResultsTable):
         if ovseg["clip_pretrained"] is None:
             notes.append(f"The class names come from CLIP {ovseg['clip_model']} with random weights.")
         if notes:
-            encoder = ENCODER_NAMES.get(ovseg["encoder"], ovseg["encoder"])
+            encoder = encoder_title(ovseg["encoder"])
             notes.append(f"These numbers say nothing about the quality of {encoder} or EmerDiff.")
         return notes
 
@@ -183,10 +213,17 @@ class OpenVocabEvaluation(CachedEvaluation):
         named = self.guarded(image_id, lambda: self.named_masks(batch["image"], image_id, gt))
         if named is None:
             return
-        target = torch.from_numpy(named.gt)
+        target = torch.from_numpy(self.scored_ground_truth(named.gt))
         for method in METHODS:
             self.metrics[method].update(torch.from_numpy(named.labels(method)), target)
         self.num_images.update(1.0)
+
+    def scored_ground_truth(self, gt: np.ndarray) -> np.ndarray:
+        """The ground truth as scored: background pixels ignored when the background is (ovseg.background=ignore)."""
+        background, ignore = self.vocab.background, self.metrics[METHODS[0]].ignore_index
+        if background is None or (self.settings.background or ENCODERS[self.settings.encoder].background) != "ignore":
+            return gt
+        return np.where(gt == background, ignore, gt)
 
     def named_masks(self, image: np.ndarray, image_id: str, gt: np.ndarray) -> OpenVocabPrediction:
         """The named label maps of one image: from the cache, or named now and then cached."""

@@ -46,6 +46,7 @@ def label_masks(
     num_masks: int | None = None,
     background_id: int | None = None,
     threshold: float | None = None,
+    exclude: int | None = None,
 ) -> MaskLabels:
     """Give each mask the class whose text embedding is most similar to the mask's mean embedding.
 
@@ -55,7 +56,8 @@ def label_masks(
     no mask covers get UNLABELLED). Ties between classes go to the lowest class id.
     A mask with no pixels gets class UNLABELLED and score NaN. Background: a mask whose best
     class is ``background_id`` is background; with ``threshold`` set (default off), a mask
-    whose best cosine is below it also becomes ``background_id``.
+    whose best cosine is below it also becomes ``background_id``. Class ``exclude`` is never chosen by
+    similarity (e.g. a background that is not named by prompts); the threshold can still give it.
     """
     if threshold is not None and background_id is None:
         raise ValueError("threshold needs a background_id to assign low-scoring masks to")
@@ -63,6 +65,8 @@ def label_masks(
     weights, segments = _coverage(masks, dense.shape[-2:], num_masks)
     embeddings = F.normalize(weights @ dense.flatten(1).T.float(), dim=-1)
     similarity = embeddings @ F.normalize(text.float(), dim=-1).T  # [K, C]
+    if exclude is not None:
+        similarity[:, exclude] = float("-inf")
     class_ids = similarity.argmax(dim=1)
     scores = similarity.gather(1, class_ids[:, None])[:, 0]
     if threshold is not None:
@@ -82,13 +86,15 @@ def maskclip_labels(
     *,
     background_id: int | None = None,
     threshold: float | None = None,
+    exclude: int | None = None,
     classes_per_pass: int = 32,
 ) -> Tensor:
     """Plain MaskCLIP baseline: per-cell cosine maps, bilinearly upsampled to ``size``, argmax per pixel.
 
     Similarity maps are interpolated, never the integer labels. Classes are processed
     ``classes_per_pass`` at a time (same result, less memory); ties go to the lowest id.
-    With ``threshold`` set, pixels whose best cosine is below it become ``background_id``.
+    With ``threshold`` set, pixels whose best cosine is below it become ``background_id``; class
+    ``exclude`` is never chosen by similarity.
     """
     if threshold is not None and background_id is None:
         raise ValueError("threshold needs a background_id to assign low-scoring pixels to")
@@ -98,6 +104,8 @@ def maskclip_labels(
     labels = torch.zeros(tuple(size), dtype=torch.long, device=cells.device)
     for start in range(0, len(cells), classes_per_pass):
         maps = F.interpolate(cells[None, start : start + classes_per_pass], size=tuple(size), mode="bilinear")[0]
+        if exclude is not None and start <= exclude < start + len(maps):
+            maps[exclude - start] = float("-inf")
         score, index = maps.max(dim=0)
         better = score > best  # strict, so an earlier (lower) class id keeps ties
         best = torch.where(better, score, best)

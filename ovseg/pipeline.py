@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import OVSegConfig
+from .config import ENCODERS, OVSegConfig
 
-from .dense_encoder import DenseEncoder, LoadedClip, MaskCLIPEncoder, load_clip
+from .clip_model import LoadedClip, load_clip
+from .dense_encoder import DenseEncoder, MaskCLIPEncoder
 from .labeller import MaskLabels, label_masks, maskclip_labels
-from .tcl import TCL_TEMPLATES, tcl_encoder
+from .tcl import TCL_TEMPLATES, TCL_WINDOW, TCLEncoder, tcl_background_score, tcl_encoder, tcl_labels
 from .text import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES, cached_text_embeddings
 from .vocab import Vocabulary
 
@@ -37,10 +38,59 @@ EncoderBuilder = Callable[[LoadedClip, OVSegConfig], DenseEncoder]
 
 @dataclass(frozen=True)
 class OpenVocabOutput(MaskLabels):
-    """One image's masks named from the vocabulary (the labeller's MaskLabels, on the CPU) and the per-patch
-    MaskCLIP baseline beside them."""
+    """One image's masks named from the vocabulary (the labeller's MaskLabels, on the CPU) and the baseline's
+    per-pixel decision beside them."""
 
-    baseline: Tensor  # [H, W] int64 vocabulary ids of plain MaskCLIP (per-patch cosines upsampled, argmax)
+    baseline: Tensor  # [H, W] int64 vocabulary ids of the baseline (plain MaskCLIP, or TCL's own decision)
+
+
+@dataclass(frozen=True)
+class NamingRules:
+    """How masks and the baseline are named: background handling and the baseline's decision (`ovseg.config`)."""
+
+    background_id: int | None = None  # the vocabulary's background class, if any
+    background: str = "prompt"  # prompt: a class like any other; constant: TCL's constant score; ignore: never named
+    threshold: float | None = None  # background=prompt: masks and pixels below this cosine become background
+    baseline: str = "cells"  # cells: per-cell cosine argmax, upsampled; tcl: TCL's decision (PAMR, KP, constant)
+    pamr: bool = True  # baseline=tcl: PAMR refinement
+    kp_weight: float = 0.3  # baseline=tcl: weight of the KP branch
+    background_score: float | None = None  # background=constant: TCL's constant; None = TCL's for the PAMR setting
+
+    @classmethod
+    def from_settings(cls, settings: OVSegConfig, background_id: int | None) -> "NamingRules":
+        """The rules of ovseg settings for a vocabulary; settings left null follow the encoder's conventions."""
+        conventions = ENCODERS[settings.encoder]
+        return cls(background_id, settings.background or conventions.background, settings.background_threshold,
+                   settings.baseline or conventions.baseline, settings.tcl_pamr, settings.tcl_kp_weight,
+                   settings.tcl_background_score)
+
+    @property
+    def excluded(self) -> int | None:
+        """The class similarity never picks: a background not named by its prompts."""
+        return self.background_id if self.background != "prompt" else None
+
+    def mask_threshold(self, encoder: DenseEncoder) -> float | None:
+        """The cosine below which a mask is background: the prompt threshold, or TCL's constant (no PAMR) as a cosine."""
+        if self.background_id is None or self.background == "ignore":
+            return None
+        if self.background == "prompt":
+            return self.threshold
+        return _tcl(encoder).cosine_threshold(self.background_score or tcl_background_score(pamr=False))
+
+    def tcl_score(self) -> float | None:
+        """The constant TCL's decision gives the background class: TCL's, -inf when ignored, None when prompted."""
+        if self.background_id is None or self.background == "prompt":
+            return None
+        if self.background == "ignore":
+            return float("-inf")
+        return self.background_score or tcl_background_score(self.pamr)
+
+
+def _tcl(encoder: DenseEncoder) -> TCLEncoder:
+    """The encoder as TCL's, for what only TCL's grounding masks can do."""
+    if not isinstance(encoder, TCLEncoder):
+        raise ValueError("TCL's decision and its constant background need ovseg.encoder=tcl")
+    return encoder
 
 
 def template_set(name: str) -> tuple[str, ...]:
@@ -55,15 +105,16 @@ def maskclip_encoder(clip: LoadedClip, settings: OVSegConfig) -> MaskCLIPEncoder
     return MaskCLIPEncoder(clip.model.visual, settings.window, settings.window_stride, settings.keep_residual)
 
 
-# ovseg.encoder -> builder of an nn.Module satisfying DenseEncoder, in the joint space of the CLIP text tower.
-ENCODERS: dict[str, EncoderBuilder] = {"maskclip": maskclip_encoder, "tcl": tcl_encoder}
+# ovseg.encoder -> builder of an nn.Module satisfying DenseEncoder, in the joint space of the CLIP text tower;
+# each encoder's conventions (templates, averaging, baseline, background) are ovseg.config.ENCODERS.
+ENCODER_BUILDERS: dict[str, EncoderBuilder] = {"maskclip": maskclip_encoder, "tcl": tcl_encoder}
 
 
 def encoder_builder(name: str) -> EncoderBuilder:
     """The dense encoder builder called `name`; a ValueError lists the valid names."""
-    if name not in ENCODERS:
-        raise ValueError(f"ovseg.encoder={name!r} is unknown; valid: {', '.join(ENCODERS)}")
-    return ENCODERS[name]
+    if name not in ENCODER_BUILDERS:
+        raise ValueError(f"ovseg.encoder={name!r} is unknown; valid: {', '.join(ENCODER_BUILDERS)}")
+    return ENCODER_BUILDERS[name]
 
 
 def patch_multiple(size: int, stride: int) -> int:
@@ -80,14 +131,14 @@ def check_threshold(background_id: int | None, threshold: float | None) -> None:
 class OpenVocabLabeller(nn.Module):
     """Names the segments of an image with the classes whose text embeddings are closest (docs/open_vocabulary.md)."""
 
-    def __init__(self, encoder: DenseEncoder, text: Tensor, background_id: int | None = None,
-                 threshold: float | None = None) -> None:
+    def __init__(self, encoder: DenseEncoder, text: Tensor, rules: NamingRules = NamingRules()) -> None:
         super().__init__()
-        check_threshold(background_id, threshold)
+        check_threshold(rules.background_id, rules.threshold)
+        if rules.baseline == "tcl" or (rules.background == "constant" and rules.background_id is not None):
+            _tcl(encoder)
         self.encoder = encoder
         self.register_buffer("text", text.float(), persistent=False)  # [C, D] L2-normalised class embeddings
-        self.background_id = background_id
-        self.threshold = threshold
+        self.rules = rules
 
     @torch.no_grad()
     def forward(self, image: np.ndarray | Tensor, segments: np.ndarray | Tensor,
@@ -96,31 +147,50 @@ class OpenVocabLabeller(nn.Module):
         segments = torch.as_tensor(segments, device=self.text.device).long()
         if tuple(segments.shape) != tuple(image.shape[:2]):
             raise ValueError(f"segments {tuple(segments.shape)} and image {tuple(image.shape[:2])} differ in size")
+        rules = self.rules
         dense = self.dense_embeddings(image)  # [D, h, w]
-        named = label_masks(dense, segments, self.text, num_masks=num_masks, background_id=self.background_id,
-                            threshold=self.threshold)
-        baseline = maskclip_labels(dense, self.text, tuple(segments.shape), background_id=self.background_id,
-                                   threshold=self.threshold)
+        named = label_masks(dense, segments, self.text, num_masks=num_masks, background_id=rules.background_id,
+                            threshold=rules.mask_threshold(self.encoder), exclude=rules.excluded)
+        if rules.baseline == "tcl":
+            baseline = self.tcl_decision(image)
+        else:
+            threshold = rules.threshold if rules.background == "prompt" else rules.mask_threshold(self.encoder)
+            baseline = maskclip_labels(dense, self.text, tuple(segments.shape), background_id=rules.background_id,
+                                       threshold=threshold, exclude=rules.excluded)
         return OpenVocabOutput(class_ids=named.class_ids.cpu(), scores=named.scores.cpu(),
                                label_map=named.label_map.cpu(), mask_embeddings=named.mask_embeddings.cpu(),
                                baseline=baseline.cpu())
 
     def dense_embeddings(self, image: np.ndarray | Tensor) -> Tensor:
         """[D, h, w] dense embeddings of an [H, W, 3] uint8 image resized to multiples of the patch size."""
+        size = tuple(patch_multiple(s, self.encoder.stride) for s in image.shape[:2])
+        return self.encoder(self.normalised(image, size))[0]
+
+    def tcl_decision(self, image: np.ndarray | Tensor) -> Tensor:
+        """[H, W] TCL's own decision, as its evaluation makes it: shorter side at TCL's 448, slide windows, PAMR,
+        KP branch, the background constant, scores resized to the image (mmseg's slide mode)."""
+        rules, (height, width) = self.rules, image.shape[:2]
+        scale = TCL_WINDOW / min(height, width)
+        size = tuple(patch_multiple(round(s * scale), self.encoder.stride) for s in (height, width))
+        return tcl_labels(_tcl(self.encoder), self.normalised(image, size), self.text,
+                          background_id=rules.background_id, background_score=rules.tcl_score(), pamr=rules.pamr,
+                          kp_weight=rules.kp_weight, size=(height, width))[0]
+
+    def normalised(self, image: np.ndarray | Tensor, size: tuple[int, ...]) -> Tensor:
+        """[1, 3, *size] the uint8 image resized (bicubic, antialiased) and normalised with the encoder's statistics."""
         pixels = torch.as_tensor(image, device=self.text.device).permute(2, 0, 1)[None].float() / 255
-        stride = self.encoder.stride
-        size = tuple(patch_multiple(s, stride) for s in pixels.shape[-2:])
-        if size != tuple(pixels.shape[-2:]):
-            pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        if tuple(size) != tuple(pixels.shape[-2:]):
+            pixels = F.interpolate(pixels, size=tuple(size), mode="bicubic", antialias=True,
+                                   align_corners=False).clamp(0, 1)
         mean = pixels.new_tensor(self.encoder.mean)[:, None, None]
         std = pixels.new_tensor(self.encoder.std)[:, None, None]
-        return self.encoder((pixels - mean) / std)[0]
+        return (pixels - mean) / std
 
 
 def check_settings(settings: OVSegConfig, vocab: Vocabulary) -> None:
     """Refuse unknown templates or encoder, or a threshold without a background class, before anything loads."""
     check_threshold(vocab.background, settings.background_threshold)
-    template_set(settings.templates)
+    template_set(settings.templates or ENCODERS[settings.encoder].templates)
     encoder_builder(settings.encoder)
 
 
@@ -134,11 +204,14 @@ class VocabularyLabellers:
 
     def __init__(self, settings: OVSegConfig, cache_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
         self.settings, self.cache_dir, self.device = settings, cache_dir, device
-        self.templates = template_set(settings.templates)
+        conventions = ENCODERS[settings.encoder]
+        self.templates = template_set(settings.templates or conventions.templates)
+        self.text_average = conventions.text_average
         build_encoder = encoder_builder(settings.encoder)
         with torch.random.fork_rng(devices=[]):  # random weights (tests) are the same on every rank and run
             torch.manual_seed(settings.clip_init_seed)
-            self.clip = load_clip(settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir)
+            self.clip = load_clip(settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir,
+                                  settings.clip_quick_gelu)
         self.encoder = build_encoder(self.clip, settings)
 
     def labeller(self, vocab: Vocabulary) -> OpenVocabLabeller:
@@ -147,8 +220,8 @@ class VocabularyLabellers:
         check_threshold(vocab.background, settings.background_threshold)
         text = cached_text_embeddings(clip.model, clip.tokenizer, vocab.synonyms, self.templates,
                                       cache_dir=self.cache_dir, model_name=clip.model_name, pretrained=clip.pretrained,
-                                      init_seed=settings.clip_init_seed)
-        labeller = OpenVocabLabeller(self.encoder, text, vocab.background, settings.background_threshold)
+                                      init_seed=settings.clip_init_seed, average=self.text_average)
+        labeller = OpenVocabLabeller(self.encoder, text, NamingRules.from_settings(settings, vocab.background))
         return labeller.to(self.device).eval()
 
 

@@ -357,20 +357,29 @@ class TCLEncoder(nn.Module):
 
 @torch.no_grad()
 def tcl_labels(encoder: TCLEncoder, images: Tensor, text: Tensor, *, background_id: int | None = None,
-               background_score: float | None = None, pamr: bool = False, kp_weight: float = 0.0) -> Tensor:
+               background_score: float | None = None, pamr: bool = False, kp_weight: float = 0.0,
+               size: tuple[int, int] | None = None) -> Tensor:
     """TCL's own per-pixel decision [B, H, W]: the class of largest grounding mask (``grounding_masks``).
 
     As in TCL's evaluation of datasets with a background class, ``background_score`` (TCL: 0.4 with
     PAMR, 0.5 without) replaces the mask of class ``background_id``: a pixel is background when no
     other class's mask reaches it. Ties go to the lowest class id. TCL's Table 2 setting is
     ``pamr=True, kp_weight=0.3, background_score=0.4``; without PAMR, ``kp_weight=0.3, background_score=0.5``.
+    With ``size``, the masks are first resized bilinearly to it (mmseg resizes scores to the label size).
     """
     masks = encoder.grounding_masks(images, text, pamr=pamr, kp_weight=kp_weight)
+    if size is not None and tuple(size) != tuple(masks.shape[-2:]):
+        masks = F.interpolate(masks, size=tuple(size), mode="bilinear")
     if background_score is not None:
         if background_id is None:
             raise ValueError("background_score needs the vocabulary's background class id")
         masks[:, background_id] = background_score
     return masks.argmax(dim=1)
+
+
+def tcl_background_score(pamr: bool) -> float:
+    """TCL's constant background score: 0.4 with PAMR (configs/eval.yml), 0.5 without (configs/default.yml)."""
+    return 0.4 if pamr else 0.5
 
 
 def self_attention_block(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
@@ -576,7 +585,7 @@ def missing_checkpoint_help(reason: str) -> str:
 
 
 def tcl_encoder(clip, settings) -> TCLEncoder:
-    """ENCODERS builder: the frozen CLIP image tower of ``clip`` + TCL's masker from ``settings.tcl_checkpoint``.
+    """ENCODER_BUILDERS entry: the frozen CLIP image tower of ``clip`` + TCL's masker from ``settings.tcl_checkpoint``.
 
     Without a checkpoint, the random CLIP of ``ovseg.clip_pretrained: null`` gets a random masker
     (seed ``ovseg.clip_init_seed``); real CLIP weights without a checkpoint are an error saying where

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from emerdiff.files import atomic_file
 
+from .config import TEXT_AVERAGES
+
 # CLIP's 80 ImageNet prompt templates (as shipped by open_clip), as "{}" format strings.
 IMAGENET_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 # MaskCLIP's prompt set: the 80 ImageNet templates plus five scene templates (85 in all).
@@ -39,15 +41,23 @@ def text_embeddings(
     classes: ClassNames,
     templates: Sequence[str] = IMAGENET_TEMPLATES,
     batch_size: int = 256,
+    average: str = "normalised",
 ) -> Tensor:
-    """[C, D] class embeddings: normalised prompt embeddings averaged over templates and synonyms, renormalised."""
+    """[C, D] class embeddings: prompt embeddings averaged over templates and synonyms, then normalised.
+
+    ``average="normalised"`` L2-normalises each prompt's embedding before averaging (CLIP's zero-shot
+    classifier, MaskCLIP); ``"raw"`` averages the raw embeddings (TCL's ``build_text_embedding``).
+    """
+    if average not in TEXT_AVERAGES:
+        raise ValueError(f"average={average!r} is unknown; valid: {', '.join(TEXT_AVERAGES)}")
     groups = synonym_groups(classes)
     prompts = [template.format(name) for group in groups for name in group for template in templates]
     owners = torch.tensor([c for c, group in enumerate(groups) for _ in range(len(group) * len(templates))])
     device = next(model.parameters()).device
     encoded = torch.cat(
         [
-            model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=True).float()
+            model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=average == "normalised")
+            .float()
             for i in range(0, len(prompts), batch_size)
         ]
     )
@@ -65,6 +75,7 @@ def cached_text_embeddings(
     model_name: str,
     pretrained: str | None,
     init_seed: int | None = None,
+    average: str = "normalised",
 ) -> Tensor:
     """``text_embeddings`` through a file cache keyed by model, weights, vocabulary and templates.
 
@@ -74,7 +85,7 @@ def cached_text_embeddings(
     A file whose stored key differs from the expected one is recomputed and overwritten. The file
     is named after the model and its weights (`weights_label`; ``init_seed`` names random ones).
     """
-    key = text_cache_key(model, tokenizer, classes, templates, model_name, pretrained)
+    key = text_cache_key(model, tokenizer, classes, templates, model_name, pretrained) | {"average": average}
     digest = _sha256(json.dumps(key, sort_keys=True))
     path = Path(cache_dir) / f"{_slug(model_name)}__{_slug(weights_label(pretrained, init_seed))}__{digest[:16]}.pt"
     device = next(model.parameters()).device
@@ -82,7 +93,7 @@ def cached_text_embeddings(
         stored = torch.load(path, map_location=device, weights_only=True)
         if stored.get("key") == key:
             return stored["embeddings"]
-    embeddings = text_embeddings(model, tokenizer, classes, templates)
+    embeddings = text_embeddings(model, tokenizer, classes, templates, average=average)
     with atomic_file(path) as handle:  # a killed run leaves a temporary file remove_temporary_files drops
         torch.save({"key": key, "embeddings": embeddings.cpu()}, handle)
     return embeddings

@@ -15,7 +15,8 @@ with differ:
 - ``mmseg`` (mmsegmentation: MaskCLIP, TCL, GroupViT): classes with a non-empty union, so a class
   predicted but absent from the ground truth scores IoU 0;
 - ``stego`` (STEGO, PiCIE): averaged as ``mmseg``; its matching differs too (every cluster takes
-  a class, zero-overlap pairs included: `emerdiff.evaluation.protocols`).
+  a class, zero-overlap pairs included: `emerdiff.evaluation.protocols`). With more clusters than
+  classes, `stego_scores` follows STEGO's ``UnsupervisedMetrics`` instead of this matrix.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
 
 MIOU_CONVENTIONS = ("detectron2", "mmseg", "stego")  # see the module docstring
@@ -142,3 +144,37 @@ class ConfusionMatrixMetric(Metric):
     def compute(self) -> SegmentationScores:
         """mIoU, pixel accuracy and per-class IoU of everything counted so far, under this metric's convention."""
         return scores_from_confusion(self.confmat, self.convention)
+
+
+def stego_scores(stats: torch.Tensor | np.ndarray, convention: str = "stego") -> SegmentationScores:
+    """STEGO's scores (``UnsupervisedMetrics``, src/utils.py) of a (clusters, classes) pixel count matrix with
+    more clusters than classes, as STEGO's code computes them.
+
+    1. ``update`` counts only pixels whose cluster id is below the number of classes: the rows of clusters
+       numbered from ``num_classes`` on are zeroed here.
+    2. ``compute``: a Hungarian matching of the classes to clusters gives each class one cluster; the clusters
+       the matching of clusters to classes leaves out are pooled into one pseudo-class row, with a zero column.
+    3. IoU of the ``num_classes + 1`` rows; mIoU averages those with a non-empty union (the pseudo-class
+       scores 0 when it holds pixels); accuracy is the diagonal over all counted pixels.
+    ``iou`` holds the real classes; ``miou`` is STEGO's mean, the pseudo-class included.
+    """
+    counts = torch.as_tensor(stats, dtype=torch.float64).clone()
+    num_clusters, num_classes = counts.shape
+    if num_clusters <= num_classes:
+        raise ValueError(f"stego_scores needs more clusters than classes, got {num_clusters} for {num_classes}")
+    counts[num_classes:] = 0  # STEGO's update: preds >= n_classes are masked out
+    matched_clusters, _ = linear_sum_assignment(counts.numpy(), maximize=True)
+    _, cluster_of_class = linear_sum_assignment(counts.T.numpy(), maximize=True)
+    missing = sorted(set(range(num_clusters)) - set(matched_clusters.tolist()))
+    histogram = torch.cat([counts[cluster_of_class], counts[missing].sum(0, keepdim=True)])
+    histogram = torch.cat([histogram, histogram.new_zeros(num_classes + 1, 1)], dim=1)
+    true_positive = histogram.diagonal()
+    union = histogram.sum(0) + histogram.sum(1) - true_positive
+    iou = true_positive / union  # NaN where the union is empty, as in STEGO
+    total = histogram.sum()
+    return SegmentationScores(
+        miou=iou[~iou.isnan()].mean().item() if (~iou.isnan()).any() else float("nan"),
+        pixel_acc=(true_positive.sum() / total).item() if total > 0 else float("nan"),
+        iou=iou[:num_classes],
+        convention=convention,
+    )

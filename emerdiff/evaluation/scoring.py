@@ -24,7 +24,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..config import PROTOCOLS, EvalConfig, check_rules
-from .metrics import SegmentationScores, scores_from_confusion
+from .metrics import SegmentationScores, scores_from_confusion, stego_scores
 from .protocols import UNMATCHED, assign_to_concepts, cluster_masks, concept_sums, match_clusters, match_image, relabel
 
 # The mIoU convention of the papers each protocol's numbers are compared with (eval.miou_convention=null):
@@ -110,9 +110,14 @@ def dataset_protocol_scores(masks: DatasetMasks, protocols: Sequence[str], num_c
     for method, histograms in masks.histograms.items():  # one k-means, matched on each method's histograms
         if "dataset" in protocols:
             convention = miou_convention("dataset", settings)
-            matching = match_clusters(clusters, histograms, num_clusters, keep_empty_pairs=convention == "stego")
-            confmat = confusion_from_histograms(histograms, matching.class_of_mask, num_classes)
-            scores[method]["dataset"] = scores_from_confusion(confmat, convention)
+            if convention == "stego" and num_clusters > num_classes:  # STEGO's own computation (extra clusters)
+                stats = np.zeros((num_clusters, num_classes), dtype=np.int64)
+                np.add.at(stats, clusters, histograms)
+                scores[method]["dataset"] = stego_scores(stats)
+            else:
+                matching = match_clusters(clusters, histograms, num_clusters, keep_empty_pairs=convention == "stego")
+                confmat = confusion_from_histograms(histograms, matching.class_of_mask, num_classes)
+                scores[method]["dataset"] = scores_from_confusion(confmat, convention)
         if "concept_dataset" in protocols:
             classes = assign_to_concepts(masks.embeddings, concept_sums(masks.embeddings, histograms))
             scores[method]["concept_dataset"] = scores_from_confusion(

@@ -170,3 +170,42 @@ def test_scores_in_percent_name_their_convention_beside_the_numbers():
     result = scores([[0, 1]], [[0, 1]], num_classes=2)
     assert result.in_percent(["a", "b"]) == {"miou": 100.0, "pixel_acc": 100.0, "miou_convention": "detectron2",
                                              "iou": {"a": 100.0, "b": 100.0}}
+
+
+# ---- STEGO's scores with more clusters than classes ----------------------------------------------------
+
+# 8 clusters (rows) x 6 classes (columns). Clusters 6 and 7 are numbered past the classes: STEGO's update drops
+# their pixels. Clusters 0-5 match classes 0-5 (the Hungarian optimum), none is left for the pseudo-class.
+STEGO_CASE = [[40, 2, 0, 0, 0, 0], [3, 30, 0, 0, 0, 0], [0, 0, 25, 5, 0, 0], [0, 0, 4, 20, 0, 0],
+              [0, 0, 0, 0, 35, 6], [0, 0, 0, 0, 2, 10], [10, 0, 0, 0, 0, 8], [0, 5, 0, 6, 0, 0]]
+# IoU = tp / (column + row - tp) over clusters 0-5: 40/45, 30/35, 25/34, 20/29, 35/43, 10/18; accuracy 160/182
+STEGO_IOU = [40 / 45, 30 / 35, 25 / 34, 20 / 29, 35 / 43, 10 / 18]
+
+
+def test_stego_scores_with_extra_clusters_are_stegos_hand_computed_numbers():
+    from emerdiff.evaluation.metrics import stego_scores
+
+    scores = stego_scores(torch.tensor(STEGO_CASE))
+    assert scores.miou == pytest.approx(sum(STEGO_IOU) / 6, abs=1e-12)  # 0.75675
+    assert scores.pixel_acc == pytest.approx(160 / 182, abs=1e-12)
+    torch.testing.assert_close(scores.iou, torch.tensor(STEGO_IOU, dtype=torch.float64))
+    # ours before: clusters 6 and 7 unmatched, their pixels false negatives of classes 0, 1, 3 and 5
+    confmat = torch.zeros(6, 7, dtype=torch.int64)
+    for cluster, row in enumerate(STEGO_CASE):
+        confmat[:, min(cluster, 6)] += torch.tensor(row)
+    assert scores_from_confusion(confmat, "stego").miou < scores.miou - 0.03
+
+
+def test_the_dataset_protocol_under_stegos_convention_scores_extra_clusters_as_stego(monkeypatch):
+    """eval.dataset_clusters above the class count: one mask per cluster, each holding one row of STEGO_CASE."""
+    import numpy as np
+
+    from emerdiff.config import EvalConfig
+    from emerdiff.evaluation import scoring
+
+    histograms = np.array(STEGO_CASE, dtype=np.int64)
+    monkeypatch.setattr(scoring, "cluster_masks", lambda embeddings, num_clusters, **kwargs: np.arange(8))
+    masks = scoring.DatasetMasks(embeddings=np.eye(8, dtype=np.float32), histograms={"emerdiff": histograms},
+                                 num_images=8)
+    result = scoring.dataset_protocol_scores(masks, ["dataset"], 6, EvalConfig(dataset_clusters=8))
+    assert result.scores["emerdiff"]["dataset"].miou == pytest.approx(sum(STEGO_IOU) / 6, abs=1e-12)

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg.dense_encoder import LoadedClip, MaskCLIPEncoder, load_clip
+from ovseg.clip_model import LoadedClip, load_clip
+from ovseg.dense_encoder import MaskCLIPEncoder
 from ovseg.tcl import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -290,9 +291,9 @@ def test_sides_not_multiple_of_the_patch_are_zero_padded_centred_and_cropped_bac
 
 
 def test_ovseg_encoder_tcl_builds_tcl_with_its_preprocessing_and_names_masks(clip, photo):
-    from ovseg.pipeline import ENCODERS, OpenVocabLabeller
+    from ovseg.pipeline import ENCODER_BUILDERS, OpenVocabLabeller
 
-    encoder = ENCODERS["tcl"](clip, settings())
+    encoder = ENCODER_BUILDERS["tcl"](clip, settings())
     assert isinstance(encoder, TCLEncoder)
     assert (encoder.stride, encoder.embed_dim) == (4, EMBED)
     assert (encoder.mean, encoder.std) == (IMAGENET_MEAN, IMAGENET_STD)
@@ -337,8 +338,9 @@ def test_ovseg_settings_accept_tcl_and_its_templates(tmp_path):
 
 
 def test_ov_eval_with_tcl_scores_tcls_labels_and_its_numbers_are_the_cached_maps(tmp_path):
-    """tools/ov_eval.py ovseg.encoder=tcl on the miniature models: the cached baseline is TCL's per-cell
-    decision on the evaluated image, and both reported mIoUs equal a hand computation from the cache."""
+    """tools/ov_eval.py ovseg.encoder=tcl on the miniature models: the cached baseline is TCL's own decision
+    (PAMR, KP branch, background constant) on the evaluated image, and both reported mIoUs equal a hand
+    computation from the cache."""
     import json
 
     import numpy as np
@@ -358,7 +360,9 @@ def test_ov_eval_with_tcl_scores_tcls_labels_and_its_numbers_are_the_cached_maps
     results = json.loads((out / "ov" / "results.json").read_text())
     assert results["settings"]["ovseg"]["encoder"] == "tcl"
     table = (out / "ov" / "results.md").read_text()
-    assert "| TCL (per 4x4 cell, upsampled; no PAMR/KP) |" in table and "| TCL + EmerDiff masks |" in table
+    assert "| TCL (its own decision: PAMR, KP branch, background constant) |" in table
+    assert "| TCL + EmerDiff masks |" in table and "Baseline row: TCL's own decision (PAMR on, KP weight 0.3)" in table
+    assert (results["settings"]["ovseg"]["templates"], results["settings"]["ovseg"]["baseline"]) == ("tcl", "tcl")
 
     # The cached baseline is what the TCL labeller gives on the evaluated (cropped, resized) image.
     settings = OVSegConfig(**{k: v for k, v in results["settings"]["ovseg"].items() if k != "vocab_sha256"})
@@ -391,7 +395,7 @@ def test_ov_eval_with_tcl_scores_tcls_labels_and_its_numbers_are_the_cached_maps
 
 
 @pytest.mark.parametrize("encoder", ["tcl", "maskclip"])
-def test_results_name_the_encoder_that_ran_and_put_its_paper_rows_beside_ours(encoder):
+def test_results_name_the_encoder_and_baseline_that_ran_and_put_its_paper_rows_beside_ours(encoder):
     """pc59.yaml-like paper numbers: MaskCLIP's by method, TCL's and CLIPpy's as named reference rows."""
     from emerdiff.evaluation import SegmentationScores
 
@@ -401,12 +405,13 @@ def test_results_name_the_encoder_that_ran_and_put_its_paper_rows_beside_ours(en
     results = OpenVocabResults(
         dataset="pascal_context59_val", classes=["cat"], num_images=1, vocab="pc59", scores=scores,
         settings={"model": {"pretrained": "sd15", "random_init": False},
-                  "ovseg": {"encoder": encoder, "clip_pretrained": "openai", "clip_model": "ViT-B-16"}},
+                  "ovseg": {"encoder": encoder, "clip_pretrained": "openai", "clip_model": "ViT-B-16",
+                            "baseline": {"tcl": "tcl", "maskclip": "cells"}[encoder]}},
         paper_miou={"emerdiff": 15.9}, paper_reference={"TCL": 28.9, "TCL + EmerDiff": 35.4, "CLIPpy": 12.0},
         paper_note=None)
     table = results.to_markdown()
     if encoder == "tcl":
-        assert "| TCL (per 4x4 cell, upsampled; no PAMR/KP) | 25.0 | 28.9 |" in table
+        assert "| TCL (its own decision: PAMR, KP branch, background constant) | 25.0 | 28.9 |" in table
         assert "| TCL + EmerDiff masks | 25.0 | 35.4 |" in table
         assert "| MaskCLIP + EmerDiff (paper only, not run here) | – | 15.9 |" in table
         assert "TCL + EmerDiff (paper only" not in table and "MaskCLIP (per patch" not in table
