@@ -13,3 +13,9 @@ def lazy_exports(package: str, exports: Dict[str, str]) -> Callable[[str], Any]:
         return getattr(import_module(f".{exports[name]}", package), name)
 
     return __getattr__
+
+
+def resolve(reference: str) -> Any:
+    """The object a ``"package.module:attribute"`` reference names (registries list objects this way, light)."""
+    module, _, attribute = reference.partition(":")
+    return getattr(import_module(module), attribute)

@@ -14,7 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from emerdiff.config import ConfigError, check_rules, merge, setting, strict
 
-TEMPLATE_NAMES = ("maskclip", "imagenet", "tcl")  # ovseg.templates (ovseg.pipeline.TEMPLATE_SETS)
+# ovseg.templates -> its prompt set, named lazily (emerdiff.lazy.resolve) so that this module stays light.
+TEMPLATE_SETS: Dict[str, str] = {"maskclip": "ovseg.text:MASKCLIP_TEMPLATES", "imagenet": "ovseg.text:IMAGENET_TEMPLATES",
+                                 "tcl": "ovseg.tcl:TCL_TEMPLATES"}
 TEXT_AVERAGES = ("normalised", "raw")  # prompts' embeddings averaged after / before L2 normalisation
 BASELINES = ("cells", "tcl")  # the baseline's decision: per-cell cosine argmax, or TCL's own (PAMR, KP, constant)
 BACKGROUNDS = ("prompt", "constant", "ignore")  # what a vocabulary's background class is (docs/open_vocabulary.md)
@@ -22,21 +24,23 @@ BACKGROUNDS = ("prompt", "constant", "ignore")  # what a vocabulary's background
 
 @dataclass(frozen=True)
 class EncoderConventions:
-    """What a dense encoder's reference evaluation does: the values of the ovseg settings left null."""
+    """A dense encoder: how to build it, and what its reference evaluation does (the ovseg settings left null)."""
 
     title: str  # the encoder's name in tables and in the paper's rows
-    templates: str  # its prompt set (TEMPLATE_NAMES)
+    builder: str  # "module:function" building it from a LoadedClip and OVSegConfig (ovseg.pipeline.EncoderBuilder)
+    templates: str  # its prompt set (TEMPLATE_SETS)
     text_average: str  # how its prompts' embeddings are averaged (TEXT_AVERAGES)
     baseline: str  # its own per-pixel decision (BASELINES)
     background: str  # how its evaluation treats a background class (BACKGROUNDS)
 
 
-# ovseg.encoder -> its reference conventions; the encoders themselves are built by ovseg.pipeline.ENCODER_BUILDERS.
+# ovseg.encoder -> the encoder. A third one plugs in here without touching the labeller.
 # MaskCLIP: CLIP's zero-shot averaging; its public VOC evaluation is "w/o background" (background pixels not
 # scored, no background prompt). TCL: raw prompt average normalised once; a constant background score.
 ENCODERS: Dict[str, EncoderConventions] = {
-    "maskclip": EncoderConventions("MaskCLIP", "maskclip", "normalised", "cells", "ignore"),
-    "tcl": EncoderConventions("TCL", "tcl", "raw", "tcl", "constant"),
+    "maskclip": EncoderConventions("MaskCLIP", "ovseg.pipeline:maskclip_encoder", "maskclip", "normalised", "cells",
+                                   "ignore"),
+    "tcl": EncoderConventions("TCL", "ovseg.tcl_weights:tcl_encoder", "tcl", "raw", "tcl", "constant"),
 }
 
 
@@ -55,7 +59,7 @@ class OVSegConfig:
     window: Optional[int] = setting(None, minimum=1)  # sliding-window size in pixels; null = the model's input size
     window_stride: Optional[int] = setting(None, minimum=1)  # window step in pixels; null = half a window
     keep_residual: bool = True  # MaskCLIP's last block keeps residual + MLP; false = bare value path
-    templates: Optional[str] = setting(None, choices=TEMPLATE_NAMES)  # maskclip (85), imagenet (80), tcl (9); null = the encoder's
+    templates: Optional[str] = setting(None, choices=tuple(TEMPLATE_SETS))  # maskclip (85), imagenet (80), tcl (9); null = the encoder's
     baseline: Optional[str] = setting(None, choices=BASELINES, before="cells")  # the baseline row; null = the encoder's own
     background: Optional[str] = setting(None, choices=BACKGROUNDS, before="prompt")  # background class; null = the encoder's
     background_threshold: Optional[float] = None  # background=prompt: masks below this cosine become background

@@ -1,4 +1,4 @@
-"""The open-vocabulary step for one image: dense CLIP embeddings, then name each mask and the MaskCLIP baseline.
+"""The open-vocabulary step for one image: dense CLIP embeddings, then name each mask and compute the baseline.
 
 >>> labeller = build_labeller(OVSegConfig(vocab="voc"), read_vocabulary("voc"), cache_dir="text_cache")
 >>> named = labeller(image, segments)  # image [H, W, 3] uint8; segments [H, W] mask ids (e.g. EmerDiff's labels)
@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ENCODERS, OVSegConfig
+from emerdiff.lazy import resolve
 
+from .config import ENCODERS, TEMPLATE_SETS, OVSegConfig
 from .clip_model import LoadedClip, load_clip
 from .dense_encoder import DenseEncoder, MaskCLIPEncoder
 from .labeller import MaskLabels, label_masks, maskclip_labels
-from .tcl import TCL_TEMPLATES, TCL_WINDOW, TCLEncoder, tcl_background_score, tcl_encoder, tcl_labels
-from .text import IMAGENET_TEMPLATES, MASKCLIP_TEMPLATES, cached_text_embeddings
+from .tcl import TCL_WINDOW, TCLEncoder, tcl_background_score, tcl_labels
+from .text import cached_text_embeddings
 from .vocab import Vocabulary
 
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"maskclip": MASKCLIP_TEMPLATES, "imagenet": IMAGENET_TEMPLATES,
-                                             "tcl": TCL_TEMPLATES}
 EncoderBuilder = Callable[[LoadedClip, OVSegConfig], DenseEncoder]
 
 
@@ -94,10 +93,10 @@ def _tcl(encoder: DenseEncoder) -> TCLEncoder:
 
 
 def template_set(name: str) -> tuple[str, ...]:
-    """The prompt templates called `name`; a ValueError lists the valid names."""
+    """The prompt templates called `name` (`ovseg.config.TEMPLATE_SETS`); a ValueError lists the valid names."""
     if name not in TEMPLATE_SETS:
         raise ValueError(f"ovseg.templates={name!r} is unknown; valid: {', '.join(TEMPLATE_SETS)}")
-    return TEMPLATE_SETS[name]
+    return resolve(TEMPLATE_SETS[name])
 
 
 def maskclip_encoder(clip: LoadedClip, settings: OVSegConfig) -> MaskCLIPEncoder:
@@ -105,16 +104,12 @@ def maskclip_encoder(clip: LoadedClip, settings: OVSegConfig) -> MaskCLIPEncoder
     return MaskCLIPEncoder(clip.model.visual, settings.window, settings.window_stride, settings.keep_residual)
 
 
-# ovseg.encoder -> builder of an nn.Module satisfying DenseEncoder, in the joint space of the CLIP text tower;
-# each encoder's conventions (templates, averaging, baseline, background) are ovseg.config.ENCODERS.
-ENCODER_BUILDERS: dict[str, EncoderBuilder] = {"maskclip": maskclip_encoder, "tcl": tcl_encoder}
-
-
 def encoder_builder(name: str) -> EncoderBuilder:
-    """The dense encoder builder called `name`; a ValueError lists the valid names."""
-    if name not in ENCODER_BUILDERS:
-        raise ValueError(f"ovseg.encoder={name!r} is unknown; valid: {', '.join(ENCODER_BUILDERS)}")
-    return ENCODER_BUILDERS[name]
+    """The builder of dense encoder `name` (`ovseg.config.ENCODERS`): an nn.Module satisfying DenseEncoder, in the
+    joint space of the CLIP text tower; a ValueError lists the valid names."""
+    if name not in ENCODERS:
+        raise ValueError(f"ovseg.encoder={name!r} is unknown; valid: {', '.join(ENCODERS)}")
+    return resolve(ENCODERS[name].builder)
 
 
 def patch_multiple(size: int, stride: int) -> int:

@@ -92,7 +92,7 @@ def test_image_text_and_dense_embeddings_equal_openais_reference_clip(weights_fi
     images, tokens = inputs()
     torch.testing.assert_close(ours.model.encode_image(images), reference.encode_image(images), **TOLERANCE)
     torch.testing.assert_close(ours.model.encode_text(tokens), reference.encode_text(tokens), **TOLERANCE)
-    dense = MaskCLIPEncoder(ours.model.visual).encode_window(images)
+    dense = MaskCLIPEncoder(ours.model.visual).dense_window(images)
     torch.testing.assert_close(dense, reference_dense(reference, images), **TOLERANCE)
     assert ours.quick_gelu and built_with_quick_gelu(ours.model)
 
@@ -105,7 +105,7 @@ def test_the_comparison_fails_on_a_gelu_build_of_the_same_weights(weights_file, 
     assert not built_with_quick_gelu(gelu.model)
     for ours, theirs in ((gelu.model.encode_image(images), reference.encode_image(images)),
                          (gelu.model.encode_text(tokens), reference.encode_text(tokens)),
-                         (MaskCLIPEncoder(gelu.model.visual).encode_window(images), reference_dense(reference, images))):
+                         (MaskCLIPEncoder(gelu.model.visual).dense_window(images), reference_dense(reference, images))):
         with pytest.raises(AssertionError):
             torch.testing.assert_close(ours, theirs, **TOLERANCE)
 

@@ -53,11 +53,14 @@ def _hand_dense(visual, images, keep_residual):
     return out.transpose(1, 2).reshape(len(images), -1, grid_h, grid_w)
 
 
-def test_tiny_model_is_selected_by_name_and_tokenizes_offline(clip):
+def test_tiny_model_is_selected_by_name_and_tokenizes_offline_with_clips_own_vocabulary(clip):
     tokens = clip.tokenizer(["a photo of a cat.", "grass"])
-    assert tokens.shape == (2, 77)
+    # CLIP's BPE: start 49406, "a" 320, "photo" 1125, "of" 539, "cat" 2368, "." 269, end 49407, then zero padding
+    assert tokens[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 269, 49407] and not tokens[0, 8:].any()
     assert clip.model_name == TINY_MODEL and clip.pretrained is None
-    assert clip.model.encode_text(tokens).shape == (2, 32)
+    with torch.no_grad():
+        embeddings = clip.model.encode_text(tokens)
+    assert not torch.allclose(embeddings[0], embeddings[1])  # the prompts reach the text tower
 
 
 def test_encoder_satisfies_the_dense_encoder_protocol(encoder):
@@ -97,7 +100,7 @@ def test_sliding_window_averages_overlapping_windows(encoder):
     images = torch.randn(1, 3, 64, 128)  # windows of 64 px every 32 px: left = 0, 32, 64
     with torch.no_grad():
         features = encoder(images)
-        windows = [F.normalize(encoder.encode_window(images[..., left : left + 64]), dim=1) for left in (0, 32, 64)]
+        windows = [F.normalize(encoder.dense_window(images[..., left : left + 64]), dim=1) for left in (0, 32, 64)]
     torch.testing.assert_close(features[..., :2], windows[0][..., :2])  # cells seen by one window only
     torch.testing.assert_close(features[..., 6:], windows[2][..., 2:])
     middle = F.normalize(windows[0][..., 2:4] + windows[1][..., :2], dim=1)
@@ -108,7 +111,7 @@ def test_window_larger_than_the_image_encodes_it_whole(clip):
     images = torch.randn(1, 3, 96, 128)
     whole = MaskCLIPEncoder(clip.model.visual, window=1024)
     with torch.no_grad():
-        torch.testing.assert_close(whole(images), F.normalize(whole.encode_window(images), dim=1))
+        torch.testing.assert_close(whole(images), F.normalize(whole.dense_window(images), dim=1))
         assert not torch.allclose(whole(images), MaskCLIPEncoder(clip.model.visual)(images))
 
 

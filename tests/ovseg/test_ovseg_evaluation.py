@@ -41,7 +41,11 @@ def test_labeller_names_each_mask_and_the_baseline_on_an_image_of_any_size():
     assert torch.equal(named.label_map, torch.from_numpy(segments))
     assert named.baseline.shape == (50, 70)
     assert (named.baseline[:, :30] == 0).all() and (named.baseline[:, 40:] == 1).all()
+
+
+def test_image_sides_resize_to_the_nearest_multiple_of_the_patch_and_at_least_one_patch():
     assert patch_multiple(50, 8) == 48 and patch_multiple(70, 8) == 72 and patch_multiple(3, 8) == 8
+    assert patch_multiple(53, 8) == 56 and patch_multiple(48, 8) == 48
 
 
 def test_random_clip_is_the_same_in_every_build_so_ddp_ranks_agree(tmp_path):
@@ -74,8 +78,6 @@ def test_threshold_needs_a_vocabulary_with_a_background_class(tmp_path):
     settings = OVSegConfig(vocab="cat,dog", clip_model="ovseg-tiny", clip_pretrained=None, background_threshold=0.2)
     with pytest.raises(ValueError, match="background"):
         build_labeller(settings, read_vocabulary("cat,dog"), tmp_path)
-
-
 
 
 # --- results ------------------------------------------------------------------------------------------

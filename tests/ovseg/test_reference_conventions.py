@@ -15,7 +15,8 @@ from emerdiff.config import ConfigError
 from ovseg.clip_model import load_clip
 from ovseg.config import ovseg_settings
 from ovseg.pipeline import NamingRules, OpenVocabLabeller
-from ovseg.tcl import TCL_WINDOW, TCLEncoder, random_tcl_masker
+from ovseg.tcl import TCL_WINDOW, TCLEncoder
+from ovseg.tcl_weights import random_tcl_masker
 from ovseg.text import text_embeddings
 
 

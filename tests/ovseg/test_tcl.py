@@ -14,18 +14,9 @@ import torch.nn.functional as F
 
 from ovseg.clip_model import LoadedClip, load_clip
 from ovseg.dense_encoder import MaskCLIPEncoder
-from ovseg.tcl import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TCL_CHECKPOINT_URL,
-    TCLEncoder,
-    load_tcl_masker,
-    pamr_refine,
-    random_tcl_masker,
-    read_tcl_checkpoint,
-    tcl_encoder,
-    tcl_labels,
-)
+from ovseg.refine import pamr_refine
+from ovseg.tcl import IMAGENET_MEAN, IMAGENET_STD, TCLEncoder, tcl_labels
+from ovseg.tcl_weights import TCL_CHECKPOINT_URL, load_tcl_masker, random_tcl_masker, read_tcl_checkpoint, tcl_encoder
 
 WIDTH, EMBED, FREEZE = 64, 32, 1  # ovseg-tiny: width 64, joint space 32, masker owns block 1 of 2
 
@@ -291,9 +282,9 @@ def test_sides_not_multiple_of_the_patch_are_zero_padded_centred_and_cropped_bac
 
 
 def test_ovseg_encoder_tcl_builds_tcl_with_its_preprocessing_and_names_masks(clip, photo):
-    from ovseg.pipeline import ENCODER_BUILDERS, OpenVocabLabeller
+    from ovseg.pipeline import OpenVocabLabeller, encoder_builder
 
-    encoder = ENCODER_BUILDERS["tcl"](clip, settings())
+    encoder = encoder_builder("tcl")(clip, settings())
     assert isinstance(encoder, TCLEncoder)
     assert (encoder.stride, encoder.embed_dim) == (4, EMBED)
     assert (encoder.mean, encoder.std) == (IMAGENET_MEAN, IMAGENET_STD)
