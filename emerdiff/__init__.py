@@ -6,6 +6,8 @@ tools can parse their arguments and check a config before torch and diffusers lo
 
 from .lazy import lazy_exports
 
+__version__ = "0.2.0"  # the one version: setup.cfg reads it, results and commands report it
+
 _EXPORTS = {
     "ConfigError": "config", "EmerDiffConfig": "config", "load_config": "config",
     "WeightsNotFoundError": "config",

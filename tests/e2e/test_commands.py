@@ -7,6 +7,7 @@ command running the same `main`; after `pip install .` the shipped configs work 
 import shutil
 import subprocess
 import sys
+import sysconfig
 from importlib.metadata import distribution
 from pathlib import Path
 
@@ -62,20 +63,26 @@ def test_each_user_mistake_is_one_error_line_and_exit_status_2(mistake, named, t
 def plain_install(tmp_path_factory) -> Path:
     """The package built as a wheel from a copy of the checkout and installed, not editable, into a fresh venv.
 
-    The venv sees this environment's site-packages for the dependencies (no download); its own emerdiff,
-    installed from the wheel, comes first on its path.
+    The venv sees the dependencies of the environment running the tests (no download), whether that is a venv,
+    a conda env or the system Python: a .pth file adds this interpreter's own site-packages (not its base
+    interpreter's, which `--system-site-packages` would give from inside a venv). Its own emerdiff, installed
+    from the wheel, comes first on its path.
     """
     root = tmp_path_factory.mktemp("install")
     source = root / "source"
     source.mkdir()
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, source / name)
     for name in ("emerdiff", "ovseg", "configs"):
         shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(root / "wheel"), str(source)], check=True, capture_output=True, timeout=600)
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    own = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    dependencies = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    (Path(own) / "test_dependencies.pth").write_text("\n".join(dependencies) + "\n")
     wheel = next((root / "wheel").glob("emerdiff-*.whl"))
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True, timeout=600)

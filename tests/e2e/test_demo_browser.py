@@ -36,8 +36,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
-    reason="needs Debian's headless Chromium and its driver: apt-get install -y chromium chromium-driver "
-           "(.ci/run installs them)")
+    reason="needs a headless Chromium and its driver; on Debian or Ubuntu: "
+           "sudo apt-get update && sudo apt-get install -y chromium chromium-driver (README.md, Tests)")
 
 STARTUP_S = 240  # importing torch and Gradio and building the miniature models, on a loaded 2-core machine
 RUN_S = 240  # one segmentation of the miniature model
