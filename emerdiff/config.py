@@ -19,13 +19,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .choices import CROPS, INTERPOLATIONS, MIOU_CONVENTIONS, PROTOCOLS
+
 IMPLS = ("fast", "reference")  # segmentor.impl
 PLACEMENTS = ("output", "value")  # segmentor.offset_placement
-INTERPOLATIONS = ("bicubic", "bilinear")  # segmentor.interpolation
 ASPECTS = ("keep", "square")  # segmentor.aspect
-DTYPES = ("auto", "float32", "float16", "bfloat16")  # model.dtype
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # model.dtype: auto, or the name of a torch dtype
 KMEANS_DEVICES = ("auto", "cpu", "gpu")  # segmentor.kmeans_device
-PROTOCOLS = ("hungarian", "majority", "dataset", "concept_image", "concept_dataset")  # eval.protocols, table order
 MATCH_CRITERIA = ("iou", "overlap")  # eval.match_criterion
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed with the package
 
@@ -139,8 +139,8 @@ class EvalConfig:
     kmeans_restarts: int = setting(5, minimum=1)
     kmeans_iters: int = setting(50, minimum=1)
     kmeans_l2_normalize: bool = False  # spherical k-means on L2-normalised mask embeddings
-    miou_convention: Optional[str] = setting(None, choices=("detectron2", "mmseg", "stego"))  # classes mIoU averages; null = each protocol's paper (docs/evaluation.md)
-    crop: str = setting("center", choices=("center", "none"))  # center: data.size x data.size central square; none: whole image, shorter side data.size
+    miou_convention: Optional[str] = setting(None, choices=MIOU_CONVENTIONS)  # classes mIoU averages; null = each protocol's paper (docs/evaluation.md)
+    crop: str = setting("center", choices=CROPS, before="center")  # center: data.size x data.size central square; none: whole image, shorter side data.size
     paper_miou: Dict[str, Dict[str, float]] = setting(factory=dict, run_only=True)  # protocol -> method -> paper's mIoU
     paper_note: Optional[str] = setting(None, run_only=True)  # context printed under the results table
 
@@ -189,12 +189,18 @@ def result_settings(settings: Any) -> Dict[str, Any]:
     are later keys at the value behaviour had before them (`setting(before=...)`)."""
     out = {}
     for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        before = f.metadata.get("before", dataclasses.MISSING)
-        if f.metadata.get("run_only") or (before is not dataclasses.MISSING and value == before):
-            continue
-        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        if not f.metadata.get("run_only"):
+            out.update(recorded_setting(type(settings), f.name, getattr(settings, f.name)))
     return out
+
+
+def recorded_setting(section: type, name: str, value: Any) -> Dict[str, Any]:
+    """``{name: value}`` as a result setting of config section `section`, or nothing when `name` is a key added
+    later and `value` is the behaviour it had before (`setting(before=...)`): caches made before it stay valid."""
+    before = next(f for f in dataclasses.fields(section) if f.name == name).metadata.get("before", dataclasses.MISSING)
+    if before is not dataclasses.MISSING and value == before:
+        return {}
+    return {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value}
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:

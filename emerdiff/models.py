@@ -24,7 +24,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .config import ModelConfig, WeightsNotFoundError
+from .config import DTYPES, ModelConfig, WeightsNotFoundError
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -33,11 +33,6 @@ ARCH_DIR = Path(__file__).parent / "arch"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 COMPILED_REGIONS = (ResnetBlock2D, FeedForward)
 RECOMPILE_LIMIT = 128  # graphs per region class: one per distinct (channels, size, batch) of its instances
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
 
 
 @dataclass
@@ -86,9 +81,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto`` is float16 on CUDA and float32 elsewhere (diffusers' CPU advice)."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown model.dtype '{dtype}'; use one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown model.dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
 
 
 def byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:

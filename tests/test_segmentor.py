@@ -51,9 +51,13 @@ def test_mask_embeddings_are_the_mean_feature_inside_each_mask(tiny_components, 
         torch.testing.assert_close(out.mask_embeddings[i], feats.queries[mask.flatten()].mean(0))
 
 
-def test_a_single_mask_labels_every_pixel_zero(tiny_components, photo):
-    out = tiny_segmentor(tiny_components, resolution=128, num_masks=1).segment(photo)
-    assert out.num_masks == 1 and out.labels.unique().tolist() == [0]
+def test_a_single_mask_covers_the_grid_has_a_nonzero_difference_map_and_the_fast_path_equals_the_reference(
+        tiny_components, photo):
+    common = dict(resolution=128, num_masks=1, keep_diff_maps=True)
+    fast = tiny_segmentor(tiny_components, impl="fast", **common).segment(photo)
+    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
+    assert fast.num_masks == 1 and fast.lowres_masks.all() and fast.diff_maps.abs().amax() > 0
+    assert_same_segmentation(fast, ref)
 
 
 def test_chunk_sizes_one_three_and_all_give_identical_labels(tiny_components, photo):
@@ -273,6 +277,12 @@ def test_fast_path_equals_reference_path_on_a_non_square_grid(tiny_components, c
 def test_a_tall_photo_keeps_its_aspect_and_decodes_smaller_when_asked(tiny_components, coffee):
     tall = np.ascontiguousarray(coffee.transpose(1, 0, 2))  # 517 x 333
     model = tiny_segmentor(tiny_components, resolution=128, num_masks=3, decode_resolution=64)
-    maps = model.mask_maps(torch.from_numpy(tall).permute(2, 0, 1).float() / 255, seed=0)
+    decoded = []
+    handle = model.vae.decoder.register_forward_hook(lambda m, args, out: decoded.append(tuple(args[0].shape[-2:])))
+    try:
+        maps = model.mask_maps(torch.from_numpy(tall).permute(2, 0, 1).float() / 255, seed=0)
+    finally:
+        handle.remove()
     assert maps.clusters.labels.shape == (6, 4) and maps.maps.shape[1:] == (192, 128)
+    assert decoded == [(12, 8)]  # latents of a 96 x 64 decode (shorter side 64), not the 24 x 16 of 192 x 128
 

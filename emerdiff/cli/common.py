@@ -16,6 +16,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, List, Mapping, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
@@ -214,6 +215,28 @@ def mask_prediction_settings(cfg: DictConfig) -> dict:
 
     return prediction_settings(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor), cfg.data.dataset,
                                cfg.data.size, cfg.eval.crop)
+
+
+def run_evaluation(trainer: "pl.Trainer", module: "pl.LightningModule", data: "pl.LightningDataModule",
+                   results_dir: Path) -> int:
+    """Run `trainer.test` (a stale cache becomes a config error); rank 0 then prints the results table.
+
+    A run stopped by a signal (`emerdiff.stopping`) keeps its cached predictions and returns its exit code.
+    """
+    from emerdiff.evaluation import StaleCacheError
+    from emerdiff.stopping import RunStopped
+
+    try:
+        trainer.test(module, datamodule=data, verbose=False)
+    except StaleCacheError as exc:
+        raise ConfigError(str(exc)) from None
+    except RunStopped as stop:
+        print(f"{stop}: the predictions made so far are cached; rerun the same command to continue", file=sys.stderr)
+        return stop.exit_code
+    if trainer.is_global_zero:
+        print((Path(results_dir) / "results.md").read_text())
+        print(f"results: {Path(results_dir) / 'results.json'} and {Path(results_dir) / 'results.md'}")
+    return 0
 
 
 def random_model_notice(cfg: DictConfig) -> Optional[str]:

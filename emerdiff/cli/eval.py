@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser, build_segmentor,
                                 build_trainer, evaluation_split, load_cli_config, mask_prediction_settings,
-                                parse_args, plural, progress_bar, random_model_notice, reported_errors)
+                                parse_args, plural, progress_bar, random_model_notice, reported_errors,
+                                run_evaluation)
 from emerdiff.config import ConfigError
 
 if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so --help answers at once
@@ -41,24 +42,26 @@ def evaluate(cfg: DictConfig) -> int:
     if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir:
         raise ConfigError("tell which split, where it is and where results go: "
                           "--cfg configs/eval/DATASET.yaml data.root=PATH --output DIR")
-    from emerdiff.evaluation import CACHE_DIR, EvaluationModule, PredictionCache, ResultsWriter, run_and_report
+    from emerdiff.evaluation import (CACHE_DIR, CachedEvaluation, PredictionCache, SaveResults,
+                                     UnsupervisedEvaluator)
     from emerdiff.stopping import StopOnSignal
 
     out = Path(cfg.output.dir)
-    cache = PredictionCache(out / CACHE_DIR, mask_prediction_settings(cfg), overwrite=cfg.output.overwrite)
+    prediction = mask_prediction_settings(cfg)
+    cache = PredictionCache(out / CACHE_DIR, prediction, overwrite=cfg.output.overwrite)
     metadata, data = evaluation_split(cfg)
     try:
-        module = EvaluationModule(partial(build_segmentor, cfg), cache, cfg.data.dataset,
-                                  metadata, OmegaConf.to_object(cfg.eval),
-                                  max_repeated_failures=cfg.output.max_repeated_failures)
+        evaluator = UnsupervisedEvaluator(cfg.data.dataset, metadata, OmegaConf.to_object(cfg.eval), prediction)
     except ValueError as exc:  # a bad eval setting
         raise ConfigError(str(exc)) from None
-    trainer = build_trainer(cfg.trainer, callbacks=[ResultsWriter(out), StopOnSignal(), *progress_bar(cfg.trainer)],
+    module = CachedEvaluation(partial(build_segmentor, cfg), cache, evaluators=[evaluator],
+                              max_repeated_failures=cfg.output.max_repeated_failures)
+    trainer = build_trainer(cfg.trainer, callbacks=[SaveResults(out), StopOnSignal(), *progress_bar(cfg.trainer)],
                             enable_checkpointing=False,
                             use_distributed_sampler=False, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, data, cache)
-    return run_and_report(trainer, module, data, out)
+    return run_evaluation(trainer, module, data, out)
 
 
 def announce(cfg: DictConfig, data: EvaluationData, cache: PredictionCache) -> None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser, build_segmentor,
                                 build_trainer, evaluation_split, load_cli_config, mask_prediction_settings,
                                 ovseg_settings, parse_args, plural, progress_bar, random_model_notice,
-                                reported_errors)
+                                reported_errors, run_evaluation)
 from emerdiff.config import ConfigError
 
 if TYPE_CHECKING:  # torch, Lightning and open_clip load once the arguments are parsed, so --help answers at once
@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> int:
     if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir or not cfg.ovseg.vocab:
         raise ConfigError("tell which vocabulary and split, where it is and where results go: "
                           "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR")
-    from emerdiff.evaluation import CACHE_DIR, PredictionCache, ResultsWriter, run_and_report
+    from emerdiff.evaluation import CACHE_DIR, PredictionCache, SaveResults
     from emerdiff.stopping import StopOnSignal
     from ovseg.evaluation import (OV_DIR, PAPER_CONVENTION, OpenVocabEvaluation, OpenVocabPrediction,
                                   open_vocab_settings)
@@ -74,13 +74,13 @@ def evaluate(cfg: DictConfig) -> int:
                                      max_repeated_failures=cfg.output.max_repeated_failures)
     except ValueError as exc:  # vocabulary and split disagree on the classes
         raise ConfigError(str(exc)) from None
-    callbacks = [ResultsWriter(results_dir), StopOnSignal(), *progress_bar(cfg.trainer)]
+    callbacks = [SaveResults(results_dir), StopOnSignal(), *progress_bar(cfg.trainer)]
     trainer = build_trainer(cfg.trainer, callbacks=callbacks,
                             enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, data, masks, labels)
         warn_if_names_differ(vocab, metadata)
-    return run_and_report(trainer, module, data, results_dir)
+    return run_evaluation(trainer, module, data, results_dir)
 
 
 def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labels: PredictionCache) -> None:

@@ -36,7 +36,7 @@ from emerdiff.image import IMAGE_SUFFIXES
 
 Interpolation = Literal["bilinear", "bicubic"]
 
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+from emerdiff.choices import INTERPOLATIONS as _RESAMPLE  # segmentor.interpolation -> PIL filter
 
 
 class DatasetNotFoundError(FileNotFoundError):

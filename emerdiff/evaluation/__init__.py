@@ -6,26 +6,33 @@ Parts, each one module, every import pointing down this list:
 - `metrics`: mIoU and pixel accuracy from a confusion matrix that sums across DDP ranks;
 - `cache`: the ``OUTPUT/cache/<image id>.npz`` format and when an entry is stale;
 - `scoring`: which protocol runs where, and the dataset-wide protocols on the gathered masks;
-- `report`: the results (results.json, results.md) and the callback that writes them;
-- `module`: the Lightning modules (a shared base, the unsupervised evaluation) and the data module.
+- `report`: the results (results.json, results.md) and the files they go to;
+- `evaluator`: evaluators (reset / process / evaluate) over torchmetrics states, usable without Lightning;
+- `module`: the Lightning side: the caching module that drives a list of evaluators, the results callback,
+  the data module.
+
+Names are imported on first use (PEP 562), so scoring from a plain interpreter never loads Lightning.
+The choice tables (protocols, mIoU conventions, crops) are `emerdiff.choices`.
 """
 
-from ..config import PROTOCOLS
-from .cache import CACHE_DIR, CachedPrediction, PredictionCache, StaleCacheError, prediction_settings
-from .metrics import MIOU_CONVENTIONS, ConfusionMatrixMetric, SegmentationScores, scores_from_confusion
-from .module import (CachedEvaluation, EvaluationData, EvaluationModule, IndexedDataset, SegmentorLoader,
-                     run_and_report)
-from .protocols import UNMATCHED
-from .report import CONVENTIONS_NOTE, PAPER, EvaluationResults, ResultsTable, ResultsWriter, percent_cell, write_results
-from .scoring import (DATASET_PROTOCOLS, METHODS, PAPER_CONVENTIONS, PER_IMAGE_PROTOCOLS, DatasetMasks, DatasetScores,
-                      MaskRecords, check_settings, confusion_from_histograms, dataset_protocol_scores, miou_convention,
-                      per_image_class_map)
+from ..lazy import lazy_exports
 
-__all__ = [
-    "CACHE_DIR", "CONVENTIONS_NOTE", "CachedEvaluation", "CachedPrediction", "ConfusionMatrixMetric", "DATASET_PROTOCOLS", "DatasetMasks",
-    "DatasetScores", "EvaluationData", "EvaluationModule", "EvaluationResults", "IndexedDataset", "METHODS",
-    "MIOU_CONVENTIONS", "MaskRecords", "PAPER", "PAPER_CONVENTIONS", "PER_IMAGE_PROTOCOLS", "PROTOCOLS", "PredictionCache", "ResultsTable", "ResultsWriter",
-    "SegmentationScores", "SegmentorLoader", "StaleCacheError", "UNMATCHED", "check_settings",
-    "confusion_from_histograms", "dataset_protocol_scores", "miou_convention", "per_image_class_map", "percent_cell",
-    "prediction_settings", "run_and_report", "scores_from_confusion", "write_results",
-]
+_EXPORTS = {
+    "CACHE_DIR": "cache", "CachedPrediction": "cache", "PredictionCache": "cache", "StaleCacheError": "cache",
+    "prediction_settings": "cache",
+    "ConfusionMatrixMetric": "metrics", "SegmentationScores": "metrics", "scores_from_confusion": "metrics",
+    "UNMATCHED": "protocols",
+    "CONVENTIONS_NOTE": "report", "PAPER": "report", "EvaluationResults": "report", "ResultsTable": "report",
+    "percent_cell": "report", "write_results": "report",
+    "METHODS": "scoring", "PER_IMAGE_PROTOCOLS": "scoring", "DatasetMasks": "scoring", "DatasetScores": "scoring",
+    "MaskRecords": "scoring", "check_settings": "scoring", "confusion_from_histograms": "scoring",
+    "dataset_protocol_scores": "scoring", "miou_convention": "scoring", "per_image_class_map": "scoring",
+    "Evaluator": "evaluator", "UnsupervisedEvaluator": "evaluator", "evaluate_all": "evaluator",
+    "is_main_process": "evaluator",
+    "CachedEvaluation": "module", "EvaluationData": "module", "IndexedDataset": "module", "SaveResults": "module",
+    "SegmentorLoader": "module",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

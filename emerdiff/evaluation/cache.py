@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..config import ModelConfig, SegmentorConfig, fingerprint, result_settings, settings_diff
+from ..config import (EvalConfig, ModelConfig, SegmentorConfig, fingerprint, recorded_setting, result_settings,
+                      settings_diff)
 from ..files import atomic_file, remove_temporary_files
 
 if TYPE_CHECKING:
@@ -32,16 +33,11 @@ class StaleCacheError(RuntimeError):
 
 def prediction_settings(model: ModelConfig, segmentor: SegmentorConfig, dataset: str, size: Optional[int],
                         crop: str = "center") -> dict:
-    """The settings a cached prediction depends on; settings that cannot change the result are left out.
-
-    `crop` (`eval.crop`) is recorded only when it is not the default centre crop, so caches made before
-    the setting existed stay valid.
-    """
+    """The settings a cached prediction depends on; settings that cannot change the result are left out, and so is
+    `crop` (`eval.crop`, a key added later) at the behaviour before it existed."""
     segmentor_settings = result_settings(segmentor)
     del segmentor_settings["keep_diff_maps"]  # the cache keeps no difference maps
-    data: dict = {"dataset": dataset, "size": size}
-    if crop != "center":
-        data["crop"] = crop
+    data = {"dataset": dataset, "size": size, **recorded_setting(EvalConfig, "crop", crop)}
     return {"model": result_settings(model), "segmentor": segmentor_settings, "data": data}
 
 

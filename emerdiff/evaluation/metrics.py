@@ -7,7 +7,7 @@ protocol left unmatched): such a pixel is a false negative of its true class and
 positive of no class. Pixels whose ground truth is the ignore index or outside
 ``[0, num_classes)`` are not counted. Scores are fractions in [0, 1]; callers format percent.
 
-Which classes mIoU averages is a convention (`MIOU_CONVENTIONS`), and the communities we compare
+Which classes mIoU averages is a convention (`emerdiff.choices.MIOU_CONVENTIONS`), and the communities we compare
 with differ:
 
 - ``detectron2``: classes present in the ground truth; a class predicted but absent from the
@@ -30,7 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
 
-MIOU_CONVENTIONS = ("detectron2", "mmseg", "stego")  # see the module docstring
+from ..choices import MIOU_CONVENTIONS
 
 
 @dataclass  # not frozen: torchmetrics rebuilds compute() results with apply_to_collection
@@ -88,7 +88,7 @@ def scores_from_confusion(confmat: torch.Tensor, convention: str = "detectron2")
     gt_pixels = counts.sum(dim=1)  # includes the "no class" column: misses are false negatives
     predicted_pixels = counts[:, :num_classes].sum(dim=0)
     union = gt_pixels + predicted_pixels - true_positive
-    averaged = gt_pixels > 0 if convention == "detectron2" else union > 0
+    averaged = union > 0 if MIOU_CONVENTIONS[convention].union_classes else gt_pixels > 0
     iou = torch.where(averaged, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
     total = gt_pixels.sum()
     return SegmentationScores(

@@ -1,25 +1,22 @@
-"""The evaluations under Lightning: a shared base module, the unsupervised evaluation, and its data module.
+"""The evaluations under Lightning: the caching module that drives evaluators, the results callback, the data.
 
 `CachedEvaluation` is the skeleton every evaluation stands on (``ovseg.evaluation`` included):
 rank 0 drops the temporary files a killed run left in its caches, models are loaded on first
 use, and EmerDiff's prediction of an image comes from the cache (``OUTPUT/cache/<image id>.npz``)
 or, on a miss, from the segmentor, and is then cached. A rerun over a full cache never loads
-Stable Diffusion, and a killed run resumes where it stopped.
-
-`EvaluationModule` scores every protocol in one pass, on EmerDiff's labels and on the bilinear
-upsampling of the same low-resolution masks (`emerdiff.evaluation.scoring`); after the test
-epoch rank 0 holds the `EvaluationResults`. `EvaluationData` gives each rank its own images, none
-twice; `run_and_report` runs a tool's ``Trainer.test`` and prints the table.
+Stable Diffusion, and a killed run resumes where it stopped. Each image's prediction goes to a
+list of evaluators (`emerdiff.evaluation.evaluator`: reset / process / evaluate, no Lightning
+inside), e.g. the `UnsupervisedEvaluator` of tools/eval.py; after the test epoch rank 0 holds
+their results, which `SaveResults` writes. `EvaluationData` gives each rank its own images, none
+twice.
 """
 
 from __future__ import annotations
 
 import logging
-import json
-import sys
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,42 +25,73 @@ from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import Metric
 
-from ..config import PROTOCOLS, ConfigError, EvalConfig, UserError
-from ..data import DatasetMetadata, build_dataset
+from ..choices import CROPS, INTERPOLATIONS
+from ..config import UserError
+from ..data import build_dataset
 from ..image import ImageLoadError
-from ..stopping import RepeatedFailures, RunStopped
+from ..stopping import RepeatedFailures
 from .cache import CachedPrediction, PredictionCache, StaleCacheError
-from .metrics import ConfusionMatrixMetric, SegmentationScores
-from .protocols import overlap_matrix
-from .report import EvaluationResults
-from .scoring import (METHODS, PER_IMAGE_PROTOCOLS, MaskRecords, check_settings, dataset_protocol_scores,
-                      miou_convention, per_image_class_map)
+from .evaluator import Evaluator
+from .report import ResultsTable, write_results
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SegmentorLoader = Callable[[pl.Trainer], nn.Module]
-CROPS = ("center", "none")  # eval.crop
 
 
 class CachedEvaluation(pl.LightningModule):
-    """Base of the evaluation modules: caches cleaned at setup, models loaded on first use, masks cached.
+    """`Trainer.test` gives each image's cached or fresh prediction to every evaluator; models load on first use.
 
     `load_segmentor(trainer)` builds the segmentor (anything with ``segment(image)``); it is called
     on the first image missing from `cache`, so a fully cached run never calls it. `caches` are
-    every cache the subclass writes (`cache` first); their temporary files go at setup.
+    every cache the module writes (`cache` first); their temporary files go at setup. What the
+    evaluators get of an image is `evaluated` (EmerDiff's `prediction` here; a subclass may add to
+    it, e.g. name the masks). After the test epoch, ``results`` holds one results table per
+    evaluator on global rank 0 (empty elsewhere).
     """
 
     def __init__(self, load_segmentor: SegmentorLoader, cache: PredictionCache, *more_caches: PredictionCache,
-                 max_repeated_failures: int = 0) -> None:
+                 evaluators: Sequence[Evaluator] = (), max_repeated_failures: int = 0) -> None:
         super().__init__()
         self.load_segmentor = load_segmentor
         self.segmentor: Optional[nn.Module] = None
         self.cache = cache
         self.caches = (cache, *more_caches)
+        self.evaluators = nn.ModuleList(evaluators)
+        self.results: List[ResultsTable] = []
         self.skipped: List[Dict[str, str]] = []  # this rank's images whose prediction failed
         self.repeated = RepeatedFailures(max_repeated_failures)
+
+    def on_test_epoch_start(self) -> None:
+        """Every evaluator starts from empty metrics, and no image is skipped yet."""
+        for evaluator in self.evaluators:
+            evaluator.reset()
+        self.skipped = []
+        self.results = []
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """Give one image's prediction to every evaluator (an image whose prediction fails is skipped)."""
+        image_id, gt = batch["meta"]["id"], np.asarray(batch["label"], dtype=np.int64)
+        evaluated = self.guarded(image_id, lambda: self.evaluated(batch["image"], image_id, gt))
+        if evaluated is not None:
+            for evaluator in self.evaluators:
+                evaluator.process(batch["index"], evaluated)
+
+    def on_test_epoch_end(self) -> None:
+        """Every rank reduces its evaluators and skipped images; rank 0 keeps the results and logs their numbers."""
+        tables = [evaluator.evaluate() for evaluator in self.evaluators]
+        skipped = self.all_skipped()
+        if not self.trainer.is_global_zero:
+            return
+        self.results = [replace(table, skipped=skipped) for table in tables]
+        for table in self.results:
+            for name, value in table.logged().items():
+                self.log(name, value, rank_zero_only=True)
+
+    def evaluated(self, image: Any, image_id: str, gt: np.ndarray) -> Any:
+        """What the evaluators get of one image: EmerDiff's prediction."""
+        return self.prediction(image, image_id, gt)
 
     def guarded(self, image_id: str, compute: Callable[[], T]) -> Optional[T]:
         """`compute()`, or None when it fails for this image: the image is recorded as skipped and the run goes on.
@@ -122,86 +150,6 @@ class CachedEvaluation(pl.LightningModule):
         return getattr(self, name)
 
 
-class EvaluationModule(CachedEvaluation):
-    """`Trainer.test` scores cached or fresh predictions of one split under every protocol.
-
-    After the test epoch, ``results`` holds the EvaluationResults on global rank 0 (None elsewhere).
-    """
-
-    def __init__(self, load_segmentor: SegmentorLoader, cache: PredictionCache, dataset: str,
-                 metadata: DatasetMetadata, settings: EvalConfig, max_repeated_failures: int = 0) -> None:
-        check_settings(settings)
-        super().__init__(load_segmentor, cache, max_repeated_failures=max_repeated_failures)
-        self.dataset = dataset
-        self.metadata = metadata
-        self.settings = settings
-        self.per_image = [p for p in settings.protocols if p in PER_IMAGE_PROTOCOLS]
-        self.metrics = nn.ModuleDict({
-            method: nn.ModuleDict({p: ConfusionMatrixMetric(metadata.num_classes, metadata.ignore_index,
-                                                            miou_convention(p, settings))
-                                   for p in self.per_image})
-            for method in METHODS
-        })
-        self.masks = MaskRecords(METHODS)
-        self.results: Optional[EvaluationResults] = None
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Fetch or compute one image's prediction, then score it (an image whose prediction fails is skipped)."""
-        image_id, gt = batch["meta"]["id"], np.asarray(batch["label"], dtype=np.int64)
-        prediction = self.guarded(image_id, lambda: self.prediction(batch["image"], image_id, gt))
-        if prediction is not None:
-            self.score(batch["index"], prediction)
-
-    def score(self, image_index: int, prediction: CachedPrediction) -> None:
-        """Update the per-image metrics and record the masks for the dataset-wide protocols."""
-        meta = self.metadata
-        gt = torch.from_numpy(prediction.gt)
-        histograms = {}
-        for method in METHODS:
-            segments = prediction.segments(method)
-            histograms[method] = overlap_matrix(segments, prediction.gt, meta.num_classes,
-                                                num_segments=prediction.num_masks, ignore_index=meta.ignore_index)
-            for protocol in self.per_image:
-                classes = per_image_class_map(protocol, segments, prediction.gt, prediction.mask_embeddings,
-                                              histograms[method], meta.num_classes, meta.ignore_index,
-                                              self.settings.match_criterion, miou_convention(protocol, self.settings))
-                self.metrics[method][protocol].update(torch.from_numpy(classes), gt)
-        self.masks.update(image_index, torch.from_numpy(prediction.mask_embeddings),
-                          {m: torch.from_numpy(h) for m, h in histograms.items()})
-
-    def on_test_epoch_end(self) -> None:
-        """Reduce across ranks (every rank takes part), then rank 0 runs the dataset-wide protocols."""
-        scores = {m: {p: metric.compute() for p, metric in by_protocol.items()}
-                  for m, by_protocol in self.metrics.items()}
-        masks = self.masks.compute()
-        skipped = self.all_skipped()
-        for metric in self.modules():
-            if isinstance(metric, Metric):
-                metric.reset()
-        if not self.trainer.is_global_zero:
-            return
-        dataset_scores = dataset_protocol_scores(masks, self.settings.protocols, self.metadata.num_classes,
-                                                 self.settings)
-        for method in METHODS:
-            scores[method].update(dataset_scores.scores[method])
-        self.results = self._results(scores, masks.num_images, dataset_scores.num_clusters, skipped)
-        for method, by_protocol in self.results.scores.items():
-            for protocol, s in by_protocol.items():
-                self.log(f"{method}/{protocol}/miou", 100 * s.miou, rank_zero_only=True)
-        self.log("num_images", float(masks.num_images), rank_zero_only=True)
-
-    def _results(self, scores: Dict[str, Dict[str, SegmentationScores]], num_images: int,
-                 num_clusters: Optional[int], skipped: List[Dict[str, str]]) -> EvaluationResults:
-        ordered = {m: {p: scores[m][p] for p in PROTOCOLS if p in scores[m]} for m in METHODS}
-        protocol_settings = {k: v for k, v in asdict(self.settings).items() if not k.startswith("paper")}
-        protocol_settings["dataset_clusters_used"] = num_clusters
-        return EvaluationResults(
-            dataset=self.dataset, classes=list(self.metadata.classes), num_images=num_images, scores=ordered,
-            protocol_settings=protocol_settings, prediction_settings=json.loads(self.cache.settings),
-            paper_miou=dict(self.settings.paper_miou), paper_note=self.settings.paper_note, skipped=skipped,
-        )
-
-
 class IndexedDataset(Dataset):
     """A dataset's items with their index added, so every rank's records can be put back in order.
 
@@ -232,8 +180,7 @@ def resize_keeping_ratio(image: np.ndarray, label: np.ndarray, shorter_side: int
     height, width = label.shape
     scale = shorter_side / min(height, width)
     size = (max(shorter_side, int(width * scale + 0.5)), max(shorter_side, int(height * scale + 0.5)))
-    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
-    resized = np.asarray(Image.fromarray(image).resize(size, resample=resample))
+    resized = np.asarray(Image.fromarray(image).resize(size, resample=INTERPOLATIONS[interpolation]))
     classes = Image.fromarray(label.astype(np.int32), mode="I").resize(size, resample=Image.Resampling.NEAREST)
     return resized, np.asarray(classes).astype(label.dtype)
 
@@ -257,9 +204,10 @@ class EvaluationData(pl.LightningDataModule):
         super().__init__()
         if crop not in CROPS:
             raise ValueError(f"eval.crop must be one of {', '.join(CROPS)}, got {crop!r}")
-        self.shorter_side = size if crop == "none" else None
+        square = CROPS[crop].square
+        self.shorter_side = None if square else size
         given = {"image_list": image_list, "reduce_zero_label": reduce_zero_label}
-        options = {"size": None if crop == "none" else size, **{k: v for k, v in given.items() if v}}
+        options = {"size": size if square else None, **{k: v for k, v in given.items() if v}}
         self.split = build_dataset(dataset, root, **options)
         self.num_workers = num_workers
 
@@ -276,20 +224,20 @@ class EvaluationData(pl.LightningDataModule):
         return DataLoader(images, batch_size=1, sampler=sampler, num_workers=self.num_workers, collate_fn=only_item)
 
 
-def run_and_report(trainer: pl.Trainer, module: pl.LightningModule, data: pl.LightningDataModule,
-                   results_dir: Path) -> int:
-    """Run `trainer.test` (a stale cache becomes a config error); rank 0 then prints the results table.
+class SaveResults(pl.Callback):
+    """After `Trainer.test`, global rank 0 writes the module's results as results.json and results.md, the table of
+    each evaluator in its folder (`folders`, in the evaluators' order)."""
 
-    A run stopped by a signal (`emerdiff.stopping`) keeps its cached predictions and returns its exit code.
-    """
-    try:
-        trainer.test(module, datamodule=data, verbose=False)
-    except StaleCacheError as exc:
-        raise ConfigError(str(exc)) from None
-    except RunStopped as stop:
-        print(f"{stop}: the predictions made so far are cached; rerun the same command to continue", file=sys.stderr)
-        return stop.exit_code
-    if trainer.is_global_zero:
-        print((Path(results_dir) / "results.md").read_text())
-        print(f"results: {Path(results_dir) / 'results.json'} and {Path(results_dir) / 'results.md'}")
-    return 0
+    def __init__(self, *folders: Path) -> None:
+        self.folders = [Path(folder) for folder in folders]
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the files on rank 0, which alone holds the results."""
+        results = getattr(pl_module, "results", None)
+        if not trainer.is_global_zero or not results:
+            return
+        tables = results if isinstance(results, list) else [results]  # ovseg's module still holds one table
+        if len(tables) != len(self.folders):
+            raise ValueError(f"{len(tables)} results tables for {len(self.folders)} folders")
+        for table, folder in zip(tables, self.folders):
+            write_results(table, folder)

@@ -160,8 +160,8 @@ def cluster_and_match(
     *,
     num_clusters: int | None = None,
     seed: int = 0,
-    niter: int = 50,
-    nredo: int = 5,
+    restarts: int = 5,
+    iters: int = 50,
     l2_normalize: bool = False,
 ) -> DatasetMatching:
     """Dataset-level protocol (paper Table 1): k-means over all masks, then one Hungarian matching.
@@ -175,20 +175,20 @@ def cluster_and_match(
     histograms = _to_numpy(class_histograms)
     _check_masks(_to_numpy(embeddings), histograms)
     k = histograms.shape[1] if num_clusters is None else num_clusters
-    clusters = cluster_masks(embeddings, k, seed=seed, niter=niter, nredo=nredo, l2_normalize=l2_normalize)
+    clusters = cluster_masks(embeddings, k, seed=seed, restarts=restarts, iters=iters, l2_normalize=l2_normalize)
     return match_clusters(clusters, histograms, k)
 
 
-def cluster_masks(embeddings: ArrayLike, num_clusters: int, *, seed: int = 0, niter: int = 50, nredo: int = 5,
+def cluster_masks(embeddings: ArrayLike, num_clusters: int, *, seed: int = 0, restarts: int = 5, iters: int = 50,
                   l2_normalize: bool = False) -> np.ndarray:
-    """(N,) int64 k-means cluster of each mask embedding: faiss, seeded, best of `nredo` runs, no subsampling,
-    on the raw embeddings or on L2-normalised ones with spherical centroids if `l2_normalize`."""
+    """(N,) int64 k-means cluster of each mask embedding: faiss, seeded, best of `restarts` runs of `iters` iterations,
+    no subsampling, on the raw embeddings or on L2-normalised ones with spherical centroids if `l2_normalize`."""
     x = np.ascontiguousarray(_to_numpy(embeddings), dtype=np.float32)
     if not 0 < num_clusters <= len(x):
         raise ValueError(f"need 0 < num_clusters <= number of masks, got {num_clusters} clusters for {len(x)} masks")
     if l2_normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    assignment, _ = kmeans(x, num_clusters, seed=seed, restarts=nredo, iters=niter, spherical=l2_normalize)
+    assignment, _ = kmeans(x, num_clusters, seed=seed, restarts=restarts, iters=iters, spherical=l2_normalize)
     return assignment.numpy()
 
 

@@ -2,10 +2,11 @@
 
 `ResultsTable` is what every evaluation's results share (the split, its classes, the image
 count, the table layout); `EvaluationResults` is the unsupervised evaluation's (tools/eval.py),
-``ovseg.evaluation.OpenVocabResults`` the open-vocabulary one's. After ``Trainer.test``, the
-`ResultsWriter` callback writes the module's ``results`` as results.json and results.md. A rescore
-of some protocols keeps the other protocols' numbers of the folder's results.json when they were
-computed with the same settings (`ResultsTable.merged_with`).
+``ovseg.evaluation.OpenVocabResults`` the open-vocabulary one's. `write_results` writes one as
+results.json and results.md (after ``Trainer.test``, the `SaveResults` callback of
+`emerdiff.evaluation.module` calls it). A rescore of some protocols keeps the other protocols'
+numbers of the folder's results.json when they were computed with the same settings
+(`ResultsTable.merged_with`).
 """
 
 from __future__ import annotations
@@ -16,20 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import pytorch_lightning as pl
-
-from ..config import PROTOCOLS, fingerprint, is_random_model, settings_diff
+from ..choices import PROTOCOLS
+from ..config import fingerprint, is_random_model, settings_diff
 from ..files import atomic_file
 from .metrics import SegmentationScores
 
 PAPER = "Namekata et al., EmerDiff, ICLR 2024"
-PROTOCOL_TITLES = {
-    "hungarian": "per-image Hungarian",
-    "majority": "per-image majority (many-to-one)",
-    "dataset": "dataset-level k-means + Hungarian (Table 1)",
-    "concept_image": "concept embedding, per-image concepts (Table 2)",
-    "concept_dataset": "concept embedding, dataset concepts (Table 2)",
-}
 METHOD_TITLES = {"emerdiff": "EmerDiff", "bilinear": "bilinear"}
 CONVENTIONS_NOTE = ("mIoU conventions: detectron2 averages the classes present in the ground truth; mmseg every class "
                     "with a non-empty union (a predicted but absent class scores 0); stego as mmseg, after a Hungarian "
@@ -61,6 +54,10 @@ class ResultsTable:
     def to_markdown(self) -> str:
         """The results page (results.md)."""
         raise NotImplementedError
+
+    def logged(self) -> Dict[str, float]:
+        """The numbers a Lightning logger records after the run (none by default)."""
+        return {}
 
     def merged_with(self, previous: Mapping[str, Any]) -> Tuple["ResultsTable", Optional[str]]:
         """These results with what `previous` (the folder's results.json) holds that still stands, and a line
@@ -112,6 +109,12 @@ class EvaluationResults(ResultsTable):
             **self.skipped_entry(),
         }
 
+    def logged(self) -> Dict[str, float]:
+        """Each method's mIoU under each protocol, in percent, and the number of images scored."""
+        values = {f"{method}/{protocol}/miou": 100 * s.miou
+                  for method, by_protocol in self.scores.items() for protocol, s in by_protocol.items()}
+        return {**values, "num_images": float(self.num_images)}
+
     def to_markdown(self) -> str:
         """The protocol x method grid (mIoU and pixel accuracy), the paper's mIoU beside ours."""
         results = self.results_in_percent()
@@ -123,7 +126,7 @@ class EvaluationResults(ResultsTable):
         header += [f"{METHOD_TITLES[m]} pixel acc." for m in methods] + ["mIoU convention"]
         rows = [header, ["---"] + ["---:"] * (len(header) - 2) + ["---"]]
         for p in protocols:
-            row = [PROTOCOL_TITLES[p]]
+            row = [PROTOCOLS[p].title]
             for m in methods:
                 row += [percent_cell(results[m][p]["miou"]), percent_cell(self.paper_miou.get(p, {}).get(m))]
             row += [percent_cell(results[m][p]["pixel_acc"]) for m in methods]
@@ -170,19 +173,6 @@ def scoring_context(results: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
     protocol = {k: v for k, v in results.get("protocol_settings", {}).items()
                 if k not in ("protocols", "dataset_clusters_used")}
     return {"split": split, "eval": protocol, **results.get("prediction_settings", {})}
-
-
-class ResultsWriter(pl.Callback):
-    """After `Trainer.test`, global rank 0 writes the module's ``results`` as results.json and results.md."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the files on rank 0, which alone holds the results."""
-        results = getattr(pl_module, "results", None)
-        if trainer.is_global_zero and results is not None:
-            write_results(results, self.folder)
 
 
 def write_results(results: ResultsTable, folder: Path) -> None:

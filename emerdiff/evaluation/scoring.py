@@ -13,28 +13,23 @@ The matching itself is `emerdiff.evaluation.protocols`; the scores are `emerdiff
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ..config import PROTOCOLS, EvalConfig, check_rules
+from ..choices import MIOU_CONVENTIONS, PROTOCOLS
+from ..config import EvalConfig, check_rules
 from .metrics import SegmentationScores, scores_from_confusion, stego_scores
 from .protocols import UNMATCHED, assign_to_concepts, cluster_masks, concept_sums, match_clusters, match_image, relabel
 
-# The mIoU convention of the papers each protocol's numbers are compared with (eval.miou_convention=null):
-# dataset-level = paper Table 1 beside STEGO; the others keep detectron2's (docs/evaluation.md says why).
-PAPER_CONVENTIONS = {"hungarian": "detectron2", "majority": "detectron2", "dataset": "stego",
-                     "concept_image": "detectron2", "concept_dataset": "detectron2"}
 METHODS = ("emerdiff", "bilinear")  # EmerDiff labels; bilinear upsampling of the same low-res masks
-PER_IMAGE_PROTOCOLS = ("hungarian", "majority", "concept_image")
-DATASET_PROTOCOLS = ("dataset", "concept_dataset")
-# PROTOCOLS (emerdiff.config): all of them, in table order
+PER_IMAGE_PROTOCOLS = tuple(name for name, protocol in PROTOCOLS.items() if protocol.per_image)
 
 
 def check_settings(settings: EvalConfig) -> None:
@@ -46,8 +41,9 @@ def check_settings(settings: EvalConfig) -> None:
 
 
 def miou_convention(protocol: str, settings: EvalConfig) -> str:
-    """The mIoU convention a protocol is scored under: `eval.miou_convention`, or its paper's if that is null."""
-    return settings.miou_convention or PAPER_CONVENTIONS[protocol]
+    """The mIoU convention a protocol is scored under: `eval.miou_convention`, or its papers' if that is null
+    (`emerdiff.choices.PROTOCOLS`; docs/evaluation.md says why)."""
+    return settings.miou_convention or PROTOCOLS[protocol].paper_convention
 
 
 def per_image_class_map(protocol: str, segments: np.ndarray, gt: np.ndarray, embeddings: np.ndarray,
@@ -55,11 +51,12 @@ def per_image_class_map(protocol: str, segments: np.ndarray, gt: np.ndarray, emb
                         convention: str = "detectron2") -> np.ndarray:
     """[H, W] class map (UNMATCHED where a mask got no class) of a per-image protocol, using this image's gt.
 
-    Under the ``stego`` convention, the Hungarian matching keeps pairings without a common pixel.
+    Under a convention that keeps empty pairs (``stego``), the Hungarian matching keeps pairings without a common
+    pixel.
     """
     if protocol in ("hungarian", "majority"):
         return match_image(segments, gt, num_classes, ignore_index=ignore_index, assignment=protocol,
-                           criterion=criterion, keep_empty_pairs=convention == "stego").labels
+                           criterion=criterion, keep_empty_pairs=MIOU_CONVENTIONS[convention].keep_empty_pairs).labels
     if protocol == "concept_image":
         return relabel(segments, assign_to_concepts(embeddings, concept_sums(embeddings, histogram)))
     raise ValueError(f"{protocol!r} is not a per-image protocol; those are {', '.join(PER_IMAGE_PROTOCOLS)}")
@@ -103,19 +100,21 @@ def dataset_protocol_scores(masks: DatasetMasks, protocols: Sequence[str], num_c
         wanted = settings.dataset_clusters or num_classes
         num_clusters = min(wanted, len(masks.embeddings))
         if num_clusters < wanted:
-            rank_zero_warn(f"only {num_clusters} masks in the split: the dataset-level protocol clusters them "
-                           f"into {num_clusters} clusters instead of {wanted}")
-        clusters = cluster_masks(masks.embeddings, num_clusters, seed=settings.kmeans_seed, niter=settings.kmeans_iters,
-                                 nredo=settings.kmeans_restarts, l2_normalize=settings.kmeans_l2_normalize)
+            warnings.warn(f"only {num_clusters} masks in the split: the dataset-level protocol clusters them "
+                          f"into {num_clusters} clusters instead of {wanted}")
+        clusters = cluster_masks(masks.embeddings, num_clusters, seed=settings.kmeans_seed,
+                                 restarts=settings.kmeans_restarts, iters=settings.kmeans_iters,
+                                 l2_normalize=settings.kmeans_l2_normalize)
     for method, histograms in masks.histograms.items():  # one k-means, matched on each method's histograms
         if "dataset" in protocols:
             convention = miou_convention("dataset", settings)
-            if convention == "stego" and num_clusters > num_classes:  # STEGO's own computation (extra clusters)
+            rules = MIOU_CONVENTIONS[convention]
+            if rules.stego_extra_clusters and num_clusters > num_classes:  # STEGO's own computation
                 stats = np.zeros((num_clusters, num_classes), dtype=np.int64)
                 np.add.at(stats, clusters, histograms)
-                scores[method]["dataset"] = stego_scores(stats)
+                scores[method]["dataset"] = stego_scores(stats, convention)
             else:
-                matching = match_clusters(clusters, histograms, num_clusters, keep_empty_pairs=convention == "stego")
+                matching = match_clusters(clusters, histograms, num_clusters, keep_empty_pairs=rules.keep_empty_pairs)
                 confmat = confusion_from_histograms(histograms, matching.class_of_mask, num_classes)
                 scores[method]["dataset"] = scores_from_confusion(confmat, convention)
         if "concept_dataset" in protocols:

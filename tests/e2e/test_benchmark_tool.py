@@ -25,12 +25,15 @@ def test_benchmark_tool_writes_per_impl_figures_and_ratios(tmp_path, capsys):
     assert "| modulated |" in printed and "fast/ref" in printed and "projected fast" in printed
 
 
-def test_benchmark_cost_only_needs_no_run_and_rejects_real_weights(tmp_path):
+def test_benchmark_cost_only_needs_no_run_and_rejects_real_weights(tmp_path, capsys):
     argv = ["--cfg", str(TINY), "segmentor.resolution=64", "segmentor.denoise_steps=2", "--cost-only",
             "--impl", "reference", "--output", str(tmp_path)]
     assert benchmark.main(argv) == 0
     record = json.loads((tmp_path / "benchmark.json").read_text())
     assert record["measured"] is False and record["impls"]["reference"]["seconds"] is None
     assert record["impls"]["reference"]["unet_samples"] == 1 + 2 + 2 * 6 * 2  # features, inversion, K = 6 masks
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
         benchmark.main(["model.pretrained=some/real-model", "--cost-only"])
+    error = capsys.readouterr().err  # argparse's own errors (also status 2) start with the usage line instead
+    assert stopped.value.code == 2 and error.startswith("error: --cost-only builds random weights on the meta device: set model.random_init=true")

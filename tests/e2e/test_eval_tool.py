@@ -25,7 +25,8 @@ from scipy.optimize import linear_sum_assignment
 from conftest import REPO, TINY, load_tool, voc_folder
 from emerdiff import load_config
 from emerdiff.data import DATASETS, build_dataset, dataset_metadata
-from emerdiff.evaluation import METHODS, PROTOCOLS
+from emerdiff.choices import PROTOCOLS
+from emerdiff.evaluation import METHODS
 
 VOC = dataset_metadata("voc2012_val")
 SIZE = 96  # evaluated resolution: shorter side resized to 96, central 96 x 96 crop

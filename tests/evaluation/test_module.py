@@ -142,12 +142,3 @@ def test_unknown_crop_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(ValueError, match="eval.crop"):
         EvaluationData("voc2012_val", str(tmp_path), crop="sliding")
 
-
-def test_the_config_offers_exactly_the_crops_the_data_module_knows():
-    import dataclasses
-
-    from emerdiff.config import EvalConfig
-    from emerdiff.evaluation.module import CROPS
-
-    field = next(f for f in dataclasses.fields(EvalConfig) if f.name == "crop")
-    assert field.default == "center" and tuple(field.metadata["choices"]) == CROPS
