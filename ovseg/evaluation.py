@@ -1,8 +1,10 @@
-"""Open-vocabulary evaluation under Lightning: plain MaskCLIP and MaskCLIP + EmerDiff masks, scored side by side.
+"""Open-vocabulary evaluation: plain MaskCLIP and MaskCLIP + EmerDiff masks, scored side by side.
 
-It stands on `emerdiff.evaluation`: the module is a `CachedEvaluation` (cache clean-up, models
-loaded on first use, EmerDiff's masks from ``OUTPUT/cache``), the results a `ResultsTable`, and the
-caches, data module and results writer are the shared ones. Per image (one `test_step`):
+It stands on `emerdiff.evaluation`: the scoring is an `Evaluator` (`OpenVocabEvaluator`, usable
+without Lightning), the module a `CachedEvaluation` (cache clean-up, models loaded on first use,
+EmerDiff's masks from ``OUTPUT/cache``, the evaluators driven and reset) that adds only the
+naming, the results a `ResultsTable`, and the caches, data module and results callback are the
+shared ones. What the evaluator gets of an image (`OpenVocabEvaluation.evaluated`):
 
 1. the named label maps come from the labels cache (``OUTPUT/ov/cache/<image id>.npz``) if present;
 2. otherwise EmerDiff's masks come from the shared masks cache (``OUTPUT/cache/<image id>.npz``,
@@ -27,10 +29,11 @@ import torch
 from torch import nn
 from torchmetrics.aggregation import SumMetric
 
-from emerdiff.config import is_random_model, result_settings
+from emerdiff.config import fingerprint, is_random_model, result_settings
 from emerdiff.data import DatasetMetadata
-from emerdiff.evaluation import (CONVENTIONS_NOTE, PAPER, CachedEvaluation, ConfusionMatrixMetric, PredictionCache,
-                                 ResultsTable, SegmentationScores, SegmentorLoader, percent_cell)
+from emerdiff.evaluation import (CONVENTIONS_NOTE, PAPER, CachedEvaluation, ConfusionMatrixMetric, Evaluator,
+                                 PredictionCache, ResultsTable, SegmentationScores, SegmentorLoader, is_main_process,
+                                 percent_cell)
 
 from .config import ENCODERS, OVSegConfig
 from .pipeline import OpenVocabLabeller, check_threshold
@@ -116,6 +119,10 @@ class OpenVocabResults(ResultsTable):
             "settings": self.settings, **self.skipped_entry(),
         }
 
+    def logged(self) -> Dict[str, float]:
+        """Each method's mIoU in percent."""
+        return {f"{method}/miou": 100 * s.miou for method, s in self.scores.items()}
+
     def to_markdown(self) -> str:
         """Our two methods beside the paper's numbers, then the paper's rows with other encoders as reference."""
         ovseg = self.settings["ovseg"]
@@ -179,40 +186,26 @@ class OpenVocabResults(ResultsTable):
         return notes
 
 
-class OpenVocabEvaluation(CachedEvaluation):
-    """`Trainer.test` names cached or fresh EmerDiff masks with CLIP and scores them beside plain MaskCLIP.
+class OpenVocabEvaluator(Evaluator):
+    """Both methods' named label maps against the dataset's classes, under the mIoU `convention`;
+    `process` takes an `OpenVocabPrediction`, `evaluate` gives the `OpenVocabResults`."""
 
-    `load_segmentor(trainer)` and `load_labeller(device)` are called on the first image that needs
-    them (see the module docstring). Both methods are scored under the mIoU `convention`
-    (`emerdiff.evaluation.metrics`). After the test epoch, ``results`` holds the OpenVocabResults
-    on global rank 0 (None elsewhere).
-    """
-
-    def __init__(self, load_segmentor: SegmentorLoader, load_labeller: LabellerLoader, masks: PredictionCache,
-                 labels: PredictionCache, dataset: str, metadata: DatasetMetadata, vocab: Vocabulary,
-                 settings: OVSegConfig, convention: str = PAPER_CONVENTION, max_repeated_failures: int = 0) -> None:
+    def __init__(self, dataset: str, metadata: DatasetMetadata, vocab: Vocabulary, settings: OVSegConfig,
+                 labels_settings: Mapping[str, Any], convention: str = PAPER_CONVENTION) -> None:
         if len(vocab) != metadata.num_classes:
             raise ValueError(f"vocabulary {settings.vocab!r} has {len(vocab)} classes but {dataset} has "
                              f"{metadata.num_classes}: scoring compares vocabulary ids with the dataset's class ids")
-        check_threshold(vocab.background, settings.background_threshold)
-        super().__init__(load_segmentor, masks, labels, max_repeated_failures=max_repeated_failures)
-        self.load_labeller = load_labeller
-        self.labeller: Optional[OpenVocabLabeller] = None
-        self.labels = labels
+        super().__init__()
         self.dataset = dataset
         self.vocab = vocab
         self.settings = settings
+        self.labels_settings = json.loads(fingerprint(labels_settings))  # sorted keys, as the labels cache records them
         self.metrics = nn.ModuleDict({m: ConfusionMatrixMetric(len(vocab), metadata.ignore_index, convention)
                                       for m in METHODS})
         self.num_images = SumMetric()
-        self.results: Optional[OpenVocabResults] = None
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Fetch or compute one image's named label maps, then score both methods (a failing image is skipped)."""
-        image_id, gt = batch["meta"]["id"], np.asarray(batch["label"], dtype=np.int64)
-        named = self.guarded(image_id, lambda: self.named_masks(batch["image"], image_id, gt))
-        if named is None:
-            return
+    def process(self, image_index: int, named: OpenVocabPrediction) -> None:
+        """Score both methods' label maps of one image."""
         target = torch.from_numpy(self.scored_ground_truth(named.gt))
         for method in METHODS:
             self.metrics[method].update(torch.from_numpy(named.labels(method)), target)
@@ -225,7 +218,41 @@ class OpenVocabEvaluation(CachedEvaluation):
             return gt
         return np.where(gt == background, ignore, gt)
 
-    def named_masks(self, image: np.ndarray, image_id: str, gt: np.ndarray) -> OpenVocabPrediction:
+    def evaluate(self) -> Optional[OpenVocabResults]:
+        """Reduce across processes (every process takes part); the main one assembles the results."""
+        scores = {method: self.metrics[method].compute() for method in METHODS}
+        num_images = int(self.num_images.compute())
+        if not is_main_process():
+            return None
+        return OpenVocabResults(
+            dataset=self.dataset, vocab=str(self.settings.vocab), classes=list(self.vocab.names),
+            num_images=num_images, scores=scores, settings=self.labels_settings,
+            paper_miou=dict(self.settings.paper_miou), paper_reference=dict(self.settings.paper_reference),
+            paper_note=self.settings.paper_note,
+        )
+
+
+class OpenVocabEvaluation(CachedEvaluation):
+    """`Trainer.test` names cached or fresh EmerDiff masks with CLIP and scores them beside plain MaskCLIP.
+
+    `load_segmentor(trainer)` and `load_labeller(device)` are called on the first image that needs
+    them (see the module docstring); the `OpenVocabEvaluator` scores both methods under the mIoU
+    `convention` (`emerdiff.evaluation.metrics`). After the test epoch, ``results`` holds the
+    OpenVocabResults on global rank 0.
+    """
+
+    def __init__(self, load_segmentor: SegmentorLoader, load_labeller: LabellerLoader, masks: PredictionCache,
+                 labels: PredictionCache, dataset: str, metadata: DatasetMetadata, vocab: Vocabulary,
+                 settings: OVSegConfig, convention: str = PAPER_CONVENTION, max_repeated_failures: int = 0) -> None:
+        evaluator = OpenVocabEvaluator(dataset, metadata, vocab, settings, json.loads(labels.settings), convention)
+        check_threshold(vocab.background, settings.background_threshold)
+        super().__init__(load_segmentor, masks, labels, evaluators=[evaluator],
+                         max_repeated_failures=max_repeated_failures)
+        self.load_labeller = load_labeller
+        self.labeller: Optional[OpenVocabLabeller] = None
+        self.labels = labels
+
+    def evaluated(self, image: np.ndarray, image_id: str, gt: np.ndarray) -> OpenVocabPrediction:
         """The named label maps of one image: from the cache, or named now and then cached."""
         named = self.labels.load(image_id, gt)
         if named is None:
@@ -239,22 +266,6 @@ class OpenVocabEvaluation(CachedEvaluation):
         named = self._labeller()(image, masks.labels, num_masks=masks.num_masks)
         return OpenVocabPrediction(gt=gt, ov_labels=named.label_map.numpy(), ov_labels_baseline=named.baseline.numpy(),
                                    mask_classes=named.class_ids.numpy(), mask_scores=named.scores.numpy().astype(np.float32))
-
-    def on_test_epoch_end(self) -> None:
-        """Reduce across ranks (every rank takes part), then rank 0 assembles the results."""
-        scores = {method: self.metrics[method].compute() for method in METHODS}
-        num_images = int(self.num_images.compute())
-        skipped = self.all_skipped()
-        if not self.trainer.is_global_zero:
-            return
-        self.results = OpenVocabResults(
-            dataset=self.dataset, vocab=str(self.settings.vocab), classes=list(self.vocab.names),
-            num_images=num_images, scores=scores, settings=json.loads(self.labels.settings),
-            paper_miou=dict(self.settings.paper_miou), paper_reference=dict(self.settings.paper_reference),
-            paper_note=self.settings.paper_note, skipped=skipped,
-        )
-        for method, s in scores.items():
-            self.log(f"{method}/miou", 100 * s.miou, rank_zero_only=True)
 
     def _labeller(self) -> OpenVocabLabeller:
         """The CLIP labeller on this module's device, loaded (text embedded) on first use."""

@@ -236,8 +236,7 @@ class SaveResults(pl.Callback):
         results = getattr(pl_module, "results", None)
         if not trainer.is_global_zero or not results:
             return
-        tables = results if isinstance(results, list) else [results]  # ovseg's module still holds one table
-        if len(tables) != len(self.folders):
-            raise ValueError(f"{len(tables)} results tables for {len(self.folders)} folders")
-        for table, folder in zip(tables, self.folders):
+        if len(results) != len(self.folders):
+            raise ValueError(f"{len(results)} results tables for {len(self.folders)} folders")
+        for table, folder in zip(results, self.folders):
             write_results(table, folder)
