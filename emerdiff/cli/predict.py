@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
     """Segment every image of `data.input` that is not done yet into `output.dir`, then write the `exports`."""
     from emerdiff.predict import (EmerDiffPredictor, OutputOptions, OutputStore, PredictImages,
-                                  ResultWriter, find_images)
+                                  PredictionWriter, find_images)
     from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped, StopOnSignal
 
     if not cfg.data.input or not cfg.output.dir:
@@ -66,7 +66,7 @@ def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
     done = set() if cfg.output.overwrite else store.done()
     images = find_images(cfg.data.input, exclude=out)
     pending = [image for image in images if image.name not in done]
-    callbacks = [ResultWriter(store, cfg.output.max_repeated_failures), StopOnSignal(), *progress_bar(cfg.trainer)]
+    callbacks = [PredictionWriter(store, cfg.output.max_repeated_failures), StopOnSignal(), *progress_bar(cfg.trainer)]
     trainer = build_trainer(cfg.trainer, callbacks=callbacks, enable_checkpointing=False,
                             use_distributed_sampler=True, default_root_dir=str(out))
     if trainer.is_global_zero:
