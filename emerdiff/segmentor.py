@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
 
@@ -28,6 +27,7 @@ from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
 from .models import SDComponents, check_compile_options, compile_regions, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
+from .observers import StageObserver, observed_stage
 from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
 from .vae import decode_latents, decode_size, encode_image, resize_latents
 
@@ -73,14 +73,8 @@ class MaskMaps:
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-StageContext = Callable[[str], ContextManager[object]]
 # (one chunk's function, all items, chunk size; 0 = all) -> the chunk results concatenated
 ChunkRunner = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
-
-
-def untimed(name: str) -> ContextManager[object]:
-    """The default stage context: nothing (a benchmark's profiler replaces it to time and count stages)."""
-    return nullcontext()
 
 
 def run_chunks(fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor, size: int) -> torch.Tensor:
@@ -110,7 +104,7 @@ class EmerDiff(nn.Module):
         if params.compile:  # compiles the shared UNet/VAE regions in place, lazily at their first call
             compile_regions((self.unet, self.vae), params.compile_backend, params.compile_mode)
         self.register_buffer("prompt", components.encode_prompt(""), persistent=False)
-        self.stage: StageContext = untimed
+        self.observers: List[StageObserver] = []  # what watches the stages (`emerdiff.observers.observing`)
         self.run_chunks: ChunkRunner = run_chunks
         self.chunks: Optional[ChunkPlan] = None  # planned once, on the first image (`chunk_plan`)
 
@@ -151,6 +145,10 @@ class EmerDiff(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.prompt.device
+
+    def stage(self, name: str) -> ContextManager[None]:
+        """The block of the recipe's stage `name`, seen by every observer (none by default: it costs nothing)."""
+        return observed_stage(self.observers, name)
 
     @torch.no_grad()
     def segment(self, image: ImageInput) -> SegmentationOutput:

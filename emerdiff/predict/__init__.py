@@ -15,6 +15,7 @@ _EXPORTS = {
     "EmerDiffPredictor": "lightning", "ExtrasStep": "lightning", "ImagesProgressBar": "lightning",
     "PredictionWriter": "lightning",
     "CONFIG": "layout", "FAILURES": "layout", "MANIFEST": "layout",
+    "MaskNames": "names",
     "ImageExtras": "outputs", "OutputOptions": "outputs", "OutputStore": "outputs", "PredictedImage": "outputs",
 }
 
