@@ -1,7 +1,8 @@
 """The EmerDiff segmentor: steps 1-11 as one numbered recipe over the stage modules.
 
 Each step is a public method (`encode`, `features`, `cluster`, `invert`, `denoise`, `decode`,
-`difference_maps`, `output`), and `mask_maps` runs them in order. The benchmark's cost model
+`difference_maps`, `output`), and `mask_maps` runs them in order (steps 1-7 are `inverted`, which
+the self-check runs too). The benchmark's cost model
 (`emerdiff.profiling.image_cost`) and the memory planner (`emerdiff.memory`) run these same
 methods on a meta-device copy, so a new switch cannot be forgotten in them.
 """
@@ -20,12 +21,13 @@ from torch import nn
 
 from . import difference
 from .clustering import Clusters, cluster_grid, use_faiss_gpu
+from .compiling import check_compile_options, compile_regions
 from .config import ConfigError, EmerDiffConfig, SegmentorConfig, check_rules
 from .features import QueryFeatures, extract_queries
 from .image import ImageInput, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
-from .models import SDComponents, check_compile_options, compile_regions, load_sd, pipeline_components
+from .models import SDComponents, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
 from .observers import StageObserver, observed_stage
 from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
@@ -59,6 +61,17 @@ class SegmentationOutput:
             if value is not None:
                 out[f.name] = value.numpy() if isinstance(value, torch.Tensor) else value
         return out
+
+
+@dataclass
+class Inverted:
+    """The recipe after step 7 (`EmerDiff.inverted`): the k-means masks and the inversion the variants start from."""
+
+    size: Tuple[int, int]  # SD's working size of the image
+    features: QueryFeatures  # the feature layer's queries the masks were clustered from
+    clusters: Clusters
+    inversion: Inversion
+    record: Optional[AttentionRecord]  # the recorded Q/K, with segmentor.attention_injection
 
 
 @dataclass
@@ -164,8 +177,8 @@ class EmerDiff(nn.Module):
         return [self.segment(image) for image in images]
 
     @torch.no_grad()
-    def mask_maps(self, rgb: torch.Tensor, seed: int) -> MaskMaps:
-        """The recipe from an RGB image [3, H, W] in [0, 1] to the K smoothed difference maps."""
+    def inverted(self, rgb: torch.Tensor, seed: int) -> Inverted:
+        """Steps 1-7 of the recipe, from an RGB image [3, H, W] in [0, 1] to its k-means masks and exact inversion."""
         p = self.params
         generator = torch.Generator().manual_seed(seed)
         with self.stage("encode"):
@@ -178,16 +191,25 @@ class EmerDiff(nn.Module):
         with self.stage("kmeans"):
             # 5. k-means -> K low-resolution masks (empty clusters dropped).
             clusters = self.cluster(features, seed)
-        modulated = modulated_masks(clusters.masks, p.min_mask_fraction)
-        offsets = variant_offsets(clusters.masks[modulated], p.lam)
         steps = len(self.grid.tail(p.t_modulate))
         with self.stage("inversion"):
             # 6-7. Exact inversion, recording Q/K for the injection.
             inversion, record = self.fitting("inversion", steps, lambda n: self.invert(z0, generator, n), generator)
+        return Inverted(size, features, clusters, inversion, record)
+
+    @torch.no_grad()
+    def mask_maps(self, rgb: torch.Tensor, seed: int) -> MaskMaps:
+        """The recipe from an RGB image [3, H, W] in [0, 1] to the K smoothed difference maps."""
+        p = self.params
+        inverted = self.inverted(rgb, seed)
+        clusters, size = inverted.clusters, inverted.size
+        modulated = modulated_masks(clusters.masks, p.min_mask_fraction)
+        offsets = variant_offsets(clusters.masks[modulated], p.lam)
         with self.stage("modulated"):
             # 8. Modulated denoising of every (mask, sign) variant.
-            latents = self.fitting("variants", len(offsets), lambda n: self.denoise(inversion, record, offsets, n))
-        del inversion, record  # the injection record is the largest tensor of the run: free it before decoding
+            latents = self.fitting("variants", len(offsets),
+                                   lambda n: self.denoise(inverted.inversion, inverted.record, offsets, n))
+        del inverted  # the injection record is the largest tensor of the run: free it before decoding
         maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
         return MaskMaps(clusters, maps, tuple(rgb.shape[1:]), seed)
 

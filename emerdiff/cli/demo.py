@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from emerdiff.cli.common import (base_parser, load_cli_config, parse_args,
-                                random_model_notice, reported_errors)
+from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
+from emerdiff.cli.common.messages import random_model_notice, reported_errors
 from emerdiff.config import ConfigError
 
 
