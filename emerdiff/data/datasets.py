@@ -27,8 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from emerdiff.config import UserError
-
-from .labels import DatasetMetadata, load_label_set, load_metadata
+from emerdiff.data.labels import DatasetMetadata, load_label_set, load_metadata
 
 Interpolation = Literal["bilinear", "bicubic"]
 

@@ -13,10 +13,9 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from emerdiff.data.datasets import DatasetNotFoundError, Interpolation, LabelError, Sample, SegmentationDataset
+from emerdiff.data.labels import DatasetMetadata, colours, lookup_table, voc_colormap
 from emerdiff.image import IMAGE_SUFFIXES
-
-from .datasets import DatasetNotFoundError, Interpolation, LabelError, Sample, SegmentationDataset
-from .labels import DatasetMetadata, colours, lookup_table, voc_colormap
 
 
 class LabelledFolder(SegmentationDataset):
