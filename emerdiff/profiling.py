@@ -1,8 +1,8 @@
 """Stage profiler and cost model for benchmarks: wall time, FLOPs, UNet/VAE calls and peak memory per stage.
 
-`EmerDiff.segment` wraps each stage in ``self.stage(name)``, a no-op by default. A
-`StageProfiler` attached with `profiled` replaces it, so none of this runs unless a
-benchmark (or a test) asks for it. `image_cost` is the machine-independent cost model: the
+`EmerDiff.segment` wraps each stage in ``self.stage(name)``, which only its observers see
+(`emerdiff.observers`). A `StageProfiler` is one, attached with `profiled` beside any others
+(a progress bar), so none of this runs unless a benchmark (or a test) asks for it. `image_cost` is the machine-independent cost model: the
 segmentor's own recipe (`EmerDiff.mask_maps`) run on a meta-device copy under the profiler.
 
 Peak memory depends on the device: on CUDA the allocator's peak (weights included); on
@@ -17,7 +17,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .clustering import Clusters
 from .memory import LiveBytes, meta_model
+from .observers import observing
 
 STAGES = ("encode", "features", "kmeans", "inversion", "modulated", "decode", "assignment")
 _PROC_STATUS = Path("/proc/self/status")
@@ -208,14 +209,13 @@ def _batch_hook(profiler: StageProfiler, model: str):
 
 @contextmanager
 def profiled(model: nn.Module, profiler: StageProfiler) -> Iterator[StageProfiler]:
-    """Route `model.stage` (an `EmerDiff`) to `profiler` and count UNet/VAE calls; restored on exit."""
+    """`profiler` observes `model`'s stages (an `EmerDiff`) and counts its UNet/VAE calls; removed on exit."""
     targets = [(model.unet, "unet"), (model.vae.encoder, "vae"), (model.vae.decoder, "vae")]
     handles: List = [m.register_forward_hook(_batch_hook(profiler, name), with_kwargs=True) for m, name in targets]
-    previous, model.stage = model.stage, profiler.stage
     try:
-        yield profiler
+        with observing(model, profiler):
+            yield profiler
     finally:
-        model.stage = previous
         for handle in handles:
             handle.remove()
 

@@ -1,7 +1,8 @@
 """The EmerDiff segmentor: steps 1-11 as one numbered recipe over the stage modules.
 
 Each step is a public method (`encode`, `features`, `cluster`, `invert`, `denoise`, `decode`,
-`difference_maps`, `output`), and `mask_maps` runs them in order. The benchmark's cost model
+`difference_maps`, `output`), and `mask_maps` runs them in order (steps 1-7 are `inverted`, which
+the self-check runs too). The benchmark's cost model
 (`emerdiff.profiling.image_cost`) and the memory planner (`emerdiff.memory`) run these same
 methods on a meta-device copy, so a new switch cannot be forgotten in them.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
 
@@ -21,13 +21,15 @@ from torch import nn
 
 from . import difference
 from .clustering import Clusters, cluster_grid, use_faiss_gpu
+from .compiling import check_compile_options, compile_regions
 from .config import ConfigError, EmerDiffConfig, SegmentorConfig, check_rules
 from .features import QueryFeatures, extract_queries
 from .image import ImageInput, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
-from .models import SDComponents, check_compile_options, compile_regions, load_sd, pipeline_components
+from .models import SDComponents, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
+from .observers import StageObserver, observed_stage
 from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
 from .vae import decode_latents, decode_size, encode_image, resize_latents
 
@@ -62,6 +64,17 @@ class SegmentationOutput:
 
 
 @dataclass
+class Inverted:
+    """The recipe after step 7 (`EmerDiff.inverted`): the k-means masks and the inversion the variants start from."""
+
+    size: Tuple[int, int]  # SD's working size of the image
+    features: QueryFeatures  # the feature layer's queries the masks were clustered from
+    clusters: Clusters
+    inversion: Inversion
+    record: Optional[AttentionRecord]  # the recorded Q/K, with segmentor.attention_injection
+
+
+@dataclass
 class MaskMaps:
     """The recipe's result before the final argmax: the k-means masks and one smoothed difference map per mask."""
 
@@ -73,14 +86,8 @@ class MaskMaps:
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-StageContext = Callable[[str], ContextManager[object]]
 # (one chunk's function, all items, chunk size; 0 = all) -> the chunk results concatenated
 ChunkRunner = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
-
-
-def untimed(name: str) -> ContextManager[object]:
-    """The default stage context: nothing (a benchmark's profiler replaces it to time and count stages)."""
-    return nullcontext()
 
 
 def run_chunks(fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor, size: int) -> torch.Tensor:
@@ -110,7 +117,7 @@ class EmerDiff(nn.Module):
         if params.compile:  # compiles the shared UNet/VAE regions in place, lazily at their first call
             compile_regions((self.unet, self.vae), params.compile_backend, params.compile_mode)
         self.register_buffer("prompt", components.encode_prompt(""), persistent=False)
-        self.stage: StageContext = untimed
+        self.observers: List[StageObserver] = []  # what watches the stages (`emerdiff.observers.observing`)
         self.run_chunks: ChunkRunner = run_chunks
         self.chunks: Optional[ChunkPlan] = None  # planned once, on the first image (`chunk_plan`)
 
@@ -152,6 +159,10 @@ class EmerDiff(nn.Module):
     def device(self) -> torch.device:
         return self.prompt.device
 
+    def stage(self, name: str) -> ContextManager[None]:
+        """The block of the recipe's stage `name`, seen by every observer (none by default: it costs nothing)."""
+        return observed_stage(self.observers, name)
+
     @torch.no_grad()
     def segment(self, image: ImageInput) -> SegmentationOutput:
         """Segment one image (path, PIL image, HxWx3 array or CHW tensor in [0, 1])."""
@@ -166,8 +177,8 @@ class EmerDiff(nn.Module):
         return [self.segment(image) for image in images]
 
     @torch.no_grad()
-    def mask_maps(self, rgb: torch.Tensor, seed: int) -> MaskMaps:
-        """The recipe from an RGB image [3, H, W] in [0, 1] to the K smoothed difference maps."""
+    def inverted(self, rgb: torch.Tensor, seed: int) -> Inverted:
+        """Steps 1-7 of the recipe, from an RGB image [3, H, W] in [0, 1] to its k-means masks and exact inversion."""
         p = self.params
         generator = torch.Generator().manual_seed(seed)
         with self.stage("encode"):
@@ -180,16 +191,25 @@ class EmerDiff(nn.Module):
         with self.stage("kmeans"):
             # 5. k-means -> K low-resolution masks (empty clusters dropped).
             clusters = self.cluster(features, seed)
-        modulated = modulated_masks(clusters.masks, p.min_mask_fraction)
-        offsets = variant_offsets(clusters.masks[modulated], p.lam)
         steps = len(self.grid.tail(p.t_modulate))
         with self.stage("inversion"):
             # 6-7. Exact inversion, recording Q/K for the injection.
             inversion, record = self.fitting("inversion", steps, lambda n: self.invert(z0, generator, n), generator)
+        return Inverted(size, features, clusters, inversion, record)
+
+    @torch.no_grad()
+    def mask_maps(self, rgb: torch.Tensor, seed: int) -> MaskMaps:
+        """The recipe from an RGB image [3, H, W] in [0, 1] to the K smoothed difference maps."""
+        p = self.params
+        inverted = self.inverted(rgb, seed)
+        clusters, size = inverted.clusters, inverted.size
+        modulated = modulated_masks(clusters.masks, p.min_mask_fraction)
+        offsets = variant_offsets(clusters.masks[modulated], p.lam)
         with self.stage("modulated"):
             # 8. Modulated denoising of every (mask, sign) variant.
-            latents = self.fitting("variants", len(offsets), lambda n: self.denoise(inversion, record, offsets, n))
-        del inversion, record  # the injection record is the largest tensor of the run: free it before decoding
+            latents = self.fitting("variants", len(offsets),
+                                   lambda n: self.denoise(inverted.inversion, inverted.record, offsets, n))
+        del inverted  # the injection record is the largest tensor of the run: free it before decoding
         maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
         return MaskMaps(clusters, maps, tuple(rgb.shape[1:]), seed)
 

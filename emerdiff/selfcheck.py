@@ -1,7 +1,7 @@
 """Self-check of a first real run: invariants that hold for any weights, checked on the user's model, device and dtype.
 
 ``python tools/selfcheck.py --cfg configs/emerdiff_sd15.yaml [--image PHOTO] --output DIR`` runs
-`run_selfcheck` and writes DIR/selfcheck.json and DIR/selfcheck.md. Every check has a figure, a
+`run_selfcheck` and writes DIR/selfcheck.json and DIR/selfcheck.md (`emerdiff.selfcheck_report`). Every check has a figure, a
 threshold and a status (pass / fail / skipped with the reason):
 
 - ``replay``: the unmodulated replay of the inversion (a zero offset through the modulated-denoising
@@ -21,30 +21,26 @@ float16 within 2 %, bfloat16 within 10 %.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .clustering import Clusters, kmeans
-from .image import ImageInput, image_seed, load_image, to_model_input, working_size
+from .image import ImageInput, image_seed, load_image
 from .memory import GIB
 from .modulation import variant_offsets
 from .processors import layer_names
-from .profiling import STAGES, StageProfiler, profiled
+from .profiling import StageProfiler, profiled
 from .segmentor import EmerDiff, modulated_masks
+from .selfcheck_report import FAIL, Check, SelfCheckReport
 
-PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 SMALL_K = 3  # masks of the fast-vs-reference, lambda = 0 and injection checks
 MEMORY = "measured CUDA peak of one image (GiB) within the planner's estimate"
 SCALED_STAGES = ("modulated", "decode", "assignment")  # stages whose cost grows with the number of masks
-BUG_REPORT = ("Please open an issue with DIR/selfcheck.json and DIR/selfcheck.md attached, the exact command line, "
-              "the config files it used, and the output of `pip list | grep -i -E 'torch|diffusers|faiss|transformers'`.")
 
 
 @dataclass(frozen=True)
@@ -71,81 +67,6 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> Tolerance:
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return CUDA_FLOAT32
     return TOLERANCES[dtype]
-
-
-@dataclass
-class Check:
-    """One check: its figure against its threshold ("<=" or ">="), and pass / fail / skipped."""
-
-    name: str
-    what: str
-    status: str
-    figure: Optional[float] = None
-    threshold: Optional[float] = None
-    compare: str = "<="
-    detail: str = ""
-
-    @classmethod
-    def measured(cls, name: str, what: str, figure: float, threshold: float, compare: str = "<=",
-                 detail: str = "") -> "Check":
-        ok = figure <= threshold if compare == "<=" else figure >= threshold
-        return cls(name, what, PASS if ok and np.isfinite(figure) else FAIL, float(figure), threshold, compare, detail)
-
-    @classmethod
-    def skipped(cls, name: str, what: str, reason: str) -> "Check":
-        return cls(name, what, SKIPPED, detail=f"skipped: {reason}")
-
-
-@dataclass
-class SelfCheckReport:
-    environment: Dict[str, Any]
-    settings: Dict[str, Any]
-    checks: List[Check]
-    timing: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> List[Check]:
-        return [c for c in self.checks if c.status == FAIL]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failed
-
-    def check(self, name: str) -> Check:
-        return next(c for c in self.checks if c.name == name)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"passed": self.passed, "failed": [c.name for c in self.failed], "environment": self.environment,
-                "settings": self.settings, "checks": [asdict(c) for c in self.checks], "timing": self.timing}
-
-    def to_markdown(self) -> str:
-        env = "\n".join(f"| {k} | {v} |" for k, v in self.environment.items())
-        rows = "\n".join(
-            f"| {c.name} | {c.what} | {_fmt(c.figure)} | {'' if c.threshold is None else c.compare + ' ' + _fmt(c.threshold)}"
-            f" | **{c.status}** | {c.detail} |" for c in self.checks)
-        t = self.timing
-        stages = "\n".join(f"| {s} | {t['seconds'].get(s, 0):.3f} | {t['extrapolated_seconds'].get(s, 0):.3f} |"
-                           for s in STAGES) if t else ""
-        verdict = "all checks passed" if self.passed else f"FAILED: {', '.join(c.name for c in self.failed)}"
-        text = [f"# EmerDiff self-check: {verdict}", "", "## Environment", "", "| | |", "|---|---|", env, "",
-                "## Checks", "", "| check | what | figure | threshold | status | detail |", "|---|---|---|---|---|---|",
-                rows, ""]
-        if t:
-            text += ["## Time per image", "",
-                     f"Measured with K = {t['measured_masks']} masks; extrapolated to K = {t['default_masks']} "
-                     "(the stages that grow with the masks scaled linearly).", "",
-                     f"| stage | s measured | s at K = {t['default_masks']} |", "|---|---|---|", stages,
-                     f"| **total** | {t['total_seconds']:.3f} | {t['extrapolated_total_seconds']:.3f} |", "",
-                     f"Images per second at K = {t['default_masks']}: **{t['images_per_second']:.3g}**", ""]
-        if not self.passed:
-            text += ["## What to do", "", BUG_REPORT, ""]
-        return "\n".join(text)
-
-
-def _fmt(value: Optional[float]) -> str:
-    if value is None:
-        return ""
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
 def environment(model: EmerDiff) -> Dict[str, Any]:
@@ -259,13 +180,10 @@ def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: 
     checks: List[Check] = []
     with torch.no_grad():
         log("encoding, features, k-means, inversion")
-        generator = torch.Generator().manual_seed(seed)
-        size = working_size(*rgb.shape[1:], p.resolution, p.aspect, p.max_pixels)
-        z0 = model.encode(to_model_input(rgb, size, p.interpolation).to(device))
-        features = model.features(z0, generator)
-        small = _variant(model, num_masks=small_k)
-        clusters = small.cluster(features, seed)
-        inversion, record = model.invert(z0, generator, model.chunk_plan().inversion)
+        start = _variant(model, num_masks=small_k).inverted(rgb, seed)  # the recipe's steps 1-7 at the small K
+        features, clusters, size = start.features, start.clusters, start.size
+        inversion, record = start.inversion, start.record
+        del start  # so that `del inversion, record` below frees them
         variants_chunk = model.chunk_plan().variants
 
         log("replay")
@@ -384,26 +302,3 @@ def _settings(model: EmerDiff, small_k: int) -> Dict[str, Any]:
             "memory_budget_gb": p.memory_budget_gb, "memory_budget_chosen_gib": round(plan.budget_gib, 3),
             "chunk_plan": {"inversion": plan.inversion,
                                                                    "variants": plan.variants, "decode": plan.decode}}
-
-
-def write_report(report: SelfCheckReport, output: Path) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "selfcheck.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    (output / "selfcheck.md").write_text(report.to_markdown())
-
-
-def summary(report: SelfCheckReport, output: Path) -> str:
-    """What the tool prints at the end: every check's line, then the verdict and, on failure, the bug-report advice."""
-    lines = [f"{c.status.upper():8} {c.name}: {_fmt(c.figure)} {'' if c.threshold is None else c.compare + ' ' + _fmt(c.threshold)}"
-             f" {c.detail}".rstrip() for c in report.checks]
-    t = report.timing
-    if t:
-        lines.append(f"time per image at K = {t['default_masks']}: {t['extrapolated_total_seconds']:.2f} s "
-                     f"({t['images_per_second']:.3g} images/s)")
-    if report.passed:
-        lines.append(f"self-check passed; report in {output / 'selfcheck.md'}")
-    else:
-        lines.append(f"self-check FAILED: {', '.join(c.name for c in report.failed)} "
-                     f"(see {output / 'selfcheck.md'}).")
-        lines.append(BUG_REPORT.replace("DIR/", f"{output}/"))
-    return "\n".join(lines)

@@ -3,7 +3,7 @@
 `MaskNamer` is the module-side step (``EmerDiffPredictor(segmentor, extras=MaskNamer(...))``); the
 `NamedMasks` it returns per image add to the results folder::
 
-    DIR/NAME.npz            + ov_labels, mask_classes, mask_scores, class_names
+    DIR/NAME.npz            + ov_labels, mask_classes, mask_scores, class_names (`emerdiff.predict.names`)
     DIR/NAME_ov.png         label map in vocabulary ids (8-bit palette, 16-bit if > 255 classes)
     DIR/NAME_ov_overlay.jpg class colours over the photo with a legend of the class names
     manifest.jsonl          + "masks": each mask's class name and score
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from emerdiff.predict import OutputStore, render
+from emerdiff.predict.names import MaskNames
 from emerdiff.segmentor import SegmentationOutput
 
 from .config import OVSegConfig
@@ -44,18 +45,24 @@ class NamedMasks:
     class_names: Sequence[str]  # vocabulary display names, by id
     masks: MaskLabels  # class and score of each mask, vocabulary id of each pixel
 
+    def names(self) -> MaskNames:
+        """Each mask's class as the results folder keeps it."""
+        masks = self.masks
+        return MaskNames(self.class_names, masks.class_ids.numpy(), masks.scores.float().numpy(),
+                         masks.label_map.numpy())
+
     def arrays(self) -> Dict[str, np.ndarray]:
-        """The npz entries: ov_labels, mask_classes, mask_scores, class_names."""
-        return {"ov_labels": self.masks.label_map.numpy(), "mask_classes": self.masks.class_ids.numpy(),
-                "mask_scores": self.masks.scores.float().numpy(), "class_names": np.asarray(list(self.class_names))}
+        """The npz entries of named masks (`emerdiff.predict.names`)."""
+        return self.names().arrays()
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "NamedMasks":
         """The names saved in an image's NAME.npz, to draw its pictures again (mask embeddings are not saved)."""
-        class_ids = torch.from_numpy(arrays["mask_classes"])
-        masks = MaskLabels(class_ids, torch.from_numpy(arrays["mask_scores"]), torch.from_numpy(arrays["ov_labels"]),
+        names = MaskNames.from_arrays(arrays)
+        class_ids = torch.from_numpy(names.mask_classes)
+        masks = MaskLabels(class_ids, torch.from_numpy(names.mask_scores), torch.from_numpy(names.pixel_classes),
                            mask_embeddings=torch.zeros(len(class_ids), 0))
-        return cls([str(name) for name in arrays["class_names"]], masks)
+        return cls(names.class_names, masks)
 
     def figure_classes(self) -> render.NamedLabels:
         """Every pixel's vocabulary id and the class names: the figure's class panel and legend."""

@@ -87,29 +87,42 @@ def test_no_module_imports_itself_back_through_others():
     assert cycle(graph()) == []
 
 
+APPLICATION = ("emerdiff.cli", "emerdiff.app")  # the commands and what they serve (the demo): above ovseg
+
+
 def is_core(name: str) -> bool:
-    """The segmentor and everything it is made of: emerdiff less its command-line layer, emerdiff.cli."""
-    return name.startswith("emerdiff") and not name.startswith("emerdiff.cli")
+    """The segmentor and everything it is made of: emerdiff less its application layer (commands, demo)."""
+    return name.startswith("emerdiff") and not name.startswith(APPLICATION)
 
 
-def test_the_core_never_imports_ovseg_the_commands_or_the_tools():
+def test_the_core_never_imports_ovseg_the_application_layer_or_the_tools():
     for name, deps in graph().items():
         if is_core(name):
-            assert not [d for d in deps if d.startswith(("ovseg", "emerdiff.cli", "tools"))], name
+            assert not [d for d in deps if d.startswith(("ovseg", *APPLICATION, "tools"))], name
 
 
-def test_ovseg_never_imports_the_commands():
+def test_ovseg_never_imports_the_application_layer():
     for name, deps in graph().items():
         if name.startswith("ovseg"):
+            assert not [d for d in deps if d.startswith((*APPLICATION, "tools"))], name
+
+
+def test_the_applications_never_import_a_command():
+    for name, deps in graph().items():
+        if name.startswith("emerdiff.app"):
             assert not [d for d in deps if d.startswith(("emerdiff.cli", "tools"))], name
 
 
+def is_shared_plumbing(name: str) -> bool:
+    """emerdiff/cli/common/: the commands' shared plumbing, no entry point of its own."""
+    return name.startswith("emerdiff.cli.common")
+
+
 def test_no_command_imports_another_command():
-    """emerdiff/cli/common.py is shared command-line plumbing (no entry point of its own); commands never import
-    commands."""
+    """Commands import the shared plumbing (emerdiff/cli/common/) and the applications, never other commands."""
     for name, deps in graph().items():
-        if name.startswith("emerdiff.cli.") and name != "emerdiff.cli.common":
-            assert [d for d in deps if d.startswith("emerdiff.cli")] in ([], ["emerdiff.cli.common"]), name
+        if name.startswith("emerdiff.cli.") and not is_shared_plumbing(name):
+            assert not [d for d in deps if d.startswith("emerdiff.cli") and not is_shared_plumbing(d)], name
 
 
 def test_every_tool_is_a_shim_over_its_command():

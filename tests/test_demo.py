@@ -1,4 +1,4 @@
-"""The browser demo's segmentation callback, without a browser (emerdiff/demo.py; the page itself: tests/e2e)."""
+"""The browser demo's segmentation callback, without a browser (emerdiff/app/demo; the page itself: tests/e2e)."""
 
 import io
 import json
@@ -15,28 +15,55 @@ from conftest import tiny_segmentor
 
 gr = pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
 
+from emerdiff.app.demo.page import DemoPage, annotated_panel, mask_colours  # noqa: E402
+from emerdiff.app.demo.segmenter import STAGE_TITLES, DemoSegmenter  # noqa: E402
+from emerdiff.app.demo.uploads import DISPLAY_SIDE, read_upload  # noqa: E402
 from emerdiff.predict import render  # noqa: E402
-from emerdiff.demo import (DISPLAY_SIDE, STAGE_TITLES, DemoPage, DemoSegmenter, MaskClasses,  # noqa: E402
-                           annotated_panel, mask_colours, read_upload)
+from emerdiff.predict.names import MaskNames  # noqa: E402
 from emerdiff.profiling import STAGES  # noqa: E402
 
 SMALL = dict(resolution=64, num_masks=4, denoise_steps=3)
 CLASSES = ("sky", "ground")
 
 
-def parity_namer(photo, output, vocabulary):
-    """A stand-in for ovseg's CLIP namer: even masks are the first class of the vocabulary, odd ones the second."""
+class ParityNames:
+    """The extras a parity step returns (`emerdiff.predict.ImageExtras`): named masks, no files of their own."""
+
+    def __init__(self, names: MaskNames) -> None:
+        self.names = names
+
+    def arrays(self):
+        return self.names.arrays()
+
+    def record(self):
+        return {}
+
+    def write(self, store, name, photo):
+        raise AssertionError("the demo's downloads list no extra files")
+
+    def figure_classes(self):
+        return None
+
+
+def parity_naming(vocabulary):
+    """A stand-in for ovseg's CLIP naming: even masks are the first class of the vocabulary, odd ones the second."""
     names = [n.strip() for n in vocabulary.split(",")]
     if len(names) < 2:
         raise ValueError("give two classes")
-    classes = np.arange(output.num_masks) % 2
-    return MaskClasses(names, classes, np.linspace(0.2, 0.3, output.num_masks))
+
+    def step(image, output):
+        assert image.shape == (3, *output.labels.shape)  # the photo as the prediction tool reads it
+        classes = np.arange(output.num_masks) % 2
+        return ParityNames(MaskNames(names, classes, np.linspace(0.2, 0.3, output.num_masks),
+                                     classes[output.labels.numpy()]))
+
+    return step
 
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_components, tmp_path_factory):
     model = tiny_segmentor(tiny_components, **SMALL)
-    return DemoSegmenter(model, namer=parity_namer, workdir=tmp_path_factory.mktemp("demo"))
+    return DemoSegmenter(model, naming=parity_naming, workdir=tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +195,12 @@ def test_a_vocabulary_names_the_masks_in_the_legend_and_the_npz_with_progress_th
     assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1
 
 
-def test_a_vocabulary_the_namer_rejects_is_reported(page, tmp_path):
+def test_a_vocabulary_the_naming_rejects_is_reported(page, tmp_path):
     with pytest.raises(gr.Error, match="vocabulary: give two classes"):
         page.segment(save(tmp_path, "coffee.png", small(data.coffee(), 64)), 3, 10.0, "sky")
 
 
-def test_without_a_namer_a_vocabulary_is_refused(tiny_components, tmp_path):
+def test_without_naming_a_vocabulary_is_refused(tiny_components, tmp_path):
     page = DemoPage(DemoSegmenter(tiny_segmentor(tiny_components, **SMALL), workdir=tmp_path))
     with pytest.raises(gr.Error, match="without mask naming"):
         page.segment(save(tmp_path, "coffee.png", small(data.coffee(), 64)), 3, 10.0, "cat, dog")
@@ -187,27 +214,3 @@ def test_panel_layers_use_the_label_png_palette_and_white_boundaries():
     assert np.all(base[:, 1] == 255) and np.all(base[:, [0, 2, 3]] == 0)  # the boundary between the two masks
     assert mask_colours(3)["mask 2"] == "#%02x%02x%02x" % tuple(int(v) for v in render.palette(3)[2])
 
-
-def test_the_tools_clip_namer_takes_names_or_shipped_vocabularies_never_a_file(tmp_path):
-    import torch
-
-    from conftest import TINY, load_tool
-    from emerdiff import load_config
-    from emerdiff.segmentor import SegmentationOutput
-
-    secret = tmp_path / "secret.txt"
-    secret.write_text("password\nhunter2\n")
-    namer = load_tool("demo").clip_namer(load_config(TINY), "cpu", tmp_path)
-    labels = torch.zeros(32, 32, dtype=torch.long)
-    labels[:, 16:] = 1
-    masks = torch.stack([labels[::4, ::4] == 0, labels[::4, ::4] == 1])
-    output = SegmentationOutput(labels=labels, labels_bilinear=labels, lowres_labels=labels[::4, ::4],
-                                lowres_masks=masks, mask_embeddings=torch.zeros(2, 8), seed=0)
-    photo = np.array(small(data.coffee(), 32).resize((32, 32)))
-
-    named = namer(photo, output, " cat,  dog ")
-    assert list(named.class_names) == ["cat", "dog"] and set(named.mask_classes.tolist()) <= {0, 1}
-    assert len(namer(photo, output, "voc").class_names) > 2  # a shipped vocabulary by its name
-    assert list(namer(photo, output, str(secret)).class_names) == [str(secret)]  # a name, the file is not read
-    with pytest.raises(ValueError, match="duplicate"):
-        namer(photo, output, "cat, cat")

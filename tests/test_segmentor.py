@@ -161,7 +161,8 @@ def test_compile_switch_compiles_every_resnet_and_feed_forward_region_and_keeps_
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from emerdiff.models import COMPILED_REGIONS, build_random_sd
+    from emerdiff.compiling import COMPILED_REGIONS
+    from emerdiff.models import build_random_sd
 
     common = dict(resolution=64, num_masks=2, keep_diff_maps=True)
     own = build_random_sd("tiny", seed=0)  # the switch compiles the model in place: not the shared one

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, load_tool
 from emerdiff import EmerDiff, load_config
-from emerdiff.selfcheck import PASS, SKIPPED, Check, SelfCheckReport, run_selfcheck
+from emerdiff.selfcheck import run_selfcheck
+from emerdiff.selfcheck_report import PASS, SKIPPED, Check, SelfCheckReport
 
 # Small and quick: 128 px (a 4 x 4 feature grid), a 10-step grid with t_m = 301 (4 steps), K = 3.
 FAST = ["segmentor.resolution=128", "segmentor.num_inference_steps=10", "segmentor.t_modulate=301",

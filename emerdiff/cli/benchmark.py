@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from emerdiff.cli.common import base_parser, load_cli_config, parse_args, reported_errors
+from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
+from emerdiff.cli.common.messages import reported_errors
 from emerdiff.config import IMPLS, ConfigError
 
 # Dense fp16/bf16 tensor-core peak of named GPUs, TFLOP/s (vendor data sheets, no sparsity).

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser, build_segmentor,
-                                build_trainer, evaluation_split, load_cli_config, mask_prediction_settings,
-                                parse_args, plural, progress_bar, random_model_notice, reported_errors,
-                                run_evaluation)
+from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
+                                           load_cli_config, parse_args)
+from emerdiff.cli.common.evaluation import evaluation_split, mask_prediction_settings, run_evaluation
+from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
+from emerdiff.cli.common.trainer import build_segmentor, build_trainer, progress_bar
 from emerdiff.config import ConfigError
 
 if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so --help answers at once

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 
-from emerdiff.cli.common import reported_errors
+from emerdiff.cli.common.messages import reported_errors
 from emerdiff.predict.export import FORMATS, export
 
 

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, List, Optional
 
 from omegaconf import DictConfig
 
-from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser, build_segmentor,
-                                build_trainer, evaluation_split, load_cli_config, mask_prediction_settings,
-                                ovseg_settings, parse_args, plural, progress_bar, random_model_notice,
-                                reported_errors, run_evaluation)
+from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
+                                           load_cli_config, parse_args)
+from emerdiff.cli.common.evaluation import evaluation_split, mask_prediction_settings, run_evaluation
+from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
+from emerdiff.cli.common.naming import naming_settings
+from emerdiff.cli.common.trainer import build_segmentor, build_trainer, progress_bar
 from emerdiff.config import ConfigError
 
 if TYPE_CHECKING:  # torch, Lightning and open_clip load once the arguments are parsed, so --help answers at once
@@ -60,7 +62,7 @@ def evaluate(cfg: DictConfig) -> int:
 
     out = Path(cfg.output.dir)
     results_dir = out / OV_DIR
-    settings, vocab = ovseg_settings(cfg)
+    settings, vocab = naming_settings(cfg)
     metadata, data = evaluation_split(cfg)
     prediction = mask_prediction_settings(cfg)
     masks = PredictionCache(out / CACHE_DIR, prediction, overwrite=cfg.output.overwrite)

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.cli.common import (add_output_arguments, apply_output_arguments, base_parser,
-                                build_segmentor, build_trainer, load_cli_config, ovseg_settings, parse_args,
-                                plural, progress_bar, random_model_notice, reported_errors, saved_names,
-                                vocabulary_of)
+from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
+                                           load_cli_config, parse_args)
+from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
+from emerdiff.cli.common.naming import naming_settings, saved_names, vocabulary_of
+from emerdiff.cli.common.trainer import build_segmentor, build_trainer, progress_bar
 from emerdiff.config import ConfigError, load_config, result_settings
 from emerdiff.files import atomic_file
 from emerdiff.predict.export import FORMATS, export
@@ -52,13 +53,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
     """Segment every image of `data.input` that is not done yet into `output.dir`, then write the `exports`."""
     from emerdiff.predict import (EmerDiffPredictor, OutputOptions, OutputStore, PredictImages,
-                                  ResultWriter, find_images)
+                                  PredictionWriter, find_images)
     from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped, StopOnSignal
 
     if not cfg.data.input or not cfg.output.dir:
         raise ConfigError("tell where the images are and where results go: --input PATH --output DIR")
     out = Path(cfg.output.dir)
-    naming = ovseg_settings(cfg) if cfg.ovseg.vocab else None  # checked before anything loads or is written
+    naming = naming_settings(cfg) if cfg.ovseg.vocab else None  # checked before anything loads or is written
     store = OutputStore(out, OutputOptions.from_config(cfg.output, extra_files=named_files() if naming else ()))
     if not cfg.output.overwrite and store.manifest():  # results bind a folder to its settings; a failed start does not
         check_same_settings(out / CONFIG, cfg)
@@ -66,7 +67,7 @@ def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
     done = set() if cfg.output.overwrite else store.done()
     images = find_images(cfg.data.input, exclude=out)
     pending = [image for image in images if image.name not in done]
-    callbacks = [ResultWriter(store, cfg.output.max_repeated_failures), StopOnSignal(), *progress_bar(cfg.trainer)]
+    callbacks = [PredictionWriter(store, cfg.output.max_repeated_failures), StopOnSignal(), *progress_bar(cfg.trainer)]
     trainer = build_trainer(cfg.trainer, callbacks=callbacks, enable_checkpointing=False,
                             use_distributed_sampler=True, default_root_dir=str(out))
     if trainer.is_global_zero:
@@ -136,9 +137,9 @@ def result_values(cfg: DictConfig, named: bool) -> Dict[str, object]:
               for k, v in result_settings(OmegaConf.to_object(cfg[section])).items()}
     if not named:
         return values | {"ovseg.vocab": vocabulary_of(cfg)}
-    from ovseg.config import ovseg_settings as checked_ovseg_settings  # masks are named: ovseg is in use
+    from ovseg.config import ovseg_settings  # masks are named: ovseg is in use
 
-    return values | {f"ovseg.{k}": v for k, v in result_settings(checked_ovseg_settings(cfg)).items()}
+    return values | {f"ovseg.{k}": v for k, v in result_settings(ovseg_settings(cfg)).items()}
 
 
 def announce(cfg: DictConfig, images: List["SourceImage"], pending: List["SourceImage"]) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import List, Optional
 
 
-from emerdiff.cli.common import base_parser, load_cli_config, parse_args, reported_errors
+from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
+from emerdiff.cli.common.messages import reported_errors
 from emerdiff.config import ConfigError
 
 
@@ -32,7 +33,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError("tell where the report goes: --output DIR")
         cfg = load_cli_config(args)
         from emerdiff import EmerDiff
-        from emerdiff.selfcheck import run_selfcheck, summary, write_report
+        from emerdiff.selfcheck import run_selfcheck
+        from emerdiff.selfcheck_report import summary, write_report
 
         model = EmerDiff.from_config(cfg)
         report = run_selfcheck(model, args.image, args.small_k, log=lambda m: print(f"selfcheck: {m}", flush=True))

@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from emerdiff.cli.common import base_parser, parse_args, plural, reported_errors, saved_names
+from emerdiff.cli.common.arguments import base_parser, parse_args
+from emerdiff.cli.common.messages import plural, reported_errors
+from emerdiff.cli.common.naming import saved_names
 from emerdiff.config import ConfigError, load_config
 from emerdiff.predict.layout import CONFIG
 

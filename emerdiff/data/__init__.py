@@ -1,4 +1,5 @@
-"""Evaluation datasets in their standard layouts, and the table of named splits."""
+"""Evaluation datasets in their standard layouts, a user's labelled folder, their label sets, and the table of
+named splits."""
 
 from emerdiff.data.datasets import (
     ADE20K150,
@@ -8,19 +9,17 @@ from emerdiff.data.datasets import (
     CocoObject,
     CocoStuff27,
     CocoStuff171,
-    DatasetMetadata,
     DatasetNotFoundError,
     EmptySplitError,
     LabelError,
-    LabelledFolder,
     PascalContext59,
     PascalContext459,
     Sample,
     SegmentationDataset,
-    load_metadata,
     resize_and_center_crop,
-    voc_colormap,
 )
+from emerdiff.data.folder import LabelledFolder
+from emerdiff.data.labels import DatasetMetadata, load_metadata, voc_colormap
 from emerdiff.data.registry import DATASETS, DatasetSpec, build_dataset, dataset_metadata, dataset_spec
 
 __all__ = [

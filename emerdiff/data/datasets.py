@@ -10,29 +10,24 @@ Images stay uint8 numpy arrays so that the segmentor owns its own normalisation;
 default collate turns them into tensors (use batch size 1 or a custom collate when
 ``size`` is None, since full images differ in size).
 
-Class names, ignore index and palette are class-level metadata (``Dataset.metadata()``),
-read on first use from the JSON files in ``emerdiff/data/metadata/``, which also hold the
-map from raw annotation values to class ids. The ignore index is 255 everywhere except
-PASCAL-Context-459, where 255 is a real class and the ignore index is 65535. A user's own
-labelled folder (`LabelledFolder`) brings its metadata along: its ``classes.txt`` and its labels' palette.
+Class names, ignore index and palette are the dataset's label set (``Dataset.metadata()``,
+`emerdiff.data.labels`), shipped with the package. A user's own labelled folder
+(`emerdiff.data.folder.LabelledFolder`) brings its metadata along: its ``classes.txt`` and its
+labels' palette.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections import Counter
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from emerdiff.config import UserError
-from emerdiff.image import IMAGE_SUFFIXES
+from emerdiff.data.labels import DatasetMetadata, load_label_set, load_metadata
 
 Interpolation = Literal["bilinear", "bicubic"]
 
@@ -49,68 +44,6 @@ class EmptySplitError(DatasetNotFoundError):
 
 class LabelError(UserError, ValueError):
     """A label file that does not decode to class ids (colour image, unknown value); the message names the fix."""
-
-
-@dataclass(frozen=True)
-class DatasetMetadata:
-    """Facts about a label set: class names (index = class id), ignore index, colours."""
-
-    name: str
-    classes: tuple[str, ...]
-    ignore_index: int
-    palette: tuple[tuple[int, int, int], ...]
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes, excluding the ignore index."""
-        return len(self.classes)
-
-
-def voc_colormap(num_colors: int) -> np.ndarray:
-    """PASCAL VOC colour map (bits of the index spread over R, G, B), num_colors x 3 uint8."""
-    index = np.arange(num_colors)
-    colormap = np.zeros((num_colors, 3), dtype=np.uint8)
-    for shift in range(7, -1, -1):
-        for channel in range(3):
-            colormap[:, channel] |= ((index >> channel) & 1).astype(np.uint8) << shift
-        index = index >> 3
-    return colormap
-
-
-def _colours(rows: Iterable[Iterable[int]]) -> tuple[tuple[int, int, int], ...]:
-    """RGB rows (lists, arrays) as the tuples of `DatasetMetadata.palette`."""
-    return tuple((int(r), int(g), int(b)) for r, g, b in rows)
-
-
-def _lookup_table(label_map: Mapping[int, int], ignore_index: int) -> np.ndarray:
-    """Raw annotation value -> class id, the ignore index for unlisted values (read-only)."""
-    # Raw annotations are 8- or 16-bit, so a 65536-entry table covers every raw value.
-    lookup = np.full(1 << 16, ignore_index, dtype=np.int64)
-    for raw, class_id in label_map.items():
-        lookup[raw] = class_id
-    lookup.setflags(write=False)
-    return lookup
-
-
-@functools.cache
-def _load_label_set(label_set: str) -> tuple[DatasetMetadata, np.ndarray]:
-    """Read one metadata JSON file: its metadata and a raw-value -> class-id lookup table."""
-    text = resources.files("emerdiff.data").joinpath("metadata", f"{label_set}.json").read_text()
-    spec = json.loads(text)
-    classes = tuple(spec["classes"])
-    metadata = DatasetMetadata(
-        name=spec["name"],
-        classes=classes,
-        ignore_index=int(spec["ignore_index"]),
-        palette=_colours(spec.get("palette") or voc_colormap(len(classes))),
-    )
-    label_map = {int(raw): class_id for raw, class_id in spec["label_map"].items()}
-    return metadata, _lookup_table(label_map, metadata.ignore_index)
-
-
-def load_metadata(label_set: str) -> DatasetMetadata:
-    """Metadata of a label set by file stem, e.g. "ade20k150" (cached)."""
-    return _load_label_set(label_set)[0]
 
 
 def resize_and_center_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
@@ -169,8 +102,9 @@ class SegmentationDataset(Dataset):
             raise EmptySplitError(self._layout_message("no images found"))
 
     @classmethod
-    def metadata(cls) -> DatasetMetadata:
-        """Class names, ignore index and palette of this dataset."""
+    def metadata(cls, root: str | Path | None = None, **options: Any) -> DatasetMetadata:
+        """Class names, ignore index and palette of the split at `root` read with `options` (the constructor's);
+        a dataset with a shipped label set (LABEL_SET) needs neither."""
         return load_metadata(cls.LABEL_SET)
 
     def __len__(self) -> int:
@@ -206,7 +140,7 @@ class SegmentationDataset(Dataset):
 
     def _label_lookup(self) -> np.ndarray:
         """The raw value -> class id table of this dataset's labels."""
-        return _load_label_set(self.LABEL_SET)[1]
+        return load_label_set(self.LABEL_SET)[1]
 
     def _find_samples(self) -> list[Sample]:
         """List the split's samples, checking the layout on the way."""
@@ -411,106 +345,3 @@ class VOC2012(SegmentationDataset):
         return self._samples_from_ids(
             ids, self.root / "JPEGImages", ".jpg", self.root / "SegmentationClass", ".png"
         )
-
-
-class LabelledFolder(SegmentationDataset):
-    """A user's own labelled images, in mmsegmentation's CustomDataset layout (``data.dataset: folder``).
-
-    Its metadata is the folder's: class names from ``classes.txt`` (line 1 names class 0), ignore index
-    255, colours from the labels' palette when they are palette PNGs (else PASCAL VOC's colour map).
-
-    Args:
-        reduce_zero_label: label 0 means "ignore" and 1..C are the classes (mmsegmentation's option of the
-            same name): every label value shifts down by one.
-    """
-
-    IGNORE_INDEX: ClassVar[int] = 255
-    CLASSES_FILE: ClassVar[str] = "classes.txt"
-    DEFAULT_SPLIT = ""  # the whole folder is the split
-    LAYOUT = (
-        "  images/<id>.jpg   (any of " + " ".join(sorted(IMAGE_SUFFIXES)) + "; not in sub-folders)\n"
-        "  labels/<id>.png   (8-bit grey or palette PNG of class ids: 0..C-1, 255 = ignore;\n"
-        "                     with data.reduce_zero_label=true: 0 = ignore, 1..C = the classes)\n"
-        "  classes.txt       (C lines, one class name per line, in class-id order)"
-    )
-
-    def __init__(
-        self,
-        root: str | Path,
-        split: str | None = None,
-        size: int | None = None,
-        interpolation: Interpolation = "bicubic",
-        reduce_zero_label: bool = False,
-    ) -> None:
-        self.reduce_zero_label = reduce_zero_label
-        super().__init__(root, split, size, interpolation)
-        self.folder_metadata = self._read_metadata()
-        offset = int(reduce_zero_label)
-        self._lookup = _lookup_table(
-            {offset + c: c for c in range(self.folder_metadata.num_classes)}, self.IGNORE_INDEX
-        )
-
-    @classmethod
-    def metadata(cls, root: str | Path | None = None, reduce_zero_label: bool = False) -> DatasetMetadata:
-        """The metadata of the folder at `root` (which it needs: the class names are the folder's)."""
-        if root is None:
-            raise ValueError(f"a labelled folder's class names come from ROOT/{cls.CLASSES_FILE}: set data.root")
-        return cls(root, reduce_zero_label=reduce_zero_label).folder_metadata
-
-    def _find_samples(self) -> list[Sample]:
-        image_dir, label_dir = self._require(self.root / "images"), self._require(self.root / "labels")
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        repeated = [stem for stem, count in Counter(p.stem for p in images).items() if count > 1]
-        if repeated:
-            raise DatasetNotFoundError(
-                self._layout_message(f"several images are named {repeated[0]!r}: keep one image per <id>")
-            )
-        return self._checked([Sample(p.stem, p, label_dir / f"{p.stem}.png") for p in images])
-
-    def _read_metadata(self) -> DatasetMetadata:
-        """Class names from classes.txt (one per line, none empty), the ignore index and the class colours."""
-        path = self._require(self.root / self.CLASSES_FILE)
-        names = tuple(line.strip() for line in path.read_text(encoding="utf-8-sig").rstrip().splitlines())
-        if not names:
-            raise DatasetNotFoundError(self._layout_message(f"{str(path)!r} names no class"))
-        if "" in names:
-            empty = f"line {names.index('') + 1} of {str(path)!r} is empty: name a class on every line"
-            raise DatasetNotFoundError(self._layout_message(empty))
-        most = self.IGNORE_INDEX - int(self.reduce_zero_label)
-        if len(names) > most:
-            raise DatasetNotFoundError(self._layout_message(
-                f"{str(path)!r} names {len(names)} classes, more than the {most} that label values below 255 "
-                "(the ignore label) can hold"
-            ))
-        return DatasetMetadata(
-            name=self.root.resolve().name, classes=names, ignore_index=self.IGNORE_INDEX,
-            palette=self._class_colours(len(names)),
-        )
-
-    def _class_colours(self, num_classes: int) -> tuple[tuple[int, int, int], ...]:
-        """The first label's palette entries of the classes when it is a palette PNG, else VOC's colour map."""
-        first = int(self.reduce_zero_label)
-        with Image.open(self.samples[0].label_path) as label:
-            palette = label.getpalette() if label.mode == "P" else None
-        if palette is None or len(palette) < 3 * (first + num_classes):
-            return _colours(voc_colormap(num_classes))
-        return _colours(np.reshape(palette, (-1, 3))[first: first + num_classes])
-
-    def _label_lookup(self) -> np.ndarray:
-        return self._lookup
-
-    def _decode_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        """Class ids of a label file; a value that is neither a class nor ignored is a LabelError naming both."""
-        labels = super()._decode_label(raw, path)
-        ignored = {self.IGNORE_INDEX, 0} if self.reduce_zero_label else {self.IGNORE_INDEX}
-        unknown = [int(v) for v in np.unique(raw[labels == self.IGNORE_INDEX]) if int(v) not in ignored]
-        if unknown:
-            count, classes_file = self.folder_metadata.num_classes, self.root / self.CLASSES_FILE
-            values = f"1..{count} (the classes), 0" if self.reduce_zero_label else f"0..{count - 1}"
-            hint = ("; labels that number the classes from 1 with 0 = unlabelled need data.reduce_zero_label=true"
-                    if not self.reduce_zero_label and unknown[-1] == count else "")
-            raise LabelError(
-                f"{path}: label value {unknown[-1]} is not a class: {classes_file} names {count} classes, so labels "
-                f"hold {values} or 255 (ignored). Fix the label or name the missing classes in {classes_file}{hint}"
-            )
-        return labels

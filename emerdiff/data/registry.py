@@ -1,8 +1,9 @@
 """Named evaluation splits: an explicit, read-only table from split name to dataset class.
 
 Nothing is registered at import time; callers look names up with ``build_dataset`` or
-``dataset_metadata``. To add a split, add an entry to ``DATASETS``. ``folder`` is a user's own
-labelled folder (`LabelledFolder`): its metadata comes from its root, not from the package.
+``dataset_metadata``. To add a split, add an entry to ``DATASETS``: its class's ``metadata(root,
+**options)`` gives the class names (shipped ones need no root). ``folder`` is a user's own labelled
+folder (`LabelledFolder`): its metadata comes from its root, not from the package.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from emerdiff.data.datasets import (
     CocoObject,
     CocoStuff27,
     CocoStuff171,
-    DatasetMetadata,
-    LabelledFolder,
     PascalContext59,
     PascalContext459,
     SegmentationDataset,
 )
+from emerdiff.data.folder import LabelledFolder
+from emerdiff.data.labels import DatasetMetadata
 
 
 @dataclass(frozen=True)
@@ -65,16 +66,14 @@ def dataset_spec(name: str) -> DatasetSpec:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}") from None
 
 
-def dataset_metadata(name: str, root: str | Path | None = None, reduce_zero_label: bool = False) -> DatasetMetadata:
+def dataset_metadata(name: str, root: str | Path | None = None, **options: Any) -> DatasetMetadata:
     """Class names, ignore index and palette of a named split.
 
-    A registered split ships them (no disk access; `root` and `reduce_zero_label` are ignored); ``folder``
-    reads them from the labelled folder at `root`.
+    A registered split ships them (no disk access); ``folder`` reads them from the labelled folder at `root`
+    with the `options` it takes (reduce_zero_label). Options a split does not take do not change its metadata.
     """
-    dataset_cls = dataset_spec(name).dataset_cls
-    if issubclass(dataset_cls, LabelledFolder):
-        return dataset_cls.metadata(root, reduce_zero_label)
-    return dataset_cls.metadata()
+    spec = dataset_spec(name)
+    return spec.dataset_cls.metadata(root, **{k: v for k, v in options.items() if spec.takes(k)})
 
 
 def build_dataset(name: str, root: str | Path, **options: Any) -> SegmentationDataset:

@@ -1,15 +1,15 @@
 """Exports of a results folder into formats labelling tools read: COCO JSON with RLE masks, one PNG per mask.
 
 Everything is rebuilt from the folder's ``manifest.jsonl`` and ``NAME.npz`` files, so a finished
-folder can be exported at any time (``tools/export.py DIR --format coco``), and from arrays in
-memory (the demo: `ImageMasks.from_arrays`, then `coco_dict`)::
+folder can be exported at any time (``tools/export.py DIR --format coco``; the demo exports its
+one-image folders the same way)::
 
     DIR/coco.json            images (file name, size), one annotation per non-empty mask
     DIR/NAME_masks/NN.png    one binary PNG per mask id NN (0 / 255), empty masks included
 
 COCO annotations: ``segmentation`` is compressed RLE (pycocotools), with ``area``, ``bbox`` [x, y, w, h],
 ``iscrowd`` 0, and ``score`` where the mask has one (its cosine when masks are named). The category is the
-mask's class when the run named masks (``mask_classes`` / ``class_names`` in the npz), else
+mask's class when the run named masks (`emerdiff.predict.names`), else
 class-agnostic ``mask N`` for mask id N. Category and annotation ids start at 1.
 """
 
@@ -26,6 +26,7 @@ from PIL import Image
 
 from ..files import atomic_file, read_jsonl
 from .layout import MANIFEST
+from .names import MaskNames
 
 COCO_FILE = "coco.json"
 MASKS_ENDING = "_masks"  # NAME_masks/NN.png
@@ -40,23 +41,17 @@ class ImageMasks:
     file_name: str  # the photo's file name relative to the input root, as COCO's images[].file_name
     labels: np.ndarray  # [H, W] mask id per pixel
     num_masks: int
-    mask_classes: Optional[np.ndarray] = None  # [K] vocabulary id per mask (-1: none), when masks are named
-    mask_scores: Optional[np.ndarray] = None  # [K] score per mask (NaN: none), when masks are named
-    class_names: Optional[Sequence[str]] = None  # vocabulary display names, when masks are named
+    names: Optional[MaskNames] = None  # each mask's class, when masks are named
 
     @classmethod
     def from_arrays(cls, name: str, file_name: str, arrays: Mapping[str, np.ndarray]) -> "ImageMasks":
         """From NAME.npz's entries (`SegmentationOutput.to_numpy()`, plus the named-masks entries if any)."""
-        named = "mask_classes" in arrays
         return cls(name=name, file_name=file_name, labels=np.asarray(arrays["labels"]),
-                   num_masks=len(arrays["lowres_masks"]),
-                   mask_classes=np.asarray(arrays["mask_classes"]) if named else None,
-                   mask_scores=np.asarray(arrays["mask_scores"]) if named else None,
-                   class_names=[str(c) for c in arrays["class_names"]] if named else None)
+                   num_masks=len(arrays["lowres_masks"]), names=MaskNames.from_arrays(arrays))
 
     @property
     def named(self) -> bool:
-        return self.mask_classes is not None
+        return self.names is not None
 
 
 def read_results(folder: Union[str, Path]) -> List[ImageMasks]:
@@ -90,7 +85,7 @@ def coco_dict(images: Sequence[ImageMasks]) -> dict:
     if named == {True}:
         names: Dict[str, int] = {}
         for image in images:
-            for class_name in image.class_names:
+            for class_name in image.names.class_names:
                 names.setdefault(class_name, len(names) + 1)
     else:
         names = {f"mask {k}": k + 1 for k in range(max((image.num_masks for image in images), default=0))}
@@ -105,8 +100,9 @@ def coco_dict(images: Sequence[ImageMasks]) -> dict:
             if not pixels.any():
                 continue  # a mask that won no pixel at full resolution has no region to annotate
             if image.named:
-                category = names[image.class_names[int(image.mask_classes[k])]] if image.mask_classes[k] >= 0 else None
-                score = float(image.mask_scores[k])
+                class_name = image.names.name(k)
+                category = names[class_name] if class_name is not None else None
+                score = float(image.names.mask_scores[k])
             else:
                 category, score = names[f"mask {k}"], math.nan
             annotations.append(_annotation(len(annotations) + 1, image_id, category, pixels, score))
@@ -125,13 +121,13 @@ def _annotation(annotation_id: int, image_id: int, category: Optional[int], pixe
     return entry
 
 
-def write_coco(folder: Union[str, Path]) -> Path:
-    """DIR/coco.json of every finished image of a results folder; returns its path."""
+def write_coco(folder: Union[str, Path], file_name: str = COCO_FILE) -> Path:
+    """DIR/coco.json (or DIR/`file_name`) of every finished image of a results folder; returns its path."""
     folder = Path(folder)
     coco = coco_dict(read_results(folder))
-    with atomic_file(folder / COCO_FILE) as handle:
+    with atomic_file(folder / file_name) as handle:
         handle.write(json.dumps(coco).encode())
-    return folder / COCO_FILE
+    return folder / file_name
 
 
 def write_mask_pngs(folder: Union[str, Path], image: ImageMasks) -> Path:

@@ -1,7 +1,7 @@
 """Lightning around the segmentor: a frozen module for `Trainer.predict`, the callback that saves results,
 and a progress bar counting images.
 
->>> trainer = Trainer(callbacks=[ResultWriter(store)], use_distributed_sampler=True, logger=False)
+>>> trainer = Trainer(callbacks=[PredictionWriter(store)], use_distributed_sampler=True, logger=False)
 >>> trainer.predict(EmerDiffPredictor(EmerDiff.from_config(cfg)), datamodule=PredictImages(images),
 ...                 return_predictions=False)
 """
@@ -70,7 +70,7 @@ class EmerDiffPredictor(pl.LightningModule):
 
 
 class ResultStore(Protocol):
-    """Where a ResultWriter puts results (emerdiff.predict.OutputStore)."""
+    """Where a PredictionWriter puts results (emerdiff.predict.OutputStore)."""
 
     def begin_run(self) -> None: ...
 
@@ -81,8 +81,9 @@ class ResultStore(Protocol):
     def finish_run(self) -> None: ...
 
 
-class ResultWriter(BasePredictionWriter):
-    """Each rank saves its own images as their batches end; rank 0 prepares and finalises the store."""
+class PredictionWriter(BasePredictionWriter):
+    """Lightning's prediction writer into a results folder: each rank saves its own images as their batches end;
+    rank 0 prepares and finalises the store."""
 
     def __init__(self, store: ResultStore, max_repeated_failures: int = 0) -> None:
         super().__init__(write_interval="batch")
@@ -90,7 +91,9 @@ class ResultWriter(BasePredictionWriter):
         self.repeated = RepeatedFailures(max_repeated_failures)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Rank 0 tidies up after an earlier run; Lightning's post-setup barrier holds the other ranks."""
+        """Lightning's own check of the module first; then rank 0 tidies up after an earlier run (Lightning's
+        post-setup barrier holds the other ranks)."""
+        super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero:
             self.store.begin_run()
 

@@ -46,7 +46,7 @@ class OutputOptions:
     figure: bool = False
     overlay_alpha: float = 0.5
     jpeg_quality: int = 90
-    extra_files: Tuple[str, ...] = ()  # endings of the files the images' extras write, e.g. ("_ov.png",)
+    extra_files: Tuple[str, ...] = ()  # endings of the files the extras write, e.g. ("_ov.png",); none: not written
 
     @classmethod
     def from_config(cls, output: Any, extra_files: Sequence[str] = ()) -> "OutputOptions":
@@ -65,7 +65,8 @@ class ImageExtras(Protocol):
         """Fields added to the image's manifest line (JSON values)."""
 
     def write(self, store: "OutputStore", name: str, photo: np.ndarray) -> None:
-        """Write the plug-in's own files of the image (photo [H, W, 3] uint8), e.g. with `store.save_picture`."""
+        """Write the plug-in's own files of the image (photo [H, W, 3] uint8), e.g. with `store.save_picture`;
+        called when the store's options list them (`OutputOptions.extra_files`)."""
 
     def figure_classes(self) -> Optional[render.NamedLabels]:
         """Per-pixel classes and their names for NAME_figure.png's class panel and legend, or None."""
@@ -143,7 +144,7 @@ class OutputStore:
             self.write_overlay(result.name, photo, arrays)
         if self.options.figure:
             self.write_figure(result.name, photo, arrays, extras)
-        if extras is not None:
+        if extras is not None and self.options.extra_files:
             extras.write(self, result.name, photo)
         height, width = arrays["labels"].shape
         record = {"name": result.name, "path": result.path, "size": [height, width],

@@ -458,3 +458,15 @@ def test_folder_metadata_needs_the_root_and_registered_splits_ignore_it(tmp_path
     with pytest.raises(ValueError, match="class names come from ROOT/classes.txt: set data.root"):
         dataset_metadata("folder")
     assert dataset_metadata("voc2012_val", tmp_path / "nowhere") == load_metadata("voc2012")
+
+
+def test_every_registered_split_answers_one_metadata_call_without_a_special_case(voc_root, tmp_path):
+    """`cls.metadata(root, **options)` is the one call: the shipped label sets ignore the folder, ``folder`` reads it."""
+    root = labelled_folder(voc_root, tmp_path / "mine")
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in VOC_CLASSES[1:]))  # 0 is unlabelled here
+    for name, spec in DATASETS.items():
+        options = {"reduce_zero_label": True} if spec.takes("reduce_zero_label") else {}
+        expected = (build_dataset(name, root, **options).folder_metadata if name == "folder"
+                    else load_metadata(spec.dataset_cls.LABEL_SET))
+        assert spec.dataset_cls.metadata(root, **options) == dataset_metadata(name, root, **options) == expected, name
+    assert dataset_metadata("folder", root, reduce_zero_label=True).classes == tuple(VOC_CLASSES[1:])

@@ -21,7 +21,7 @@ from conftest import REPO, TINY, assert_same_segmentation, imported_packages
 from emerdiff import ConfigError
 from emerdiff.files import read_jsonl
 from emerdiff.cli import predict, sample_images, visualize
-from emerdiff.cli.common import build_trainer, check_trainer_keys
+from emerdiff.cli.common.trainer import build_trainer, check_trainer_keys
 from emerdiff.predict import OutputOptions, OutputStore
 
 SMALL = ["segmentor.resolution=64", "segmentor.num_masks=3", "segmentor.keep_diff_maps=true"]

@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 
 from emerdiff.predict import OutputOptions, OutputStore, PredictedImage
 from emerdiff.predict.export import ImageMasks, coco_dict, export, read_results, write_coco, write_mask_pngs
+from emerdiff.predict.names import MaskNames
 from emerdiff.segmentor import SegmentationOutput
 
 
@@ -106,7 +107,8 @@ def test_named_masks_take_their_vocabulary_class_as_category_and_their_score(tmp
 
 def test_images_with_and_without_named_masks_cannot_share_one_coco_file():
     plain = ImageMasks("a", "a.png", np.zeros((2, 2), dtype=np.int64), 1)
-    named = ImageMasks("b", "b.png", np.zeros((2, 2), dtype=np.int64), 1, np.array([0]), np.array([0.5]), ["cat"])
+    named = ImageMasks("b", "b.png", np.zeros((2, 2), dtype=np.int64), 1,
+                       MaskNames(["cat"], np.array([0]), np.array([0.5]), np.zeros((2, 2), dtype=np.int64)))
     with pytest.raises(ValueError, match="named"):
         coco_dict([plain, named])
 

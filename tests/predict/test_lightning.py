@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -10,7 +11,7 @@ from torch import nn
 
 from conftest import tiny_segmentor
 from emerdiff.files import read_jsonl
-from emerdiff.predict import (EmerDiffPredictor, OutputOptions, OutputStore, PredictImages, ResultWriter,
+from emerdiff.predict import (EmerDiffPredictor, OutputOptions, OutputStore, PredictImages, PredictionWriter,
                               find_images)
 
 
@@ -66,7 +67,7 @@ def test_the_extras_step_sees_each_photo_with_its_segmentation_and_the_writer_sa
     predictor = EmerDiffPredictor(segmentor, extras=MeanColour().requires_grad_(True))
     assert predictor.extras.training is False  # frozen like the segmentor
     store = OutputStore(out, OutputOptions(overlay=False))
-    _trainer(callbacks=[ResultWriter(store)]).predict(
+    _trainer(callbacks=[PredictionWriter(store)]).predict(
         predictor, datamodule=PredictImages(find_images(str(photos)), num_workers=0), return_predictions=False)
     with np.load(out / "photo.npz") as arrays:
         labels, colours = arrays["labels"], arrays["mask_colours"]
@@ -74,3 +75,19 @@ def test_the_extras_step_sees_each_photo_with_its_segmentation_and_the_writer_sa
         np.testing.assert_allclose(colours[k], photo[labels == k].mean(axis=0), rtol=1e-5)
     record = read_jsonl(out / "manifest.jsonl")[0]
     assert record["brightest_mask"] == int(colours.sum(axis=1).argmax())
+
+
+class IteratorPredictor(EmerDiffPredictor):
+    """A predictor whose step pulls its own batches (`dataloader_iter`), which a prediction writer cannot follow."""
+
+    def predict_step(self, dataloader_iter):
+        return next(dataloader_iter)[0]
+
+
+def test_the_writer_keeps_lightnings_own_refusal_of_a_step_that_reads_the_dataloader_itself(tiny_components,
+                                                                                          tmp_path: Path):
+    store = OutputStore(tmp_path / "out", OutputOptions(overlay=False))
+    with pytest.raises(NotImplementedError, match="dataloader_iter"):
+        _trainer(callbacks=[PredictionWriter(store)]).predict(
+            IteratorPredictor(tiny_segmentor(tiny_components, resolution=64, num_masks=2)),
+            datamodule=PredictImages([], num_workers=0), return_predictions=False)

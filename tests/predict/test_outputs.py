@@ -89,6 +89,17 @@ def test_extras_add_their_arrays_manifest_fields_and_files_and_an_image_is_done_
     assert store.done() == {"odd"}
 
 
+
+def test_a_store_whose_options_list_no_extra_files_keeps_the_extras_arrays_and_fields_but_writes_no_files(
+        tmp_path: Path):
+    store = OutputStore(tmp_path, OutputOptions(overlay=False))  # e.g. the demo's downloads
+    store.save(_result("odd", extras=Parity(3)), rank=0)
+    store.finish_run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failures.jsonl", "manifest.jsonl", "odd.npz", "odd.png"]
+    with np.load(tmp_path / "odd.npz") as arrays:
+        assert arrays["parity"].tolist() == [1]
+    assert read_jsonl(tmp_path / "manifest.jsonl")[0]["parity"] == 1 and store.done() == {"odd"}
+
 def test_options_from_the_output_config_section_keep_its_picture_settings():
     from emerdiff.config import OutputConfig
 

@@ -1,0 +1,253 @@
+"""The demo's Gradio page: upload or pick a sample photo, K, lambda and (with naming) a vocabulary; the panels.
+
+The photo, the k-means masks, the bilinear baseline and EmerDiff side by side, each mask highlighted on
+hovering its legend entry; the label PNG, the npz and the COCO JSON to download. Gradio's queue keeps
+waiting visitors informed (position, progress bar through the segmentor's stages) instead of blocking.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from emerdiff.predict import render
+
+from .segmenter import KEEP_RESULTS_S, DemoResult, DemoSegmenter, Progress
+from .uploads import DISPLAY_SIDE, MAX_UPLOAD, READABLE, DemoInputError, read_upload
+
+MASK_ALPHA = 0.55  # opacity of the mask colours in the panels
+
+
+def display_size(shape: Tuple[int, int], side: int = DISPLAY_SIDE) -> Tuple[int, int]:
+    """(height, width) of a panel: the photo's shape scaled to `side` on its longer side."""
+    scale = side / max(shape)
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def mask_label(k: int) -> str:
+    return f"mask {k}"
+
+
+def mask_colours(count: int) -> Dict[str, str]:
+    """Legend label -> hex colour, the label PNG's palette colours (`render.palette`)."""
+    return {mask_label(k): "#%02x%02x%02x" % tuple(int(v) for v in rgb) for k, rgb in enumerate(render.palette(count))}
+
+
+def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequence[Tuple[str, Sequence[int]]]
+                    ) -> Tuple[np.ndarray, List[Tuple[np.ndarray, str]]]:
+    """A gr.AnnotatedImage value: the photo with white mask boundaries, one translucent layer per group of masks.
+
+    `labels` is resized (nearest) to the photo's size; `groups` lists (legend label, mask ids); empty groups are
+    left out.
+    """
+    size = photo_small.shape[:2]
+    small = render.resize_nearest(labels, size)
+    base = photo_small.copy()
+    base[render.boundaries(small, max(1, round(min(size) / 256)))] = 255
+    layers = []
+    for label, ids in groups:
+        mask = np.isin(small, list(ids))
+        if mask.any():
+            layers.append((mask.astype(np.float32) * MASK_ALPHA, label))
+    return base, layers
+
+
+def panels(result: DemoResult) -> Dict[str, Any]:
+    """The page's pictures for one result: photo, k-means, bilinear, EmerDiff (gr.Image / gr.AnnotatedImage values)."""
+    out = result.output
+    photo = result.upload.photo
+    h, w = display_size(photo.shape[:2])
+    small = np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
+    by_mask = [(mask_label(k), [k]) for k in range(result.num_masks)]
+    if result.names is None:
+        named = by_mask
+    else:  # one legend entry per class: the masks it names, highlighted together
+        classes: Dict[str, List[int]] = {}
+        for k in range(result.num_masks):
+            classes.setdefault(result.names.name(k) or "(no class)", []).append(k)
+        named = sorted(classes.items())
+    return {
+        "photo": small,
+        "kmeans": annotated_panel(small, out.lowres_labels.numpy(), by_mask),
+        "bilinear": annotated_panel(small, out.labels_bilinear.numpy(), by_mask),
+        "emerdiff": annotated_panel(small, out.labels.numpy(), named),
+    }
+
+
+def summary(result: DemoResult, random_weights: bool = False) -> str:
+    """Markdown under the panels: what ran, the notes on the upload, and the masks (with classes when named)."""
+    h, w = result.output.lowres_labels.shape
+    lines = [f"**{result.num_masks} masks** (k-means on the {h}x{w} feature grid) in {result.seconds:.1f} s; "
+             f"seed {result.output.seed}."]
+    lines += [f"- note: {note}" for note in result.upload.notes]
+    if random_weights:
+        lines.append("- note: miniature model with random weights: the masks carry no meaning.")
+    rows = result.mask_table()
+    if result.names is not None:
+        lines += ["", "| mask | class | score | share of the photo |", "|---:|---|---:|---:|"]
+        for r in rows:
+            score = "-" if r["score"] is None else f"{r['score']:.3f}"
+            lines.append(f"| {r['mask']} | {r['class'] or '-'} | {score} | {r['share']:.1%} |")
+    return "\n".join(lines)
+
+
+def sample_photos(folder: str | Path) -> List[Path]:
+    """scikit-image's sample photos written into `folder` (none when scikit-image is not installed)."""
+    try:
+        from skimage import data
+    except ImportError:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        path = folder / f"{name}.jpg"
+        if not path.is_file():
+            Image.fromarray(getattr(data, name)()).save(path, quality=92)
+        written.append(path)
+    return written
+
+
+INTRO = """# EmerDiff: segmentation from a frozen Stable Diffusion
+Upload a photo (or pick a sample), choose K and lambda, press **Segment**. The panels show the photo, the
+k-means masks on the UNet's feature grid, their bilinear upsampling (the baseline) and EmerDiff's masks;
+hover a legend entry to highlight its mask, click it for details."""
+
+
+class DemoPage:
+    """The page's event handlers, callable without a browser: a visitor's mistake raises gr.Error with its message."""
+
+    def __init__(self, segmenter: DemoSegmenter, notice: Optional[str] = None) -> None:
+        self.segmenter = segmenter
+        self.notice = notice  # the random-weights note, or None for real weights
+
+    def preview(self, path: Optional[str]) -> Optional[np.ndarray]:
+        """The uploaded photo at panel size, as soon as it is uploaded (a bad file is reported at once)."""
+        if not path:
+            return None
+        upload = self._checked(read_upload, path, self.segmenter.max_pixels, self.segmenter.max_side)
+        self._warn(upload.notes)
+        h, w = display_size(upload.photo.shape[:2])
+        return np.asarray(Image.fromarray(upload.photo).resize((w, h), Image.BILINEAR))
+
+    def segment(self, path: Optional[str], num_masks: float, lam: float, vocabulary: str = "",
+                progress: Optional[Progress] = None) -> Tuple[Any, ...]:
+        """The four panels, the summary, the downloads, the mask rows and a cleared selection."""
+        import gradio as gr
+
+        if not path:
+            raise gr.Error("Upload a photo or pick a sample first.", print_exception=False)
+        result = self._checked(self.segmenter.run, path, num_masks, lam, vocabulary, progress=progress)
+        self._warn(result.upload.notes)
+        pictures = panels(result)
+        return (pictures["photo"], pictures["kmeans"], pictures["bilinear"], pictures["emerdiff"],
+                summary(result, self.notice is not None), [str(f) for f in result.files], result.mask_table(), "")
+
+    @staticmethod
+    def describe(rows: Optional[List[Dict[str, Any]]], label: str) -> str:
+        """What a clicked legend entry (a mask, or a class of masks) covers."""
+        chosen = [r for r in rows or [] if label in (mask_label(r["mask"]), r.get("class"))]
+        parts = []
+        for r in chosen:
+            named = f", class **{r['class']}**" if r.get("class") else ""
+            score = f" (score {r['score']:.3f})" if r.get("score") is not None else ""
+            parts.append(f"mask {r['mask']}: {r['share']:.1%} of the photo{named}{score}")
+        return f"**{label}**: " + "; ".join(parts) if parts else ""
+
+    @staticmethod
+    def _checked(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        import gradio as gr
+
+        try:
+            return function(*args, **kwargs)
+        except DemoInputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    @staticmethod
+    def _warn(notes: Sequence[str]) -> None:
+        import gradio as gr
+
+        for note in notes:
+            gr.Warning(note)
+
+
+def build_demo(segmenter: DemoSegmenter, samples: Sequence[str | Path] = (), notice: Optional[str] = None) -> Any:
+    """The Gradio Blocks of the demo (not launched: see `serve`)."""
+    import gradio as gr
+
+    page = DemoPage(segmenter, notice)
+    params = segmenter.params
+    colours = mask_colours(segmenter.max_masks)
+
+    def segment(path: Optional[str], num_masks: float, lam: float, vocabulary: str,
+                progress: Any = gr.Progress()) -> Tuple[Any, ...]:  # Gradio fills `progress` (found by its default)
+        return page.segment(path, num_masks, lam, vocabulary,
+                            progress=lambda fraction, text: progress(fraction, desc=text))
+
+    def describe(rows: Optional[List[Dict[str, Any]]], evt: gr.SelectData) -> str:
+        return page.describe(rows, str(evt.value))
+
+    describe.__annotations__["evt"] = gr.SelectData  # Gradio finds the event argument by its type (not a string)
+
+    with gr.Blocks(title="EmerDiff demo", delete_cache=(KEEP_RESULTS_S, KEEP_RESULTS_S)) as app:
+        gr.Markdown(INTRO + (f"\n\n> {notice}" if notice else ""))
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(label=f"Photo ({READABLE})", file_count="single", type="filepath", elem_id="upload")
+                if samples:
+                    gr.Examples(examples=[[str(p)] for p in samples], inputs=[upload],
+                                label="Sample photos (scikit-image)")
+            with gr.Column(scale=3):
+                num_masks = gr.Slider(1, segmenter.max_masks, value=params.num_masks, step=1, elem_id="num-masks",
+                                      label="K: number of k-means masks (segmentor.num_masks)")
+                lam = gr.Slider(0.5, max(50.0, params.lam), value=params.lam, step=0.5, elem_id="lam",
+                                label="lambda: modulation strength (segmentor.lam)")
+                vocabulary = gr.Textbox(label="Vocabulary (optional): name the masks with CLIP", elem_id="vocabulary",
+                                        placeholder="cat, dog, grass   or a shipped one: coco, ade150, pc59, voc",
+                                        visible=segmenter.naming is not None)
+                button = gr.Button("Segment", variant="primary", elem_id="segment")
+        with gr.Row(equal_height=True):
+            photo = gr.Image(label="photo", interactive=False, elem_id="panel-photo")
+            kmeans = gr.AnnotatedImage(label="k-means masks (feature grid)", color_map=colours, elem_id="panel-kmeans")
+            bilinear = gr.AnnotatedImage(label="bilinear upsampling", color_map=colours, elem_id="panel-bilinear")
+            emerdiff = gr.AnnotatedImage(label="EmerDiff", color_map=colours, elem_id="panel-emerdiff")
+        selected = gr.Markdown(elem_id="selected")
+        info = gr.Markdown(elem_id="summary")
+        downloads = gr.File(label="Downloads: label PNG (palette = mask colours), npz arrays, COCO JSON (RLE masks)",
+                            file_count="multiple", interactive=False, elem_id="downloads")
+        rows = gr.State()
+
+        upload.change(page.preview, inputs=upload, outputs=photo, concurrency_limit=4)
+        button.click(segment, inputs=[upload, num_masks, lam, vocabulary],
+                     outputs=[photo, kmeans, bilinear, emerdiff, info, downloads, rows, selected],
+                     concurrency_limit=1, concurrency_id="segment")
+        for panel in (kmeans, bilinear, emerdiff):
+            panel.select(describe, inputs=rows, outputs=selected)
+    return app
+
+
+def serve(segmenter: DemoSegmenter, host: str = "127.0.0.1", port: Optional[int] = None,
+          notice: Optional[str] = None, samples: bool = True, queue_size: int = 32) -> None:
+    """Build the page and serve it until interrupted (Ctrl-C or SIGTERM); visitors wait in Gradio's queue (up to
+    `queue_size`). The server is closed on the way out."""
+    photos = sample_photos(segmenter.workdir / "samples") if samples else []
+    app = build_demo(segmenter, photos, notice)
+    app.queue(max_size=queue_size)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
+    try:
+        app.launch(server_name=host, server_port=port, allowed_paths=[str(segmenter.workdir)], show_error=False,
+                   max_file_size=MAX_UPLOAD)
+    finally:
+        app.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)  # so that `finally` blocks run (the server closes, the tool removes its files)

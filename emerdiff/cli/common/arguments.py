@@ -1,0 +1,71 @@
+"""The commands' arguments and configs: repeated --cfg, key=value overrides, --output and --overwrite.
+
+Configs merge in order: the defaults (configs/base.yaml), each --cfg file (later files win), then the
+key=value overrides. Unknown keys are errors that name the key, in `trainer` too (checked against
+the arguments of pytorch_lightning.Trainer). Only light modules are imported here at start-up, so
+`--help` and a config mistake answer before torch, Lightning and diffusers load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from typing import List, Optional
+
+from omegaconf import DictConfig
+
+from emerdiff.config import load_config
+from ovseg.config import with_ovseg_defaults
+
+from .trainer import check_trainer_keys
+
+# Library messages a user can do nothing about: Lightning's hardware lines and product tips (INFO), and a
+# deprecation inside Lightning's own code.
+QUIET_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+OVERRIDES_HELP = "config overrides applied after the files, e.g. segmentor.num_masks=10 trainer.devices=4"
+
+
+def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argparse.ArgumentParser:
+    """A parser with the options every tool shares: --cfg (repeatable) and key=value overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg", action="append", default=[], metavar="YAML",
+                        help="config file, or a shipped config by name (tiny, emerdiff_sd15, eval/voc, ov/ade150, ...); "
+                             "give it several times, later files override earlier ones")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse, allowing key=value overrides before, between and after the options; then quiet the libraries."""
+    args = parser.parse_intermixed_args(argv)
+    quiet_libraries()
+    return args
+
+
+def quiet_libraries() -> None:
+    """Hide the libraries' messages that ask nothing of the user (QUIET_LOGGERS, QUIET_WARNINGS); warnings stay."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """--output DIR (output.dir) and --overwrite (output.overwrite=true), shared by the tools that write results."""
+    parser.add_argument("--output", help="results folder (output.dir)")
+    parser.add_argument("--overwrite", action="store_true", help=f"{overwrite_help} (output.overwrite=true)")
+
+
+def apply_output_arguments(cfg: DictConfig, args: argparse.Namespace) -> None:
+    """Let --output and --overwrite win over the config files."""
+    cfg.output.dir = args.output or cfg.output.dir
+    cfg.output.overwrite = args.overwrite or cfg.output.overwrite
+
+
+def load_cli_config(args: argparse.Namespace) -> DictConfig:
+    """Defaults, then every --cfg file in order, then the overrides; the ovseg section and trainer keys checked too."""
+    cfg = with_ovseg_defaults(load_config(args.cfg, overrides=args.overrides))
+    check_trainer_keys(cfg.trainer)
+    return cfg

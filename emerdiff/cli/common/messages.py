@@ -1,0 +1,49 @@
+"""What the commands tell the user: counts in words, the random-weights notice, one `error:` line per mistake."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+from omegaconf import DictConfig
+
+from emerdiff.config import UserError, is_random_model
+
+RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
+                       "but its masks carry no meaning. Use e.g. --cfg emerdiff_sd15 for real results.")
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 image', '3 images'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def random_model_notice(cfg: DictConfig) -> Optional[str]:
+    """The warning for the tiny / random-weight models, or None for real weights."""
+    if not is_random_model(cfg.model):
+        return None
+    name = "tiny" if cfg.model.pretrained == "tiny" else f"{cfg.model.pretrained} (model.random_init=true)"
+    return RANDOM_MODEL_NOTICE.format(name=name)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn a user's mistake (config, input, weights) into `error: ...` on stderr and exit status 2."""
+    try:
+        yield
+    except (UserError, FileNotFoundError) as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def user_message(exc: BaseException) -> str:
+    """The exception's message; for one re-raised from a DataLoader worker, the original message alone.
+
+    PyTorch re-raises a worker's exception with "Caught X in DataLoader worker process N" and the worker's
+    traceback as its text; the last line of that is "module.X: message".
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
