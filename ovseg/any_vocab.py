@@ -16,7 +16,7 @@ import torch
 
 from .config import OVSegConfig
 from .outputs import MaskNamer
-from .pipeline import VocabularyLabellers, text_cache_folder
+from .labeller import VocabularyLabellers, text_cache_folder
 from .vocab import SHIPPED_VOCABS, read_vocabulary
 
 KEEP_VOCABULARIES = 8  # vocabularies whose labellers (text embeddings) stay in memory

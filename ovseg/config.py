@@ -27,7 +27,7 @@ class EncoderConventions:
     """A dense encoder: how to build it, and what its reference evaluation does (the ovseg settings left null)."""
 
     title: str  # the encoder's name in tables and in the paper's rows
-    builder: str  # "module:function" building it from a LoadedClip and OVSegConfig (ovseg.pipeline.EncoderBuilder)
+    builder: str  # "module:function" building it from a LoadedClip and OVSegConfig (ovseg.labeller.EncoderBuilder)
     templates: str  # its prompt set (TEMPLATE_SETS)
     text_average: str  # how its prompts' embeddings are averaged (TEXT_AVERAGES)
     baseline: str  # its own per-pixel decision (BASELINES)
@@ -38,7 +38,7 @@ class EncoderConventions:
 # MaskCLIP: CLIP's zero-shot averaging; its public VOC evaluation is "w/o background" (background pixels not
 # scored, no background prompt). TCL: raw prompt average normalised once; a constant background score.
 ENCODERS: Dict[str, EncoderConventions] = {
-    "maskclip": EncoderConventions("MaskCLIP", "ovseg.pipeline:maskclip_encoder", "maskclip", "normalised", "cells",
+    "maskclip": EncoderConventions("MaskCLIP", "ovseg.labeller:maskclip_encoder", "maskclip", "normalised", "cells",
                                    "ignore"),
     "tcl": EncoderConventions("TCL", "ovseg.tcl_weights:tcl_encoder", "tcl", "raw", "tcl", "constant"),
 }

@@ -9,7 +9,7 @@ shared ones. What the evaluator gets of an image (`OpenVocabEvaluation.evaluated
 1. the named label maps come from the labels cache (``OUTPUT/ov/cache/<image id>.npz``) if present;
 2. otherwise EmerDiff's masks come from the shared masks cache (``OUTPUT/cache/<image id>.npz``,
    also tools/eval.py's) or, on a miss there too, from the segmentor, and are cached there;
-3. the labeller names each mask and computes the per-patch baseline (`ovseg.pipeline`); the result
+3. the labeller names each mask and computes the per-patch baseline (`ovseg.labeller`); the result
    is cached.
 
 Stable Diffusion and CLIP are each loaded on their first cache miss, so a rerun over full caches
@@ -36,7 +36,7 @@ from emerdiff.evaluation import (CONVENTIONS_NOTE, PAPER, CachedEvaluation, Conf
                                  percent_cell)
 
 from .config import ENCODERS, OVSegConfig
-from .pipeline import OpenVocabLabeller, check_threshold
+from .labeller import OpenVocabLabeller, check_threshold
 from .vocab import Vocabulary
 
 METHODS = ("maskclip", "emerdiff")  # table order: the baseline, then EmerDiff's masks named by it

@@ -1,152 +1,228 @@
-"""Name class-agnostic masks: pool dense CLIP embeddings inside each mask, pick the closest class text.
+"""The open-vocabulary step for one image: dense CLIP embeddings, then name each mask and compute the baseline.
 
-Masks and dense embeddings must cover the same image extent (at any resolutions).
+>>> labeller = build_labeller(OVSegConfig(vocab="voc"), read_vocabulary("voc"), cache_dir="text_cache")
+>>> named = labeller(image, segments)  # image [H, W, 3] uint8; segments [H, W] mask ids (e.g. EmerDiff's labels)
+>>> named.label_map, named.baseline   # [H, W] vocabulary ids: masks named / plain MaskCLIP
+>>> named.class_ids, named.scores      # [K] each mask's class and cosine (a MaskLabels, as label_masks gives)
 
-Mask embedding (choice and why): each mask is resampled onto the embedding grid as coverage
-weights (how many of the mask's pixels fall in each cell, a pixel belonging to the cell that
-contains its centre), and the mask embedding is the weighted mean of the cell embeddings,
-L2-normalised. This equals upsampling the embeddings to image size by pixel-centre nearest
-neighbour (``mode="nearest-exact"``) and averaging them over the mask's pixels, exactly, at
-a cost of K*h*w*D instead of K*H*W*D and without materialising image-size embeddings.
-(Bilinear upsampling would only blend neighbouring cells near mask borders; MaskCLIP's
-embeddings are per patch anyway.)
+The image is resized (not padded) so that each side is the nearest multiple of the patch size:
+the embedding grid then covers exactly the image's extent, which is what `label_masks` and
+`maskclip_labels` assume, at a distortion below half a patch per side.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-UNLABELLED = -1  # class id of empty masks, and of pixels no mask covers (mask-stack input)
+from emerdiff.lazy import resolve
+
+from .config import ENCODERS, TEMPLATE_SETS, OVSegConfig
+from .clip_model import LoadedClip, load_clip
+from .dense_encoder import DenseEncoder, MaskCLIPEncoder
+from .naming import MaskLabels, label_masks, maskclip_labels
+from .tcl import TCL_WINDOW, TCLEncoder, tcl_background_score, tcl_labels
+from .text import cached_text_embeddings
+from .vocab import Vocabulary
+
+EncoderBuilder = Callable[[LoadedClip, OVSegConfig], DenseEncoder]
 
 
 @dataclass(frozen=True)
-class MaskLabels:
-    """Per-mask classes and scores, and the image's label map in vocabulary ids.
+class OpenVocabOutput(MaskLabels):
+    """One image's masks named from the vocabulary (the labeller's MaskLabels, on the CPU) and the baseline's
+    per-pixel decision beside them."""
 
-    The one type for "the class of each mask" across ovseg: the labeller returns it (with the
-    baseline beside it, `ovseg.pipeline.OpenVocabOutput`), the prediction tool saves it
-    (`ovseg.outputs.NamedMasks`).
-    """
-
-    class_ids: Tensor  # [K] int64 vocabulary id per mask; UNLABELLED for empty masks
-    scores: Tensor  # [K] float cosine similarity to the best class; NaN for empty masks
-    label_map: Tensor  # [H, W] int64 vocabulary ids
-    mask_embeddings: Tensor  # [K, D] L2-normalised; zero rows for empty masks
+    baseline: Tensor  # [H, W] int64 vocabulary ids of the baseline (plain MaskCLIP, or TCL's own decision)
 
 
-def label_masks(
-    dense: Tensor,
-    masks: Tensor,
-    text: Tensor,
-    *,
-    num_masks: int | None = None,
-    background_id: int | None = None,
-    threshold: float | None = None,
-    exclude: int | None = None,
-) -> MaskLabels:
-    """Give each mask the class whose text embedding is most similar to the mask's mean embedding.
+@dataclass(frozen=True)
+class NamingRules:
+    """How masks and the baseline are named: background handling and the baseline's decision (`ovseg.config`)."""
 
-    ``dense``: [D, h, w] embeddings; ``text``: [C, D] class embeddings; ``masks``: an [H, W]
-    integer label map with segment ids in [0, K) (K = ``num_masks`` or max id + 1), or a
-    [K, H, W] stack of bool/float masks (a pixel then takes its highest-valued mask; pixels
-    no mask covers get UNLABELLED). Ties between classes go to the lowest class id.
-    A mask with no pixels gets class UNLABELLED and score NaN. Background: a mask whose best
-    class is ``background_id`` is background; with ``threshold`` set (default off), a mask
-    whose best cosine is below it also becomes ``background_id``. Class ``exclude`` is never chosen by
-    similarity (e.g. a background that is not named by prompts); the threshold can still give it.
-    """
+    background_id: int | None = None  # the vocabulary's background class, if any
+    background: str = "prompt"  # prompt: a class like any other; constant: TCL's constant score; ignore: never named
+    threshold: float | None = None  # background=prompt: masks and pixels below this cosine become background
+    baseline: str = "cells"  # cells: per-cell cosine argmax, upsampled; tcl: TCL's decision (PAMR, KP, constant)
+    pamr: bool = True  # baseline=tcl: PAMR refinement
+    kp_weight: float = 0.3  # baseline=tcl: weight of the KP branch
+    background_score: float | None = None  # background=constant: TCL's constant; None = TCL's for the PAMR setting
+
+    @classmethod
+    def from_settings(cls, settings: OVSegConfig, background_id: int | None) -> "NamingRules":
+        """The rules of ovseg settings for a vocabulary; settings left null follow the encoder's conventions."""
+        conventions = ENCODERS[settings.encoder]
+        return cls(background_id, settings.background or conventions.background, settings.background_threshold,
+                   settings.baseline or conventions.baseline, settings.tcl_pamr, settings.tcl_kp_weight,
+                   settings.tcl_background_score)
+
+    @property
+    def excluded(self) -> int | None:
+        """The class similarity never picks: a background not named by its prompts."""
+        return self.background_id if self.background != "prompt" else None
+
+    def mask_threshold(self, encoder: DenseEncoder) -> float | None:
+        """The cosine below which a mask is background: the prompt threshold, or TCL's constant (no PAMR) as a cosine."""
+        if self.background_id is None or self.background == "ignore":
+            return None
+        if self.background == "prompt":
+            return self.threshold
+        return _tcl(encoder).cosine_threshold(self.background_score or tcl_background_score(pamr=False))
+
+    def tcl_score(self) -> float | None:
+        """The constant TCL's decision gives the background class: TCL's, -inf when ignored, None when prompted."""
+        if self.background_id is None or self.background == "prompt":
+            return None
+        if self.background == "ignore":
+            return float("-inf")
+        return self.background_score or tcl_background_score(self.pamr)
+
+
+def _tcl(encoder: DenseEncoder) -> TCLEncoder:
+    """The encoder as TCL's, for what only TCL's grounding masks can do."""
+    if not isinstance(encoder, TCLEncoder):
+        raise ValueError("TCL's decision and its constant background need ovseg.encoder=tcl")
+    return encoder
+
+
+def template_set(name: str) -> tuple[str, ...]:
+    """The prompt templates called `name` (`ovseg.config.TEMPLATE_SETS`); a ValueError lists the valid names."""
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"ovseg.templates={name!r} is unknown; valid: {', '.join(TEMPLATE_SETS)}")
+    return resolve(TEMPLATE_SETS[name])
+
+
+def maskclip_encoder(clip: LoadedClip, settings: OVSegConfig) -> MaskCLIPEncoder:
+    """MaskCLIP's dense embeddings from the CLIP image tower, with the window and residual settings."""
+    return MaskCLIPEncoder(clip.model.visual, settings.window, settings.window_stride, settings.keep_residual)
+
+
+def encoder_builder(name: str) -> EncoderBuilder:
+    """The builder of dense encoder `name` (`ovseg.config.ENCODERS`): an nn.Module satisfying DenseEncoder, in the
+    joint space of the CLIP text tower; a ValueError lists the valid names."""
+    if name not in ENCODERS:
+        raise ValueError(f"ovseg.encoder={name!r} is unknown; valid: {', '.join(ENCODERS)}")
+    return resolve(ENCODERS[name].builder)
+
+
+def patch_multiple(size: int, stride: int) -> int:
+    """The multiple of `stride` nearest to `size` (at least one patch)."""
+    return max(stride, int(round(size / stride)) * stride)
+
+
+def check_threshold(background_id: int | None, threshold: float | None) -> None:
+    """A background threshold needs a background class to give low-scoring masks."""
     if threshold is not None and background_id is None:
-        raise ValueError("threshold needs a background_id to assign low-scoring masks to")
-    _check_embeddings(dense, text)
-    weights, segments = _coverage(masks, dense.shape[-2:], num_masks)
-    embeddings = F.normalize(weights @ dense.flatten(1).T.float(), dim=-1)
-    similarity = embeddings @ F.normalize(text.float(), dim=-1).T  # [K, C]
-    if exclude is not None:
-        similarity[:, exclude] = float("-inf")
-    class_ids = similarity.argmax(dim=1)
-    scores = similarity.gather(1, class_ids[:, None])[:, 0]
-    if threshold is not None:
-        class_ids = torch.where(scores < threshold, torch.full_like(class_ids, background_id), class_ids)
-    empty = weights.sum(dim=1) == 0
-    class_ids = class_ids.masked_fill(empty, UNLABELLED)
-    scores = scores.masked_fill(empty, float("nan"))
-    covered = segments >= 0
-    label_map = torch.where(covered, class_ids[segments.clamp(min=0)], UNLABELLED)
-    return MaskLabels(class_ids=class_ids, scores=scores, label_map=label_map, mask_embeddings=embeddings)
+        raise ValueError("ovseg.background_threshold needs a vocabulary with a class named 'background'")
 
 
-def maskclip_labels(
-    dense: Tensor,
-    text: Tensor,
-    size: tuple[int, int],
-    *,
-    background_id: int | None = None,
-    threshold: float | None = None,
-    exclude: int | None = None,
-    classes_per_pass: int = 32,
-) -> Tensor:
-    """Plain MaskCLIP baseline: per-cell cosine maps, bilinearly upsampled to ``size``, argmax per pixel.
+class OpenVocabLabeller(nn.Module):
+    """Names the segments of an image with the classes whose text embeddings are closest (docs/open_vocabulary.md)."""
 
-    Similarity maps are interpolated, never the integer labels. Classes are processed
-    ``classes_per_pass`` at a time (same result, less memory); ties go to the lowest id.
-    With ``threshold`` set, pixels whose best cosine is below it become ``background_id``; class
-    ``exclude`` is never chosen by similarity.
-    """
-    if threshold is not None and background_id is None:
-        raise ValueError("threshold needs a background_id to assign low-scoring pixels to")
-    _check_embeddings(dense, text)
-    cells = torch.einsum("dhw,cd->chw", F.normalize(dense.float(), dim=0), F.normalize(text.float(), dim=-1))
-    best = cells.new_full(tuple(size), float("-inf"))
-    labels = torch.zeros(tuple(size), dtype=torch.long, device=cells.device)
-    for start in range(0, len(cells), classes_per_pass):
-        maps = F.interpolate(cells[None, start : start + classes_per_pass], size=tuple(size), mode="bilinear")[0]
-        if exclude is not None and start <= exclude < start + len(maps):
-            maps[exclude - start] = float("-inf")
-        score, index = maps.max(dim=0)
-        better = score > best  # strict, so an earlier (lower) class id keeps ties
-        best = torch.where(better, score, best)
-        labels = torch.where(better, index + start, labels)
-    if threshold is not None:
-        labels = labels.masked_fill(best < threshold, background_id)
-    return labels
+    def __init__(self, encoder: DenseEncoder, text: Tensor, rules: NamingRules = NamingRules()) -> None:
+        super().__init__()
+        check_threshold(rules.background_id, rules.threshold)
+        if rules.baseline == "tcl" or (rules.background == "constant" and rules.background_id is not None):
+            _tcl(encoder)
+        self.encoder = encoder
+        self.register_buffer("text", text.float(), persistent=False)  # [C, D] L2-normalised class embeddings
+        self.rules = rules
 
+    @torch.no_grad()
+    def forward(self, image: np.ndarray | Tensor, segments: np.ndarray | Tensor,
+                num_masks: int | None = None) -> OpenVocabOutput:
+        """Name the segments ([H, W] ids below `num_masks`) of an [H, W, 3] uint8 image; compute the baseline too."""
+        segments = torch.as_tensor(segments, device=self.text.device).long()
+        if tuple(segments.shape) != tuple(image.shape[:2]):
+            raise ValueError(f"segments {tuple(segments.shape)} and image {tuple(image.shape[:2])} differ in size")
+        rules = self.rules
+        dense = self.dense_embeddings(image)  # [D, h, w]
+        named = label_masks(dense, segments, self.text, num_masks=num_masks, background_id=rules.background_id,
+                            threshold=rules.mask_threshold(self.encoder), exclude=rules.excluded)
+        if rules.baseline == "tcl":
+            baseline = self.tcl_decision(image)
+        else:
+            threshold = rules.threshold if rules.background == "prompt" else rules.mask_threshold(self.encoder)
+            baseline = maskclip_labels(dense, self.text, tuple(segments.shape), background_id=rules.background_id,
+                                       threshold=threshold, exclude=rules.excluded)
+        return OpenVocabOutput(class_ids=named.class_ids.cpu(), scores=named.scores.cpu(),
+                               label_map=named.label_map.cpu(), mask_embeddings=named.mask_embeddings.cpu(),
+                               baseline=baseline.cpu())
 
-def _coverage(masks: Tensor, grid: tuple[int, int], num_masks: int | None) -> tuple[Tensor, Tensor]:
-    """[K, h*w] mask pixels per embedding cell, and the [H, W] segment id per pixel (-1: none)."""
-    height, width = masks.shape[-2:]
-    cells = _pixel_cells((height, width), grid, masks.device).flatten()
-    num_cells = grid[0] * grid[1]
-    if masks.ndim == 2 and not masks.is_floating_point() and masks.dtype != torch.bool:
-        segments = masks.long()
-        if segments.numel() and segments.min() < 0:
-            raise ValueError("label map segment ids must be non-negative")
-        count = int(segments.max()) + 1 if segments.numel() else 0
-        k = count if num_masks is None else num_masks
-        if count > k:
-            raise ValueError(f"label map has segment id {count - 1} but num_masks is {k}")
-        flat = segments.flatten() * num_cells + cells
-        weights = torch.bincount(flat, minlength=k * num_cells).view(k, num_cells).float()
-        return weights, segments
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be an [H, W] integer label map or a [K, H, W] stack, got {tuple(masks.shape)}")
-    stack = masks.float()
-    weights = stack.new_zeros(len(stack), num_cells).index_add_(1, cells, stack.flatten(1))
-    value, segments = stack.max(dim=0)
-    return weights, segments.masked_fill(value <= 0, -1)
+    def dense_embeddings(self, image: np.ndarray | Tensor) -> Tensor:
+        """[D, h, w] dense embeddings of an [H, W, 3] uint8 image resized to multiples of the patch size."""
+        size = tuple(patch_multiple(s, self.encoder.stride) for s in image.shape[:2])
+        return self.encoder(self.normalised(image, size))[0]
 
+    def tcl_decision(self, image: np.ndarray | Tensor) -> Tensor:
+        """[H, W] TCL's own decision, as its evaluation makes it: shorter side at TCL's 448, slide windows, PAMR,
+        KP branch, the background constant, scores resized to the image (mmseg's slide mode)."""
+        rules, (height, width) = self.rules, image.shape[:2]
+        scale = TCL_WINDOW / min(height, width)
+        size = tuple(patch_multiple(round(s * scale), self.encoder.stride) for s in (height, width))
+        return tcl_labels(_tcl(self.encoder), self.normalised(image, size), self.text,
+                          background_id=rules.background_id, background_score=rules.tcl_score(), pamr=rules.pamr,
+                          kp_weight=rules.kp_weight, size=(height, width))[0]
 
-def _pixel_cells(size: tuple[int, int], grid: tuple[int, int], device: torch.device) -> Tensor:
-    """[H, W] index of the embedding cell containing each pixel centre."""
-    rows = ((torch.arange(size[0], device=device, dtype=torch.float64) + 0.5) * grid[0] / size[0]).long()
-    cols = ((torch.arange(size[1], device=device, dtype=torch.float64) + 0.5) * grid[1] / size[1]).long()
-    return rows.clamp(max=grid[0] - 1)[:, None] * grid[1] + cols.clamp(max=grid[1] - 1)[None, :]
+    def normalised(self, image: np.ndarray | Tensor, size: tuple[int, ...]) -> Tensor:
+        """[1, 3, *size] the uint8 image resized (bicubic, antialiased) and normalised with the encoder's statistics."""
+        pixels = torch.as_tensor(image, device=self.text.device).permute(2, 0, 1)[None].float() / 255
+        if tuple(size) != tuple(pixels.shape[-2:]):
+            pixels = F.interpolate(pixels, size=tuple(size), mode="bicubic", antialias=True,
+                                   align_corners=False).clamp(0, 1)
+        mean = pixels.new_tensor(self.encoder.mean)[:, None, None]
+        std = pixels.new_tensor(self.encoder.std)[:, None, None]
+        return (pixels - mean) / std
 
 
-def _check_embeddings(dense: Tensor, text: Tensor) -> None:
-    """Dense [D, h, w] and text [C, D] with matching D."""
-    if dense.ndim != 3 or text.ndim != 2 or dense.shape[0] != text.shape[1]:
-        raise ValueError(f"expected dense [D, h, w] and text [C, D], got {tuple(dense.shape)} and {tuple(text.shape)}")
+def check_settings(settings: OVSegConfig, vocab: Vocabulary) -> None:
+    """Refuse unknown templates or encoder, or a threshold without a background class, before anything loads."""
+    check_threshold(vocab.background, settings.background_threshold)
+    template_set(settings.templates or ENCODERS[settings.encoder].templates)
+    encoder_builder(settings.encoder)
+
+
+def text_cache_folder(settings: OVSegConfig, results_dir: str | os.PathLike) -> Path:
+    """Where class text embeddings are cached: ovseg.text_cache_dir, or RESULTS/text_embeddings."""
+    return Path(settings.text_cache_dir) if settings.text_cache_dir else Path(results_dir) / "text_embeddings"
+
+
+class VocabularyLabellers:
+    """CLIP loaded once as `settings` say, and a labeller on it for any vocabulary (text embeddings cached on disk)."""
+
+    def __init__(self, settings: OVSegConfig, cache_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+        self.settings, self.cache_dir, self.device = settings, cache_dir, device
+        conventions = ENCODERS[settings.encoder]
+        self.templates = template_set(settings.templates or conventions.templates)
+        self.text_average = conventions.text_average
+        build_encoder = encoder_builder(settings.encoder)
+        with torch.random.fork_rng(devices=[]):  # random weights (tests) are the same on every rank and run
+            torch.manual_seed(settings.clip_init_seed)
+            self.clip = load_clip(settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir,
+                                  settings.clip_quick_gelu)
+        self.encoder = build_encoder(self.clip, settings)
+
+    def labeller(self, vocab: Vocabulary) -> OpenVocabLabeller:
+        """The labeller of `vocab`: its class texts embedded once (or read from the cache), the shared image encoder."""
+        settings, clip = self.settings, self.clip
+        check_threshold(vocab.background, settings.background_threshold)
+        text = cached_text_embeddings(clip.model, clip.tokenizer, vocab.synonyms, self.templates,
+                                      cache_dir=self.cache_dir, model_name=clip.model_name, pretrained=clip.pretrained,
+                                      init_seed=settings.clip_init_seed, average=self.text_average)
+        labeller = OpenVocabLabeller(self.encoder, text, NamingRules.from_settings(settings, vocab.background))
+        return labeller.to(self.device).eval()
+
+
+def build_labeller(settings: OVSegConfig, vocab: Vocabulary, cache_dir: str | os.PathLike,
+                   device: str | torch.device = "cpu") -> OpenVocabLabeller:
+    """Load CLIP as `settings` say, embed the vocabulary once (cached on disk), keep only the dense image encoder."""
+    check_threshold(vocab.background, settings.background_threshold)  # before the slow part
+    return VocabularyLabellers(settings, cache_dir, device).labeller(vocab)
+

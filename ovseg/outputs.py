@@ -27,11 +27,11 @@ from emerdiff.predict.names import MaskNames
 from emerdiff.segmentor import SegmentationOutput
 
 from .config import OVSegConfig
-from .labeller import MaskLabels
+from .naming import MaskLabels
 from .vocab import Vocabulary
 
-if TYPE_CHECKING:  # the pipeline loads open_clip: only a run that names masks needs it, not a redraw
-    from .pipeline import OpenVocabLabeller
+if TYPE_CHECKING:  # the labeller loads open_clip: only a run that names masks needs it, not a redraw
+    from .labeller import OpenVocabLabeller
 
 LABELS_FILE = "_ov.png"
 OVERLAY_FILE = "_ov_overlay.jpg"
@@ -103,6 +103,6 @@ class MaskNamer(nn.Module):
 
 def mask_namer(settings: OVSegConfig, vocab: Vocabulary, results_dir: str | os.PathLike) -> MaskNamer:
     """The CLIP labeller that names every mask (loads CLIP); text embeddings cached as `settings` say."""
-    from .pipeline import build_labeller, text_cache_folder
+    from .labeller import build_labeller, text_cache_folder
 
     return MaskNamer(build_labeller(settings, vocab, text_cache_folder(settings, Path(results_dir))), vocab.names)

@@ -58,7 +58,7 @@ def evaluate(cfg: DictConfig) -> int:
     from emerdiff.stopping import StopOnSignal
     from ovseg.evaluation import (OV_DIR, PAPER_CONVENTION, OpenVocabEvaluation, OpenVocabPrediction,
                                   open_vocab_settings)
-    from ovseg.pipeline import build_labeller, text_cache_folder
+    from ovseg.labeller import build_labeller, text_cache_folder
 
     out = Path(cfg.output.dir)
     results_dir = out / OV_DIR

@@ -88,7 +88,7 @@ def forbid(monkeypatch: pytest.MonkeyPatch, *targets: str) -> None:
 
 
 SD = "emerdiff.models.build_random_sd"
-CLIP = "ovseg.pipeline.load_clip"
+CLIP = "ovseg.labeller.load_clip"
 
 
 def test_one_command_scores_maskclip_and_emerdiff_side_by_side(fresh_run):

@@ -78,7 +78,7 @@ def test_figures_asked_for_after_the_run_are_drawn_from_the_saved_arrays_with_a_
         raise AssertionError("a model was loaded although every image is done")
 
     monkeypatch.setattr("emerdiff.models.build_random_sd", refuse)
-    monkeypatch.setattr("ovseg.pipeline.load_clip", refuse)
+    monkeypatch.setattr("ovseg.labeller.load_clip", refuse)
     out = tmp_path / "out"
     shutil.copytree(named_run, out)
     (out / "rocket_ov_overlay.jpg").unlink()  # a lost picture is drawn again too

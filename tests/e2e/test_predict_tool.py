@@ -280,4 +280,4 @@ def test_visualize_never_imports_open_clip_or_the_ovseg_pipeline(reference):
                           "--output", str(reference)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "drew 5 figures" in run.stdout, run.stderr[-2000:]
     assert "emerdiff" in imported_packages(run.stderr) and "open_clip" not in imported_packages(run.stderr)
-    assert "ovseg.pipeline" not in run.stderr and "ovseg.outputs" not in run.stderr
+    assert "ovseg.labeller" not in run.stderr and "ovseg.outputs" not in run.stderr

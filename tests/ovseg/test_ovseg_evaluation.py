@@ -13,7 +13,7 @@ from emerdiff.evaluation import SegmentationScores
 from ovseg import UNLABELLED, read_vocabulary
 from ovseg.config import OVSegConfig
 from ovseg.evaluation import OpenVocabResults, open_vocab_settings
-from ovseg.pipeline import OpenVocabLabeller, build_labeller, patch_multiple
+from ovseg.labeller import OpenVocabLabeller, build_labeller, patch_multiple
 
 
 # --- the per-image step, without Stable Diffusion ---------------------------------------------------

@@ -11,9 +11,9 @@ from emerdiff.files import read_jsonl
 from emerdiff.predict import OutputOptions, OutputStore, PredictedImage
 from emerdiff.predict.render import TITLE_HEIGHT
 from emerdiff.segmentor import SegmentationOutput
-from ovseg.labeller import UNLABELLED, MaskLabels
+from ovseg.naming import UNLABELLED, MaskLabels
 from ovseg.outputs import NAMED_FILES, MaskNamer, NamedMasks
-from ovseg.pipeline import OpenVocabLabeller
+from ovseg.labeller import OpenVocabLabeller
 
 CLASSES = ["red", "green", "blue"]
 

@@ -14,7 +14,7 @@ from torch import nn
 from emerdiff.config import ConfigError
 from ovseg.clip_model import load_clip
 from ovseg.config import ovseg_settings
-from ovseg.pipeline import NamingRules, OpenVocabLabeller
+from ovseg.labeller import NamingRules, OpenVocabLabeller
 from ovseg.tcl import TCL_WINDOW, TCLEncoder
 from ovseg.tcl_weights import random_tcl_masker
 from ovseg.text import text_embeddings

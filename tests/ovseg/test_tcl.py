@@ -282,7 +282,7 @@ def test_sides_not_multiple_of_the_patch_are_zero_padded_centred_and_cropped_bac
 
 
 def test_ovseg_encoder_tcl_builds_tcl_with_its_preprocessing_and_names_masks(clip, photo):
-    from ovseg.pipeline import OpenVocabLabeller, encoder_builder
+    from ovseg.labeller import OpenVocabLabeller, encoder_builder
 
     encoder = encoder_builder("tcl")(clip, settings())
     assert isinstance(encoder, TCLEncoder)
@@ -315,7 +315,7 @@ def test_ovseg_settings_accept_tcl_and_its_templates(tmp_path):
     from omegaconf import OmegaConf
 
     from ovseg.config import ovseg_settings
-    from ovseg.pipeline import template_set
+    from ovseg.labeller import template_set
 
     section = {"encoder": "tcl", "tcl_checkpoint": str(tmp_path / "tcl.pth"), "templates": "tcl"}
     config = ovseg_settings(OmegaConf.create({"ovseg": section}))
@@ -339,7 +339,7 @@ def test_ov_eval_with_tcl_scores_tcls_labels_and_its_numbers_are_the_cached_maps
     from conftest import REPO, TINY, load_tool, voc_folder
     from emerdiff.data import build_dataset, dataset_metadata
     from ovseg.config import OVSegConfig
-    from ovseg.pipeline import build_labeller
+    from ovseg.labeller import build_labeller
     from ovseg.vocab import read_vocabulary
 
     root, out = voc_folder(tmp_path / "VOC2012", count=2), tmp_path / "out"

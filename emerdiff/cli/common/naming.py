@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def naming_settings(cfg: DictConfig) -> Tuple[OVSegConfig, "Vocabulary"]:
     """`cfg.ovseg` and its vocabulary, checked before any model loads: a bad value is a ConfigError."""
     from ovseg import read_vocabulary
-    from ovseg.pipeline import check_settings
+    from ovseg.labeller import check_settings
 
     settings = ovseg_settings(cfg)
     try:
