@@ -32,13 +32,14 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository'
 
 def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
             choices: Optional[Sequence[Any]] = None, numbers: bool = False, minimum: Optional[float] = None,
-            multiple_of: Optional[int] = None, run_only: bool = False, before: Any = dataclasses.MISSING) -> Any:
+            maximum: Optional[float] = None, multiple_of: Optional[int] = None, run_only: bool = False,
+            before: Any = dataclasses.MISSING) -> Any:
     """A config field with its rules: valid `choices` (each item, for a list; with `numbers`, any number is valid
-    too), a `minimum`, a `multiple_of` (0 allowed), whether it is `run_only` (cannot change results, so caches and
+    too), a `minimum` and `maximum`, a `multiple_of` (0 allowed), whether it is `run_only` (cannot change results, so caches and
     results folders stay valid), and for a key added later the value that behaviour had `before` it existed (that
     value is left out of the result settings, so caches and folders made before the key stay valid)."""
     rules = {"choices": tuple(choices) if choices is not None else None, "numbers": numbers, "minimum": minimum,
-             "multiple_of": multiple_of, "run_only": run_only, "before": before}
+             "maximum": maximum, "multiple_of": multiple_of, "run_only": run_only, "before": before}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=rules)
     return field(default=default, metadata=rules)
@@ -120,7 +121,7 @@ class OutputConfig:
     overwrite: bool = False  # redo images whose outputs already exist
     overlay: bool = True  # write NAME_overlay.jpg (mask colours and boundaries over the photo)
     figure: bool = False  # write NAME_figure.png: photo | k-means masks | bilinear | EmerDiff
-    overlay_alpha: float = 0.5  # opacity of the mask colours in overlays and figures
+    overlay_alpha: float = setting(0.5, minimum=0.0, maximum=1.0)  # opacity of the mask colours in overlays and figures
     jpeg_quality: int = setting(90, minimum=1)
     max_repeated_failures: int = setting(5, minimum=0, run_only=True)  # stop when this many images in a row fail
     #   with the same error (a broken setup, not a bad image); 0 = never  # quality of NAME_overlay.jpg
@@ -291,6 +292,8 @@ def check_rules(node: Any, prefix: str = "") -> None:
                                   f"{numbers}")
         if rules.get("minimum") is not None and number and value < rules["minimum"]:
             raise ConfigError(f"{key} must be at least {rules['minimum']}, got {value}")
+        if rules.get("maximum") is not None and number and value > rules["maximum"]:
+            raise ConfigError(f"{key} must be at most {rules['maximum']}, got {value}")
         if rules.get("multiple_of") and value % rules["multiple_of"]:
             raise ConfigError(f"{key} must be a multiple of {rules['multiple_of']}, got {value}")
 

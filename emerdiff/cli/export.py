@@ -9,18 +9,18 @@ Formats: docs/usage.md#exports.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import List, Optional
 
 
+from emerdiff.cli.common.arguments import command_parser
 from emerdiff.cli.common.messages import reported_errors
 from emerdiff.predict.export import FORMATS, export
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse the command line and write the exports; a folder that is not a results folder exits with status 2."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = command_parser(__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="results folder of tools/predict.py")
     parser.add_argument("--format", action="append", choices=FORMATS, required=True, dest="formats",
                         help="what to write; give it several times for several formats")

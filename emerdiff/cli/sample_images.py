@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import List, Optional
 
 from PIL import Image
 from skimage import data
+
+from emerdiff.cli.common.arguments import command_parser
 
 SAMPLES = {
     "astronaut.png": data.astronaut,
@@ -33,7 +34,7 @@ def write_samples(folder: Path) -> List[Path]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse the folder argument and write the photos."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = command_parser(__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="where the photos go (created if missing)")
     folder = parser.parse_args(argv).folder
     print(f"wrote {len(write_samples(folder))} photos to {folder}/")

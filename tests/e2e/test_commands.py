@@ -43,6 +43,10 @@ def test_every_tool_has_a_console_command_with_the_same_main():
     (["model.pretrained={tmp}/corrupt.safetensors"], "corrupt.safetensors"),
     (["ovseg.vocab=cat,dog", "ovseg.clip_pretrained=openai", "ovseg.clip_model=ViT-B-16",
       "ovseg.clip_cache_dir={tmp}/no_clip"], "ovseg.clip_pretrained"),
+    (["--output", "{tmp}/coffee.png"], "--output {tmp}/coffee.png: {tmp}/coffee.png is a file, not a folder"),
+    (["--output", "{tmp}/coffee.png/sub"], "{tmp}/coffee.png is a file, not a folder"),
+    (["trainer.devices=abc"], "trainer.devices='abc' is not valid"),
+    (["output.overlay_alpha=2"], "output.overlay_alpha must be at most 1.0, got 2"),
 ])
 def test_each_user_mistake_is_one_error_line_and_exit_status_2(mistake, named, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network: nothing may be downloaded
@@ -57,6 +61,15 @@ def test_each_user_mistake_is_one_error_line_and_exit_status_2(mistake, named, t
     assert stop.value.code == 2, err[-3000:]
     assert err.startswith("error: ") and named.format(tmp=tmp_path) in err and "Traceback" not in err
     assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_command_states_the_library_version(tool, capsys):
+    import emerdiff
+
+    with pytest.raises(SystemExit) as stop:
+        load_tool(tool).main(["--version"])
+    assert stop.value.code == 0 and f"(emerdiff {emerdiff.__version__})" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +115,26 @@ def test_a_plain_install_segments_with_a_short_config_name_from_any_folder(plain
                          cwd=elsewhere, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (elsewhere / "out" / "coffee.png").is_file() and "1 segmented" in run.stdout
+
+
+@pytest.mark.parametrize("devices", [1, 4, -1, "auto", "2", "0,2", [0, 2]])
+def test_every_device_setting_lightning_accepts_passes_the_early_check(devices):
+    from emerdiff.cli.common.trainer import check_devices
+
+    check_devices(devices)  # raises ConfigError otherwise
+
+
+def test_a_read_only_output_folder_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    """As a user without write permission sees it (root may write anywhere, so the permission check is faked)."""
+    import os
+
+    from emerdiff.cli.common.arguments import check_output_folder
+    from emerdiff.config import ConfigError
+
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("locked"))
+    with pytest.raises(ConfigError, match="locked is not writable by this user"):
+        check_output_folder(tmp_path / "locked")
+    with pytest.raises(ConfigError, match="where the output folder would be made, is not writable"):
+        check_output_folder(tmp_path / "locked" / "new" / "run")
+    check_output_folder(tmp_path / "free" / "run")  # a folder that can be made

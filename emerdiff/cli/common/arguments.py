@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import DictConfig
 
-from emerdiff.config import load_config
+from emerdiff.config import ConfigError, load_config
 from ovseg.config import with_ovseg_defaults
 
 from .trainer import check_trainer_keys
@@ -27,9 +29,18 @@ QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
 OVERRIDES_HELP = "config overrides applied after the files, e.g. segmentor.num_masks=10 trainer.devices=4"
 
 
-def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argparse.ArgumentParser:
-    """A parser with the options every tool shares: --cfg (repeatable) and key=value overrides."""
+def command_parser(description: str) -> argparse.ArgumentParser:
+    """A parser for one of the commands, with --version (the library's version)."""
+    from emerdiff import __version__
+
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (emerdiff {__version__})")
+    return parser
+
+
+def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argparse.ArgumentParser:
+    """A parser with the options every tool shares: --version, --cfg (repeatable) and key=value overrides."""
+    parser = command_parser(description)
     parser.add_argument("--cfg", action="append", default=[], metavar="YAML",
                         help="config file, or a shipped config by name (tiny, emerdiff_sd15, eval/voc, ov/ade150, ...); "
                              "give it several times, later files override earlier ones")
@@ -59,9 +70,22 @@ def add_output_arguments(parser: argparse.ArgumentParser, overwrite_help: str) -
 
 
 def apply_output_arguments(cfg: DictConfig, args: argparse.Namespace) -> None:
-    """Let --output and --overwrite win over the config files."""
+    """Let --output and --overwrite win over the config files; the folder must be one this run can write."""
     cfg.output.dir = args.output or cfg.output.dir
     cfg.output.overwrite = args.overwrite or cfg.output.overwrite
+    check_output_folder(Path(cfg.output.dir))
+
+
+def check_output_folder(folder: Path) -> None:
+    """A ConfigError, before anything loads, unless `folder` is a writable folder or can be made one."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output {folder}: {existing} is a file, not a folder; choose another output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the output folder" if existing == folder else f"{existing}, where the output folder would be made,"
+        raise ConfigError(f"--output {folder}: {what} is not writable by this user; choose a writable folder")
 
 
 def load_cli_config(args: argparse.Namespace) -> DictConfig:

@@ -28,7 +28,9 @@ def trainer_arguments() -> List[str]:
 
 
 def check_trainer_keys(settings: Mapping[str, Any]) -> None:
-    """Raise ConfigError naming any `trainer.KEY` that is not an argument of Trainer."""
+    """Raise ConfigError naming any `trainer.KEY` that is not an argument of Trainer, or a `trainer.devices` value
+    Lightning would refuse only after the models load."""
+    check_devices(settings.get("devices", "auto"))
     valid = trainer_arguments()
     for key in settings:
         if key not in valid:
@@ -36,6 +38,21 @@ def check_trainer_keys(settings: Mapping[str, Any]) -> None:
             hint = f" Did you mean {', '.join(f'trainer.{c}' for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key 'trainer.{key}': not an argument of pytorch_lightning.Trainer."
                               f"{hint} Valid: {', '.join(valid)}.")
+
+
+def check_devices(devices: Any) -> None:
+    """`trainer.devices`: a count, -1 (all), auto, a list of indices, or indices as text ("0,1")."""
+    if isinstance(devices, bool):
+        ok = False
+    elif isinstance(devices, int) or devices == "auto":
+        ok = isinstance(devices, str) or devices >= -1
+    elif isinstance(devices, str):
+        ok = all(part.strip().lstrip("-").isdigit() for part in devices.strip(",").split(",")) if devices else False
+    else:
+        ok = all(isinstance(index, int) and not isinstance(index, bool) and index >= 0 for index in devices)
+    if not ok:
+        raise ConfigError(f"trainer.devices={devices!r} is not valid: give a number of devices (e.g. 1, 4; -1 for "
+                          "all), auto, or device indices (e.g. [0, 2] or \"0,2\")")
 
 
 def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> "pl.Trainer":
