@@ -133,7 +133,7 @@ def test_a_read_only_output_folder_is_refused_before_anything_loads(tmp_path, mo
 
     (tmp_path / "locked").mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("locked"))
-    with pytest.raises(ConfigError, match="locked is not writable by this user"):
+    with pytest.raises(ConfigError, match="locked: the output folder is not writable by this user"):
         check_output_folder(tmp_path / "locked")
     with pytest.raises(ConfigError, match="where the output folder would be made, is not writable"):
         check_output_folder(tmp_path / "locked" / "new" / "run")
