@@ -74,6 +74,9 @@ class ClipDenseEncoder(nn.Module):
             if size <= 0 or size % self.stride:
                 raise ValueError(f"window and window_stride must be positive multiples of the {self.cell_name} "
                                  f"{self.stride}")
+        if any(step > size for step, size in zip(self.window_stride, self.window)):
+            raise ValueError(f"window_stride {self.window_stride} must not exceed the window {self.window}: "
+                             "windows further apart than their size leave pixels no window covers")
 
     @property
     def cell_name(self) -> str:

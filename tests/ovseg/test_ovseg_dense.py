@@ -216,3 +216,8 @@ def test_corrupt_checkpoint_file_is_reported_with_its_path_without_a_chained_tra
 def test_unknown_architecture_is_a_value_error_naming_the_tiny_model():
     with pytest.raises(ValueError, match=TINY_MODEL):
         load_clip("ViT-Nope", pretrained=None)
+
+
+def test_windows_further_apart_than_their_size_are_refused(clip):
+    with pytest.raises(ValueError, match="leave pixels no window covers"):
+        MaskCLIPEncoder(clip.model.visual, window=32, window_stride=48)
