@@ -25,6 +25,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import ModelConfig, WeightsNotFoundError
+from .toy import shipped_pipeline
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -324,7 +325,7 @@ def _load_pipeline(cfg: ModelConfig, dtype: torch.dtype):
 def _read_pipeline(cfg: ModelConfig, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    source = cfg.pretrained
+    source = str(shipped_pipeline(cfg.pretrained) or cfg.pretrained)  # `toy`: the folder in the package
     local_only = cfg.local_files_only or _offline()
     # low_cpu_mem_usage needs accelerate: asking for it without accelerate only earns a warning
     no_safety = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False,

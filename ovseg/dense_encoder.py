@@ -33,6 +33,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from emerdiff.config import WeightsNotFoundError
+from emerdiff.toy import shipped_clip
 
 TINY_MODEL = "ovseg-tiny"
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -131,7 +132,7 @@ def pretrained_weights_file(model_name: str, pretrained: str, cache_dir: str | N
     """
     tag = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
     if not tag:
-        return _existing_checkpoint(model_name, pretrained)
+        return str(shipped_clip(model_name, pretrained) or _existing_checkpoint(model_name, pretrained))
     repo, files = hub_weight_files(tag["hf_hub"])
     for name in files:
         cached = try_to_load_from_cache(repo, name, cache_dir=cache_dir)

@@ -27,6 +27,7 @@ from emerdiff.data.datasets import (
     PascalContext459,
     SegmentationDataset,
 )
+from emerdiff.data.toyworld import ToyWorld
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
         "cityscapes27_val": DatasetSpec(Cityscapes27, "val"),
         "voc2012_val": DatasetSpec(VOC2012, "val"),
         "folder": DatasetSpec(LabelledFolder, ""),
+        "toyworld_val": DatasetSpec(ToyWorld, "val"),
     }
 )
 

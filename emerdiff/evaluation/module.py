@@ -35,7 +35,8 @@ from ..data import DatasetMetadata, build_dataset
 from ..image import ImageLoadError
 from ..stopping import RepeatedFailures, RunStopped
 from .cache import CachedPrediction, PredictionCache, StaleCacheError
-from .metrics import ConfusionMatrixMetric, SegmentationScores
+from .boundary import SegmentationWithBoundary
+from .metrics import SegmentationScores
 from .protocols import overlap_matrix
 from .report import EvaluationResults
 from .scoring import (METHODS, PER_IMAGE_PROTOCOLS, MaskRecords, check_settings, dataset_protocol_scores,
@@ -137,7 +138,7 @@ class EvaluationModule(CachedEvaluation):
         self.settings = settings
         self.per_image = [p for p in settings.protocols if p in PER_IMAGE_PROTOCOLS]
         self.metrics = nn.ModuleDict({
-            method: nn.ModuleDict({p: ConfusionMatrixMetric(metadata.num_classes, metadata.ignore_index,
+            method: nn.ModuleDict({p: SegmentationWithBoundary(metadata.num_classes, metadata.ignore_index,
                                                             miou_convention(p, settings))
                                    for p in self.per_image})
             for method in METHODS

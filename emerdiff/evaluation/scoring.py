@@ -31,7 +31,7 @@ from .protocols import UNMATCHED, assign_to_concepts, cluster_masks, concept_sum
 # dataset-level = paper Table 1 beside STEGO; the others keep detectron2's (docs/evaluation.md says why).
 PAPER_CONVENTIONS = {"hungarian": "detectron2", "majority": "detectron2", "dataset": "stego",
                      "concept_image": "detectron2", "concept_dataset": "detectron2"}
-METHODS = ("emerdiff", "bilinear")  # EmerDiff labels; bilinear upsampling of the same low-res masks
+METHODS = ("emerdiff", "bilinear", "nearest")  # EmerDiff labels; bilinear, nearest upsampling of the same k-means masks
 PER_IMAGE_PROTOCOLS = ("hungarian", "majority", "concept_image")
 DATASET_PROTOCOLS = ("dataset", "concept_dataset")
 # PROTOCOLS (emerdiff.config): all of them, in table order
