@@ -71,7 +71,7 @@ class ClipTraining(pl.LightningModule):
         self.save_hyperparameters()
         register_model_configs()
         torch.manual_seed(seed)
-        self.model = open_clip.create_model(MODEL)
+        self.model = open_clip.create_model(MODEL, output_dict=True)
         self.tokenizer = open_clip.get_tokenizer(MODEL)
         self.loss = open_clip.ClipLoss()
 
