@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 import torch
 
 from .config import ModelConfig, WeightsNotFoundError
+from .toy import shipped_pipeline
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -230,7 +231,7 @@ def _load_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipel
 def _read_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:
     from diffusers import StableDiffusionPipeline
 
-    source = cfg.pretrained
+    source = str(shipped_pipeline(cfg.pretrained) or cfg.pretrained)  # `toy`: the folder in the package
     local_only = cfg.local_files_only or _offline()
     # low_cpu_mem_usage needs accelerate: asking for it without accelerate only earns a warning
     no_safety = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -31,6 +31,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from torch import Tensor, nn
 
 from emerdiff.config import WeightsNotFoundError
+from emerdiff.toy import shipped_clip
 
 TINY_MODEL = "ovseg-tiny"
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -171,7 +172,7 @@ def pretrained_weights_file(model_name: str, pretrained: str, cache_dir: str | N
     """
     tag = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
     if not tag:
-        return _existing_checkpoint(model_name, pretrained)
+        return str(shipped_clip(model_name, pretrained) or _existing_checkpoint(model_name, pretrained))
     repo, files = hub_weight_files(tag["hf_hub"])
     for name in files:
         cached = try_to_load_from_cache(repo, name, cache_dir=cache_dir)

@@ -28,6 +28,7 @@ from emerdiff.data.datasets import (
 )
 from emerdiff.data.folder import LabelledFolder
 from emerdiff.data.labels import DatasetMetadata
+from emerdiff.data.toyworld import ToyWorld
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
         "cityscapes27_val": DatasetSpec(Cityscapes27, "val"),
         "voc2012_val": DatasetSpec(VOC2012, "val"),
         "folder": DatasetSpec(LabelledFolder, ""),
+        "toyworld_val": DatasetSpec(ToyWorld, "val"),
     }
 )
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..config import (EvalConfig, ModelConfig, SegmentorConfig, fingerprint, recorded_setting, result_settings,
                       settings_diff)
 from ..files import atomic_file, remove_temporary_files
+from ..predict.render import resize_nearest
 
 if TYPE_CHECKING:
     from ..segmentor import SegmentationOutput
@@ -66,7 +67,10 @@ class CachedPrediction:
         return len(self.mask_embeddings)
 
     def segments(self, method: str) -> np.ndarray:
-        """The [H, W] mask-id map a method scores: EmerDiff's labels or the bilinear baseline's."""
+        """The [H, W] mask-id map a method scores: EmerDiff's labels, the bilinear baseline's, or the k-means masks
+        upsampled nearest."""
+        if method == "nearest":
+            return resize_nearest(self.lowres_labels, self.labels.shape)
         return {"emerdiff": self.labels, "bilinear": self.labels_bilinear}[method]
 
 

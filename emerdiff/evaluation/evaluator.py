@@ -25,7 +25,7 @@ from ..choices import PROTOCOLS
 from ..config import EvalConfig, fingerprint
 from ..data import DatasetMetadata
 from .cache import CachedPrediction
-from .metrics import ConfusionMatrixMetric
+from .boundary import SegmentationWithBoundary
 from .protocols import overlap_matrix
 from .report import EvaluationResults, ResultsTable
 from .scoring import (METHODS, PER_IMAGE_PROTOCOLS, MaskRecords, check_settings, dataset_protocol_scores,
@@ -82,7 +82,7 @@ class UnsupervisedEvaluator(Evaluator):
         self.prediction_settings = json.loads(fingerprint(prediction_settings))
         self.per_image = [p for p in settings.protocols if p in PER_IMAGE_PROTOCOLS]
         self.metrics = nn.ModuleDict({
-            method: nn.ModuleDict({p: ConfusionMatrixMetric(metadata.num_classes, metadata.ignore_index,
+            method: nn.ModuleDict({p: SegmentationWithBoundary(metadata.num_classes, metadata.ignore_index,
                                                             miou_convention(p, settings))
                                    for p in self.per_image})
             for method in METHODS

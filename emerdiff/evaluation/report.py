@@ -23,10 +23,13 @@ from ..files import atomic_file
 from .metrics import SegmentationScores
 
 PAPER = "Namekata et al., EmerDiff, ICLR 2024"
-METHOD_TITLES = {"emerdiff": "EmerDiff", "bilinear": "bilinear"}
+METHOD_TITLES = {"emerdiff": "EmerDiff", "bilinear": "bilinear", "nearest": "k-means nearest"}
 CONVENTIONS_NOTE = ("mIoU conventions: detectron2 averages the classes present in the ground truth; mmseg every class "
                     "with a non-empty union (a predicted but absent class scores 0); stego as mmseg, after a Hungarian "
                     "matching that gives every cluster a class, zero-overlap pairs included (docs/evaluation.md).")
+
+BOUNDARY_NOTE = ("Boundary IoU (Cheng et al., CVPR 2021): IoU of the bands within d = 2% of the image diagonal of each "
+                 "class's contour, averaged over classes as mIoU; per-image protocols only (docs/evaluation.md).")
 
 
 def percent_cell(value: Optional[float]) -> str:
@@ -123,17 +126,20 @@ class EvaluationResults(ResultsTable):
         header = ["protocol"]
         for m in methods:
             header += [f"{METHOD_TITLES[m]} mIoU", "paper"]
-        header += [f"{METHOD_TITLES[m]} pixel acc." for m in methods] + ["mIoU convention"]
+        header += [f"{METHOD_TITLES[m]} pixel acc." for m in methods]
+        header += [f"{METHOD_TITLES[m]} boundary IoU" for m in methods] + ["mIoU convention"]
         rows = [header, ["---"] + ["---:"] * (len(header) - 2) + ["---"]]
         for p in protocols:
             row = [PROTOCOLS[p].title]
             for m in methods:
                 row += [percent_cell(results[m][p]["miou"]), percent_cell(self.paper_miou.get(p, {}).get(m))]
             row += [percent_cell(results[m][p]["pixel_acc"]) for m in methods]
+            row += [percent_cell(results[m][p].get("boundary_miou")) for m in methods]
             row.append(" / ".join(dict.fromkeys(results[m][p]["miou_convention"] for m in methods)))
             rows.append(row)
         notes = [self.paper_note] if self.paper_note else []
         notes.append(CONVENTIONS_NOTE)
+        notes.append(BOUNDARY_NOTE)
         clusters = self.protocol_settings.get("dataset_clusters_used")
         wanted = self.protocol_settings.get("dataset_clusters") or len(self.classes)
         if clusters is not None and clusters < wanted:

@@ -28,7 +28,7 @@ from ..config import EvalConfig, check_rules
 from .metrics import SegmentationScores, scores_from_confusion, stego_scores
 from .protocols import UNMATCHED, assign_to_concepts, cluster_masks, concept_sums, match_clusters, match_image, relabel
 
-METHODS = ("emerdiff", "bilinear")  # EmerDiff labels; bilinear upsampling of the same low-res masks
+METHODS = ("emerdiff", "bilinear", "nearest")  # EmerDiff labels; bilinear, nearest upsampling of the same k-means masks
 PER_IMAGE_PROTOCOLS = tuple(name for name, protocol in PROTOCOLS.items() if protocol.per_image)
 
 

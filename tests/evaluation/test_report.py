@@ -47,10 +47,10 @@ def test_table_puts_the_paper_number_beside_ours_in_protocol_order_with_dashes_f
     assert lines[0] == "# Unsupervised segmentation: toy"
     assert lines[2].startswith("2 images, 3 classes; all numbers in percent.")
     header = ("| protocol | EmerDiff mIoU | paper | bilinear mIoU | paper | EmerDiff pixel acc. | bilinear pixel acc. "
-              "| mIoU convention |")
-    hungarian = "| per-image Hungarian | 50.0 | – | 12.5 | – | 75.0 | 50.0 | detectron2 |"
-    dataset = "| dataset-level k-means + Hungarian (Table 1) | 25.0 | 33.1 | – | – | 50.0 | 0.0 | stego |"
-    assert lines[4:8] == [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |", hungarian, dataset]
+              "| EmerDiff boundary IoU | bilinear boundary IoU | mIoU convention |")
+    hungarian = "| per-image Hungarian | 50.0 | – | 12.5 | – | 75.0 | 50.0 | – | – | detectron2 |"
+    dataset = "| dataset-level k-means + Hungarian (Table 1) | 25.0 | 33.1 | – | – | 50.0 | 0.0 | – | – | stego |"
+    assert lines[4:8] == [header, "| --- |" + " ---: |" * 8 + " --- |", hungarian, dataset]
     assert any(line.startswith("- mIoU conventions: detectron2 averages the classes present") for line in lines)
     assert "random weights" not in table
 
@@ -119,9 +119,10 @@ def test_a_rescore_of_one_protocol_keeps_the_earlier_protocols_scored_with_the_s
     }
     assert list(merged["results"]["emerdiff"]) == ["hungarian", "majority", "dataset"]  # protocol order
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[6:9] == ["| per-image Hungarian | 50.0 | – | 25.0 | – | 75.0 | 50.0 | detectron2 |",
-                          "| per-image majority (many-to-one) | 12.5 | – | 6.2 | – | 75.0 | 50.0 | detectron2 |",
-                          "| dataset-level k-means + Hungarian (Table 1) | 25.0 | – | 12.5 | – | 75.0 | 50.0 | stego |"]
+    assert table[6:9] == ["| per-image Hungarian | 50.0 | – | 25.0 | – | 75.0 | 50.0 | – | – | detectron2 |",
+                          "| per-image majority (many-to-one) | 12.5 | – | 6.2 | – | 75.0 | 50.0 | – | – | detectron2 |",
+                          "| dataset-level k-means + Hungarian (Table 1) | 25.0 | – | 12.5 | – | 75.0 | 50.0 | – | – "
+                          "| stego |"]
     assert capsys.readouterr().out == ""
 
 

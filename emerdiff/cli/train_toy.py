@@ -1,0 +1,144 @@
+"""Train the toy world's miniature models on the CPU: VAE, UNet (a diffusers folder) and the tiny CLIP.
+
+    python tools/train_toy.py --output runs/toy        # about an hour on 2 CPU cores (docs/toyworld.md)
+
+Stages run in order; one that finished (its time is in OUTPUT/training.json) is skipped when the command runs
+again:
+vae (OUTPUT/vae/), unet (OUTPUT/sd/, the pipeline `model.pretrained=OUTPUT/sd` loads; rewritten every
+--save-every steps, so a stopped run is usable), control (OUTPUT/control/: the same folder with a random
+UNet, for comparisons), clip (OUTPUT/clip.safetensors, open_clip `toyworld-clip`). Losses go to
+OUTPUT/logs/<stage>/metrics.csv, stage times to OUTPUT/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from emerdiff.cli.common import reported_errors
+
+STAGES = ("vae", "unet", "control", "clip")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the command line and run the stages not yet done."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, required=True, help="folder for the models, logs and scene cache")
+    parser.add_argument("--scenes", type=int, default=8000, help="training scenes (seeds 0..N-1)")
+    parser.add_argument("--vae-steps", type=int, default=400, help="VAE steps, batch 16 of 64 px crops")
+    parser.add_argument("--unet-steps", type=int, default=1750, help="UNet steps, batch 32")
+    parser.add_argument("--clip-steps", type=int, default=400, help="CLIP steps, batch 64")
+    parser.add_argument("--save-every", type=int, default=500, help="UNet steps between saved pipeline folders")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the training")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (on a CPU shared with other work, 1 is much faster than 2)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    args = parser.parse_args(argv)
+    with reported_errors():
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> int:
+    """Run each chosen stage that has not written its output yet, timing it."""
+    import torch
+
+    from emerdiff.toy.training import SceneBank
+
+    torch.set_num_threads(args.threads)
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = SceneBank.load_or_draw(args.scenes, out / f"scenes_{args.scenes}.npz")
+    log_path = out / "training.json"
+    times: Dict[str, float] = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    stages: Dict[str, Callable[[], None]] = {
+        "vae": lambda: train_vae(args, scenes), "unet": lambda: train_unet(args, scenes),
+        "control": lambda: save_control(args), "clip": lambda: train_clip(args, scenes)}
+    outputs = {"vae": out / "vae", "unet": out / "sd", "control": out / "control", "clip": out / "clip.safetensors"}
+    for stage in args.stages:
+        if f"{stage}_minutes" in times:
+            print(f"{stage}: done before ({outputs[stage]}), skipped")
+            continue
+        start = time.monotonic()
+        stages[stage]()
+        times[f"{stage}_minutes"] = round((time.monotonic() - start) / 60, 2)
+        log_path.write_text(json.dumps(times, indent=2))
+        print(f"{stage}: {times[f'{stage}_minutes']} min -> {outputs[stage]}")
+    return 0
+
+
+def trainer(args: argparse.Namespace, stage: str, steps: int, callbacks: list) -> "pl.Trainer":
+    """A seeded CPU Trainer of `steps` steps logging its losses to OUTPUT/logs/STAGE/metrics.csv."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    pl.seed_everything(args.seed, verbose=False)
+    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(args.output, "logs", stage),
+                      log_every_n_steps=10, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, callbacks=callbacks, default_root_dir=str(args.output))
+
+
+def train_vae(args: argparse.Namespace, scenes: "SceneBank") -> None:
+    """Stage vae: AutoencoderKL on crops, then its scaling factor (1 / std of the scenes' latents), saved."""
+    from torch.utils.data import DataLoader
+
+    from emerdiff.toy.training import VAE_CROP, RandomCrops, VAETraining, encode_scenes
+
+    module = VAETraining()
+    loader = DataLoader(RandomCrops(scenes.images, VAE_CROP), batch_size=16, shuffle=True, drop_last=True)
+    trainer(args, "vae", args.vae_steps, []).fit(module, loader)
+    mean, std = encode_scenes(module.vae, scenes.images[:1000])
+    samples = mean + std * __import__("torch").randn_like(std)
+    module.vae.register_to_config(scaling_factor=float(1.0 / samples.std()))
+    print(f"vae: latent channel std {[round(float(s), 3) for s in samples.std(dim=(0, 2, 3))]}, "
+          f"scaling factor {module.vae.config.scaling_factor:.4f}")
+    module.vae.save_pretrained(args.output / "vae")
+
+
+def train_unet(args: argparse.Namespace, scenes: "SceneBank") -> None:
+    """Stage unet: the UNet on the encoded scenes; OUTPUT/sd/ is rewritten every --save-every steps."""
+    from diffusers import AutoencoderKL
+    from torch.utils.data import DataLoader
+
+    from emerdiff.models import build_random_sd, freeze
+    from emerdiff.toy.training import ARCH, LatentScenes, SavePipeline, UNetTraining, encode_scenes, tokenize
+
+    vae = AutoencoderKL.from_pretrained(args.output / "vae")
+    mean, std = encode_scenes(vae, scenes.images)
+    module = UNetTraining(vae.config.scaling_factor, seed=args.seed)
+    parts = build_random_sd(ARCH, seed=args.seed)
+    parts.vae, parts.text_encoder = freeze_vae(vae), module.text_encoder
+    ids = tokenize(parts.tokenizer, scenes.captions)
+    loader = DataLoader(LatentScenes(mean, std, ids), batch_size=32, shuffle=True, drop_last=True)
+    save = SavePipeline(freeze(parts), args.output / "sd", args.save_every)
+    trainer(args, "unet", args.unet_steps, [save]).fit(module, loader)
+
+
+def freeze_vae(vae: "AutoencoderKL") -> "AutoencoderKL":
+    """The trained VAE in eval mode without gradients."""
+    return vae.eval().requires_grad_(False)
+
+
+def save_control(args: argparse.Namespace) -> None:
+    """Stage control: OUTPUT/sd/ with its UNet replaced by the same architecture's random initial weights."""
+    from emerdiff.models import build_random_sd, load_sd
+    from emerdiff.config import ModelConfig
+    from emerdiff.toy.training import ARCH, save_pipeline
+
+    trained = load_sd(ModelConfig(pretrained=str(args.output / "sd"), dtype="float32", device="cpu"))
+    trained.unet = build_random_sd(ARCH, seed=args.seed).unet
+    save_pipeline(trained, args.output / "control")
+
+
+def train_clip(args: argparse.Namespace, scenes: "SceneBank") -> None:
+    """Stage clip: the tiny open_clip model, contrastive on scene crops and the crops' captions."""
+    from ovseg.training import train_toy_clip
+
+    train_toy_clip(scenes, args.output / "clip.safetensors", lambda steps, callbacks: trainer(
+        args, "clip", steps, callbacks), args.clip_steps)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The toy world's training pieces (emerdiff/toy/training.py, ovseg/training.py): what holds for any weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from emerdiff.data.toyworld import CLASSES
+from emerdiff.toy.training import FOCUS, FOCUS_BELOW, SceneBank, focused_timesteps, to_pixels, warmup
+
+
+def test_timesteps_fall_below_the_focus_bound_as_often_as_stated_and_cover_the_whole_schedule():
+    torch.manual_seed(0)
+    t = focused_timesteps(200_000, 1000, torch.device("cpu"))
+    expected = FOCUS + (1 - FOCUS) * FOCUS_BELOW / 1000  # focused draws plus uniform draws that land low
+    assert (t < FOCUS_BELOW).float().mean().item() == pytest.approx(expected, abs=0.005)
+    assert t.min() == 0 and t.max() == 999
+
+
+def test_pixels_are_sd_range_channels_first():
+    image = np.array([[[0, 255, 51]]], np.uint8)
+    assert to_pixels(image).flatten().tolist() == pytest.approx([-1.0, 1.0, -0.6])
+
+
+def test_the_learning_rate_warms_up_linearly_then_stays():
+    factor = warmup(4)
+    assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_the_scene_bank_is_drawn_once_then_read_back(tmp_path):
+    cache = tmp_path / "scenes.npz"
+    drawn = SceneBank.load_or_draw(3, cache)
+    read = SceneBank.load_or_draw(3, cache)
+    assert np.array_equal(drawn.images, read.images) and read.captions == drawn.captions
+    assert SceneBank.load_or_draw(2, cache).images.shape[0] == 2  # another count draws again
+
+
+def test_a_crop_caption_names_the_classes_covering_enough_of_it_largest_first():
+    from ovseg.training import crop_caption
+
+    label = np.full((10, 10), CLASSES.index("grass"), np.uint8)
+    label[:4] = CLASSES.index("sky")  # 40%
+    label[9, :9] = CLASSES.index("ball")  # 9%: below the 15% bound
+    assert crop_caption(label, "a photo of a {}.") == "a photo of a grass and sky."
