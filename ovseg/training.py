@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from emerdiff.data.toyworld import CLASSES
-from ovseg.dense_encoder import register_model_configs
+from ovseg.clip_model import register_model_configs
 from ovseg.text import MASKCLIP_TEMPLATES
 
 MODEL = "toyworld-clip"
