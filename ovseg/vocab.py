@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-SHIPPED_VOCABS: tuple[str, ...] = ("coco", "coco_object", "ade150", "pc59", "pc459", "city19", "voc")
+SHIPPED_VOCABS: tuple[str, ...] = ("coco", "coco_object", "ade150", "pc59", "pc459", "city19", "voc", "toyworld")
 SYNONYM_SEP = ";"
 CLASS_SEP = ","
 BACKGROUND = "background"

@@ -1,9 +1,18 @@
-"""Quality with trained weights: the shipped toy model (configs/toy.yaml) on a few toy-world val scenes.
+"""Quality with trained weights: the shipped toy model (configs/toy.yaml) on the first 8 toy-world val scenes.
 
 Unlike every other test, these need trained weights: the miniature SD and tiny CLIP trained on the toy
-world by emerdiff-train-toy (docs/toyworld.md). The margins are set from the gaps measured on these
-scenes (docs/toyworld.md, "Quality tests"), at about half of each gap, so a bug that removes the effect
-(a wrong mask modulated, a transposed grid, the wrong variants compared) fails them.
+world by emerdiff-train-toy (docs/toyworld.md). At the shipped training (1,750 UNet steps) EmerDiff does
+NOT beat the bilinear baseline; it draws level with it, where the same UNet with random weights is far
+below (docs/toyworld.md). Measured on these 8 scenes, EmerDiff minus bilinear:
+
+    trained UNet: mIoU -0.1, Boundary IoU -0.8, pixel accuracy +1.2 (points)
+    random UNet:  mIoU -6.6, Boundary IoU -3.0, pixel accuracy -6.7
+
+and EmerDiff's mask ids agree with bilinear's on 82% of the pixels (44% with random weights).
+Each floor below is half-way between the two, so a bug that scrambles EmerDiff's masks (a wrong mask
+modulated, a transposed grid, the wrong variants compared) fails them; a better-trained model should
+raise them to margins over bilinear. Naming with EmerDiff's masks does not beat MaskCLIP alone at this
+training either (docs/toyworld.md), so no naming test holds a margin yet.
 """
 
 from dataclasses import dataclass
@@ -18,14 +27,15 @@ from emerdiff.data.toyworld import CLASSES, IGNORE_INDEX, Scene, draw_scene, val
 from emerdiff.evaluation.boundary import BoundaryScores, SegmentationWithBoundary
 from emerdiff.evaluation.protocols import match_image
 from emerdiff.segmentor import EmerDiff, SegmentationOutput
-from emerdiff.toy import CLIP_FILE, SD_FOLDER
+from emerdiff.toy import SD_FOLDER
 
 SCENES = 8
-MIOU_MARGIN = None  # set from the measured gap (docs/toyworld.md)
-BOUNDARY_MARGIN = None
-NAMING_MARGIN = None
+MIOU_FLOOR = -0.034  # EmerDiff minus bilinear, fractions: half-way between trained and random weights
+BOUNDARY_FLOOR = -0.019
+PIXEL_ACC_FLOOR = -0.027
+MASK_AGREEMENT_FLOOR = 0.63  # measured 0.82 trained, 0.44 random: half-way
 
-pytestmark = pytest.mark.skipif(not (SD_FOLDER / "model_index.json").is_file() or not CLIP_FILE.is_file(),
+pytestmark = pytest.mark.skipif(not (SD_FOLDER / "model_index.json").is_file(),
                                 reason="the toy model's trained weights are not in the package")
 
 
@@ -60,29 +70,19 @@ def method_scores(segmented: List[Segmented]) -> Dict[str, BoundaryScores]:
             "bilinear": hungarian_scores([(s.output.labels_bilinear.numpy(), gt) for s, gt in zip(segmented, gts)])}
 
 
-def test_emerdiff_masks_beat_the_bilinear_baseline_on_miou(segmented):
+def test_emerdiff_masks_stay_level_with_bilinear_on_miou_and_pixel_accuracy(segmented):
     scores = method_scores(segmented)
-    assert scores["emerdiff"].miou - scores["bilinear"].miou >= MIOU_MARGIN, scores
+    assert scores["emerdiff"].miou - scores["bilinear"].miou >= MIOU_FLOOR, scores
+    assert scores["emerdiff"].pixel_acc - scores["bilinear"].pixel_acc >= PIXEL_ACC_FLOOR, scores
 
 
-def test_emerdiff_masks_beat_the_bilinear_baseline_on_boundary_iou(segmented):
+def test_emerdiff_masks_stay_near_bilinear_on_boundary_iou(segmented):
     scores = method_scores(segmented)
-    assert scores["emerdiff"].boundary_miou - scores["bilinear"].boundary_miou >= BOUNDARY_MARGIN, scores
+    assert scores["emerdiff"].boundary_miou - scores["bilinear"].boundary_miou >= BOUNDARY_FLOOR, scores
 
 
-def test_naming_emerdiff_masks_beats_maskclip_alone(segmented, tmp_path):
-    from ovseg.config import ovseg_settings
-    from ovseg.pipeline import build_labeller
-    from ovseg.vocab import read_vocabulary
-
-    cfg = load_config("toy", overrides=["ovseg.vocab=toyworld"])
-    labeller = build_labeller(ovseg_settings(cfg), read_vocabulary("toyworld"), tmp_path)
-    named = {m: SegmentationWithBoundary(len(CLASSES), IGNORE_INDEX, convention="mmseg")  # ov_eval's convention
-             for m in ("maskclip", "emerdiff")}
-    for s in segmented:
-        out = labeller(s.scene.image, s.output.labels, s.output.num_masks)
-        gt = torch.from_numpy(s.scene.label.astype(np.int64))
-        named["maskclip"].update(out.baseline, gt)
-        named["emerdiff"].update(out.label_map, gt)
-    gap = named["emerdiff"].compute().miou - named["maskclip"].compute().miou
-    assert gap >= NAMING_MARGIN, gap
+def test_each_emerdiff_mask_stays_where_its_kmeans_mask_is(segmented):
+    """EmerDiff refines mask i's boundary; its pixels mostly keep the id bilinear gives them (a per-image
+    Hungarian score cannot see a permutation of mask ids, such as modulating mask i + 1 for mask i)."""
+    agreement = np.mean([(s.output.labels == s.output.labels_bilinear).float().mean().item() for s in segmented])
+    assert agreement >= MASK_AGREEMENT_FLOOR, agreement

@@ -6,7 +6,7 @@ import pytest
 
 from ovseg import SHIPPED_VOCABS, load_vocab, read_vocabulary
 
-EXPECTED_SIZES = {"coco": 171, "coco_object": 81, "ade150": 150, "pc59": 59, "pc459": 459, "city19": 19, "voc": 21}
+EXPECTED_SIZES = {"coco": 171, "coco_object": 81, "ade150": 150, "pc59": 59, "pc459": 459, "city19": 19, "voc": 21, "toyworld": 10}
 
 # (vocabulary, dataset id, name): anchors that catch shifted or reordered lists.
 KNOWN_IDS = [
@@ -32,6 +32,8 @@ KNOWN_IDS = [
     ("voc", 0, "background"),
     ("voc", 15, "person"),
     ("voc", 20, "tvmonitor"),
+    ("toyworld", 0, "sky"),
+    ("toyworld", 9, "pole"),
 ]
 
 
