@@ -194,7 +194,8 @@ class EmerDiff(nn.Module):
         steps = len(self.grid.tail(p.t_modulate))
         with self.stage("inversion"):
             # 6-7. Exact inversion, recording Q/K for the injection.
-            inversion, record = self.fitting("inversion", steps, lambda n: self.invert(z0, generator, n), generator)
+            inversion, record = self.halving_on_oom("inversion", steps, lambda n: self.invert(z0, generator, n),
+                                                    generator)
         return Inverted(size, features, clusters, inversion, record)
 
     @torch.no_grad()
@@ -207,7 +208,7 @@ class EmerDiff(nn.Module):
         offsets = variant_offsets(clusters.masks[modulated], p.lam)
         with self.stage("modulated"):
             # 8. Modulated denoising of every (mask, sign) variant.
-            latents = self.fitting("variants", len(offsets),
+            latents = self.halving_on_oom("variants", len(offsets),
                                    lambda n: self.denoise(inverted.inversion, inverted.record, offsets, n))
         del inverted  # the injection record is the largest tensor of the run: free it before decoding
         maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
@@ -218,7 +219,7 @@ class EmerDiff(nn.Module):
         """Steps 9-10; a half-precision VAE that overflows (NaN or inf in the maps) decodes again in float32."""
         with self.stage("decode"):
             # 9. Decode every variant.
-            images = self.fitting("decode", len(latents), lambda n: self.decode(latents, n))
+            images = self.halving_on_oom("decode", len(latents), lambda n: self.decode(latents, n))
         with self.stage("assignment"):
             # 10. Per-pair RGB distance and Gaussian smoothing (11, the argmax, is `output`).
             maps = self.difference_maps(images, modulated, num_masks, size)
@@ -237,7 +238,7 @@ class EmerDiff(nn.Module):
                                      "latents themselves overflowed; try model.dtype=float32 or bfloat16")
         return maps
 
-    def fitting(self, stage: str, count: int, run: Callable[[int], T],
+    def halving_on_oom(self, stage: str, count: int, run: Callable[[int], T],
                 generator: Optional[torch.Generator] = None) -> T:
         """`run(batch size)` with this stage's planned batch; on out-of-memory, free what it held, halve the batch
         and try again, down to one item per call, with `generator` back where it was (the same noise, so the

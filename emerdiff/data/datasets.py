@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from emerdiff.config import UserError
 from emerdiff.data.labels import DatasetMetadata, load_label_set, load_metadata
 
-Interpolation = Literal["bilinear", "bicubic"]
+Interpolation = str  # a name of emerdiff.choices.INTERPOLATIONS (the config checks it)
 
 from emerdiff.choices import INTERPOLATIONS as _RESAMPLE  # segmentor.interpolation -> PIL filter
 
