@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from emerdiff.cli.common import reported_errors
+from emerdiff.cli.common.arguments import command_parser
+from emerdiff.cli.common.messages import reported_errors
 
 STAGES = ("vae", "unet", "control", "clip")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse the command line and run the stages not yet done."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = command_parser(__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="folder for the models, logs and scene cache")
     parser.add_argument("--scenes", type=int, default=8000, help="training scenes (seeds 0..N-1)")
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE steps, batch 16 of 64 px crops")

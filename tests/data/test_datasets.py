@@ -302,6 +302,7 @@ def test_registry_names_every_evaluation_split():
         "cityscapes27_val",
         "voc2012_val",
         "folder",
+        "toyworld_val",
     }
     assert dataset_metadata("cityscapes27_val").num_classes == 27
 
@@ -324,7 +325,7 @@ def test_an_option_a_split_does_not_take_is_refused_naming_the_splits_that_take_
     with pytest.raises(ValueError, match="reduce_zero_label is not supported by voc2012_val; it is an option of folder$"):
         build_dataset("voc2012_val", tmp_path, reduce_zero_label=True)
     with pytest.raises(ValueError, match="image_list is not supported by folder; it is an option of coco_stuff171_val, "
-                                         "coco_stuff27_val, coco_object_val$"):
+                                         "coco_stuff27_val, coco_object_val, toyworld_val$"):
         build_dataset("folder", tmp_path, image_list="ids.txt")
 
 
@@ -462,11 +463,17 @@ def test_folder_metadata_needs_the_root_and_registered_splits_ignore_it(tmp_path
 
 def test_every_registered_split_answers_one_metadata_call_without_a_special_case(voc_root, tmp_path):
     """`cls.metadata(root, **options)` is the one call: the shipped label sets ignore the folder, ``folder`` reads it."""
+    from emerdiff.data.toyworld import metadata as toyworld_metadata
+
     root = labelled_folder(voc_root, tmp_path / "mine")
     (root / "classes.txt").write_text("".join(f"{name}\n" for name in VOC_CLASSES[1:]))  # 0 is unlabelled here
     for name, spec in DATASETS.items():
         options = {"reduce_zero_label": True} if spec.takes("reduce_zero_label") else {}
-        expected = (build_dataset(name, root, **options).folder_metadata if name == "folder"
-                    else load_metadata(spec.dataset_cls.LABEL_SET))
+        if name == "folder":
+            expected = build_dataset(name, root, **options).folder_metadata
+        elif name == "toyworld_val":  # drawn from seeds: its classes are the world's own, whatever the folder
+            expected = toyworld_metadata()
+        else:
+            expected = load_metadata(spec.dataset_cls.LABEL_SET)
         assert spec.dataset_cls.metadata(root, **options) == dataset_metadata(name, root, **options) == expected, name
     assert dataset_metadata("folder", root, reduce_zero_label=True).classes == tuple(VOC_CLASSES[1:])
