@@ -88,9 +88,10 @@ def ovseg_section(cfg: DictConfig) -> DictConfig:
 def check_encoder_choices(section: DictConfig | OVSegConfig) -> None:
     """Refuse what only TCL can do (its decision, its constant background) with another encoder, and a threshold
     outside background=prompt."""
-    if section.encoder != "tcl" and "tcl" in (section.baseline, {"constant": "tcl"}.get(section.background)):
-        key = "ovseg.baseline=tcl" if section.baseline == "tcl" else "ovseg.background=constant"
-        raise ConfigError(f"{key} needs TCL's grounding masks: set ovseg.encoder=tcl, or leave it null for "
+    needs_tcl = [key for key, used in (("ovseg.baseline=tcl", section.baseline == "tcl"),
+                                       ("ovseg.background=constant", section.background == "constant")) if used]
+    if section.encoder != "tcl" and needs_tcl:
+        raise ConfigError(f"{needs_tcl[0]} needs TCL's grounding masks: set ovseg.encoder=tcl, or leave it null for "
                           f"ovseg.encoder={section.encoder}'s own")
     if section.background_threshold is not None and section.background != "prompt":
         raise ConfigError(f"ovseg.background_threshold applies to ovseg.background=prompt (background named by its "

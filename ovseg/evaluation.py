@@ -36,7 +36,7 @@ from emerdiff.evaluation import (CONVENTIONS_NOTE, PAPER, CachedEvaluation, Conf
                                  percent_cell)
 
 from .config import ENCODERS, OVSegConfig
-from .labeller import OpenVocabLabeller, check_threshold
+from .labeller import NamingRules, OpenVocabLabeller, check_threshold
 from .vocab import Vocabulary
 
 METHODS = ("maskclip", "emerdiff")  # table order: the baseline, then EmerDiff's masks named by it
@@ -213,10 +213,8 @@ class OpenVocabEvaluator(Evaluator):
 
     def scored_ground_truth(self, gt: np.ndarray) -> np.ndarray:
         """The ground truth as scored: background pixels ignored when the background is (ovseg.background=ignore)."""
-        background, ignore = self.vocab.background, self.metrics[METHODS[0]].ignore_index
-        if background is None or (self.settings.background or ENCODERS[self.settings.encoder].background) != "ignore":
-            return gt
-        return np.where(gt == background, ignore, gt)
+        ignored = NamingRules.from_settings(self.settings, self.vocab.background).ignored
+        return gt if ignored is None else np.where(gt == ignored, self.metrics[METHODS[0]].ignore_index, gt)
 
     def evaluate(self) -> Optional[OpenVocabResults]:
         """Reduce across processes (every process takes part); the main one assembles the results."""

@@ -64,6 +64,11 @@ class NamingRules:
                    settings.tcl_background_score)
 
     @property
+    def ignored(self) -> int | None:
+        """The class whose ground-truth pixels are not scored: a background that is never named (background=ignore)."""
+        return self.background_id if self.background == "ignore" else None
+
+    @property
     def excluded(self) -> int | None:
         """The class similarity never picks: a background not named by its prompts."""
         return self.background_id if self.background != "prompt" else None
@@ -74,7 +79,8 @@ class NamingRules:
             return None
         if self.background == "prompt":
             return self.threshold
-        return _tcl(encoder).cosine_threshold(self.background_score or tcl_background_score(pamr=False))
+        score = tcl_background_score(pamr=False) if self.background_score is None else self.background_score
+        return _tcl(encoder).cosine_threshold(score)
 
     def tcl_score(self) -> float | None:
         """The constant TCL's decision gives the background class: TCL's, -inf when ignored, None when prompted."""
@@ -82,7 +88,7 @@ class NamingRules:
             return None
         if self.background == "ignore":
             return float("-inf")
-        return self.background_score or tcl_background_score(self.pamr)
+        return tcl_background_score(self.pamr) if self.background_score is None else self.background_score
 
 
 def _tcl(encoder: DenseEncoder) -> TCLEncoder:
@@ -149,9 +155,8 @@ class OpenVocabLabeller(nn.Module):
         if rules.baseline == "tcl":
             baseline = self.tcl_decision(image)
         else:
-            threshold = rules.threshold if rules.background == "prompt" else rules.mask_threshold(self.encoder)
             baseline = maskclip_labels(dense, self.text, tuple(segments.shape), background_id=rules.background_id,
-                                       threshold=threshold, exclude=rules.excluded)
+                                       threshold=rules.mask_threshold(self.encoder), exclude=rules.excluded)
         return OpenVocabOutput(class_ids=named.class_ids.cpu(), scores=named.scores.cpu(),
                                label_map=named.label_map.cpu(), mask_embeddings=named.mask_embeddings.cpu(),
                                baseline=baseline.cpu())
