@@ -1,11 +1,11 @@
-"""The toy world's training pieces (emerdiff/toy/training.py, ovseg/training.py): what holds for any weights."""
+"""The toy world's training pieces (emerdiff/toy_training.py, ovseg/training.py): what holds for any weights."""
 
 import numpy as np
 import pytest
 import torch
 
 from emerdiff.data.toyworld import CLASSES
-from emerdiff.toy.training import FOCUS, FOCUS_BELOW, SceneBank, focused_timesteps, to_pixels, warmup
+from emerdiff.toy_training import FOCUS, FOCUS_BELOW, SceneBank, focused_timesteps, to_pixels, warmup
 
 
 def test_timesteps_fall_below_the_focus_bound_as_often_as_stated_and_cover_the_whole_schedule():

@@ -46,7 +46,7 @@ def train(args: argparse.Namespace) -> int:
     """Run each chosen stage that has not written its output yet, timing it."""
     import torch
 
-    from emerdiff.toy.training import SceneBank
+    from emerdiff.toy_training import SceneBank
 
     torch.set_num_threads(args.threads)
     out = args.output
@@ -85,7 +85,7 @@ def train_vae(args: argparse.Namespace, scenes: "SceneBank") -> None:
     """Stage vae: AutoencoderKL on crops, then its scaling factor (1 / std of the scenes' latents), saved."""
     from torch.utils.data import DataLoader
 
-    from emerdiff.toy.training import VAE_CROP, RandomCrops, VAETraining, encode_scenes
+    from emerdiff.toy_training import VAE_CROP, RandomCrops, VAETraining, encode_scenes
 
     module = VAETraining()
     loader = DataLoader(RandomCrops(scenes.images, VAE_CROP), batch_size=16, shuffle=True, drop_last=True)
@@ -104,7 +104,7 @@ def train_unet(args: argparse.Namespace, scenes: "SceneBank") -> None:
     from torch.utils.data import DataLoader
 
     from emerdiff.models import build_random_sd, freeze
-    from emerdiff.toy.training import ARCH, LatentScenes, SavePipeline, UNetTraining, encode_scenes, tokenize
+    from emerdiff.toy_training import ARCH, LatentScenes, SavePipeline, UNetTraining, encode_scenes, tokenize
 
     vae = AutoencoderKL.from_pretrained(args.output / "vae")
     mean, std = encode_scenes(vae, scenes.images)
@@ -126,7 +126,7 @@ def save_control(args: argparse.Namespace) -> None:
     """Stage control: OUTPUT/sd/ with its UNet replaced by the same architecture's random initial weights."""
     from emerdiff.models import build_random_sd, load_sd
     from emerdiff.config import ModelConfig
-    from emerdiff.toy.training import ARCH, save_pipeline
+    from emerdiff.toy_training import ARCH, save_pipeline
 
     trained = load_sd(ModelConfig(pretrained=str(args.output / "sd"), dtype="float32", device="cpu"))
     trained.unet = build_random_sd(ARCH, seed=args.seed).unet

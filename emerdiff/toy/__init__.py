@@ -1,4 +1,4 @@
-"""The toy world's miniature models: their training (emerdiff-train-toy) and shipped weights (docs/toyworld.md).
+"""The toy world's shipped miniature models and where to find them (training: emerdiff/toy_training.py).
 
 ``model.pretrained=toy`` loads `SD_FOLDER`, a diffusers folder of a miniature SD trained on the toy world's
 scenes on a CPU; ``ovseg.clip_model=toyworld-clip ovseg.clip_pretrained=toy`` loads `CLIP_FILE`. Neither
