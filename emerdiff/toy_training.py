@@ -13,7 +13,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -150,10 +150,13 @@ def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
 class UNetTraining(pl.LightningModule):
     """The UNet on SD's epsilon objective; an exponential moving average of its weights is what gets saved."""
 
-    def __init__(self, scaling_factor: float, lr: float = 1e-3, warmup_steps: int = 200, seed: int = 0) -> None:
+    def __init__(self, scaling_factor: float, lr: float = 1e-3, warmup_steps: int = 200, seed: int = 0,
+                 init_unet: Optional[torch.nn.Module] = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["init_unet"])
         parts = build_random_sd(ARCH, seed=seed)  # UNet, the frozen random text encoder, tokenizer, scheduler
+        if init_unet is not None:  # continue a run from its saved (moving-average) UNet
+            parts.unet.load_state_dict({k: v.float() for k, v in init_unet.state_dict().items()})
         self.unet = parts.unet.train().requires_grad_(True)
         self.text_encoder = parts.text_encoder
         self.noise = DDPMScheduler.from_config(parts.scheduler.config)  # SD's training schedule

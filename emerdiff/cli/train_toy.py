@@ -32,6 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE steps, batch 16 of 64 px crops")
     parser.add_argument("--unet-steps", type=int, default=1750, help="UNet steps, batch 32")
     parser.add_argument("--clip-steps", type=int, default=400, help="CLIP steps, batch 64")
+    parser.add_argument("--unet-from", type=Path, default=None,
+                        help="pipeline folder whose UNet starts the unet stage (continue a stopped or shorter run)")
     parser.add_argument("--save-every", type=int, default=500, help="UNet steps between saved pipeline folders")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the training")
     parser.add_argument("--threads", type=int, default=1,
@@ -100,7 +102,7 @@ def train_vae(args: argparse.Namespace, scenes: "SceneBank") -> None:
 
 def train_unet(args: argparse.Namespace, scenes: "SceneBank") -> None:
     """Stage unet: the UNet on the encoded scenes; OUTPUT/sd/ is rewritten every --save-every steps."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.data import DataLoader
 
     from emerdiff.models import build_random_sd, freeze
@@ -108,7 +110,8 @@ def train_unet(args: argparse.Namespace, scenes: "SceneBank") -> None:
 
     vae = AutoencoderKL.from_pretrained(args.output / "vae")
     mean, std = encode_scenes(vae, scenes.images)
-    module = UNetTraining(vae.config.scaling_factor, seed=args.seed)
+    start = UNet2DConditionModel.from_pretrained(args.unet_from / "unet") if args.unet_from else None
+    module = UNetTraining(vae.config.scaling_factor, seed=args.seed, init_unet=start)
     parts = build_random_sd(ARCH, seed=args.seed)
     parts.vae, parts.text_encoder = freeze_vae(vae), module.text_encoder
     ids = tokenize(parts.tokenizer, scenes.captions)
