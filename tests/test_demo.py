@@ -2,6 +2,7 @@
 
 import io
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,12 +16,18 @@ from conftest import tiny_segmentor
 
 gr = pytest.importorskip("gradio", reason="the demo needs the demo extra: pip install -e '.[demo]'")
 
-from emerdiff.app.demo.page import DemoPage, annotated_panel, mask_colours  # noqa: E402
+from emerdiff.app.demo.page import (DemoPage, ModelNotes, annotated_panel, build_demo, mask_colours,  # noqa: E402
+                                    sample_photos, toy_scenes)
 from emerdiff.app.demo.segmenter import STAGE_TITLES, DemoSegmenter  # noqa: E402
 from emerdiff.app.demo.uploads import DISPLAY_SIDE, read_upload  # noqa: E402
 from emerdiff.predict import render  # noqa: E402
 from emerdiff.predict.names import MaskNames  # noqa: E402
+from emerdiff.cli.common.messages import TOY_MODEL_NOTICE  # noqa: E402
+from emerdiff.cli.demo import page_notes  # noqa: E402
+from emerdiff.config import load_config  # noqa: E402
+from emerdiff.data import toyworld  # noqa: E402
 from emerdiff.profiling import STAGES  # noqa: E402
+from emerdiff.toy import SD_FOLDER  # noqa: E402
 
 SMALL = dict(resolution=64, num_masks=4, denoise_steps=3)
 CLASSES = ("sky", "ground")
@@ -141,11 +148,22 @@ def test_a_large_photo_is_shrunk_to_the_longest_side_with_a_note(tmp_path):
     assert "shrunk from 451 x 300" in upload.notes[0]
 
 
+def test_an_uploads_note_is_shown_once_when_uploaded_and_listed_in_the_summary(page, tmp_path):
+    path = save(tmp_path, "camera.png", small(data.camera(), 64))  # grayscale: a note
+    with pytest.warns(UserWarning, match="grayscale photo") as shown:  # gr.Warning outside a request: a warning
+        photo, layers = page.preview(path)
+    assert len(shown) == 1 and photo.shape == (DISPLAY_SIDE, DISPLAY_SIDE, 3) and layers == []
+    with warnings.catch_warnings(record=True) as again:  # a second toast of the note would be a warning here
+        warnings.simplefilter("always")
+        text = page.segment(path, 3, 8.0)[4]
+    assert not [w for w in again if "grayscale" in str(w.message)] and "- note: grayscale photo" in text
+
+
 def test_segment_returns_the_four_panels_and_valid_downloads(page, tmp_path):
     photo = small(data.astronaut(), 80)
-    photo_small, kmeans, bilinear, emerdiff, text, files, rows, selected = page.segment(
+    shown, kmeans, bilinear, emerdiff, text, files, rows, selected = page.segment(
         save(tmp_path, "astronaut.png", photo), 3, 8.0)
-    assert photo_small.shape == (DISPLAY_SIDE, DISPLAY_SIDE, 3)  # every panel at the same display size
+    assert shown[0].shape == (DISPLAY_SIDE, DISPLAY_SIDE, 3) and shown[1] == []  # the photo panel has no layers
     for base, layers in (kmeans, bilinear, emerdiff):
         assert base.shape == (DISPLAY_SIDE, DISPLAY_SIDE, 3) and 1 <= len(layers) <= 3
         coverage = sum((mask > 0).astype(int) for mask, _ in layers)
@@ -214,3 +232,61 @@ def test_panel_layers_use_the_label_png_palette_and_white_boundaries():
     assert np.all(base[:, 1] == 255) and np.all(base[:, [0, 2, 3]] == 0)  # the boundary between the two masks
     assert mask_colours(3)["mask 2"] == "#%02x%02x%02x" % tuple(int(v) for v in render.palette(3)[2])
 
+
+
+@pytest.mark.parametrize("config, overrides, offered", [
+    ("toy", [], "toy"),
+    ("toy", ["model.random_init=true", "model.arch=toyworld"], "random"),  # the toy architecture, untrained
+    ("tiny", [], "random"),
+    ("emerdiff_sd15", [], "real"),
+])
+def test_the_page_says_which_model_runs_and_offers_its_samples(config, overrides, offered):
+    notes = page_notes(load_config(config, overrides=overrides))
+    if offered == "toy":  # the toy world's trained model: its scenes, its vocabulary, never called Stable Diffusion
+        assert notes == ModelNotes.toy(TOY_MODEL_NOTICE) and notes.samples is toy_scenes
+        assert "not Stable Diffusion" in notes.notice and "not Stable Diffusion" in notes.result_note
+        assert notes.vocabulary == "toyworld"
+    elif offered == "random":
+        assert "random weights" in notes.notice and "no meaning" in notes.result_note
+        assert notes.samples is sample_photos and notes.vocabulary == ""
+    else:
+        assert notes == ModelNotes() and notes.notice is None and notes.samples is sample_photos
+
+
+def test_toy_scenes_are_validation_scenes_the_toy_model_never_trained_on(tmp_path):
+    samples = toy_scenes(tmp_path, 3)
+    seeds = list(toyworld.val_seeds(3))
+    assert [p.name for p in samples.paths] == [f"{toyworld.scene_id(seed)}.png" for seed in seeds]
+    assert min(seeds) >= toyworld.VAL_SEED_START and "never trained on" in samples.heading
+    for path, seed in zip(samples.paths, seeds):  # the scene of its seed, pixel for pixel (PNG is lossless)
+        with Image.open(path) as image:
+            assert np.array_equal(np.asarray(image), toyworld.draw_scene(seed).image)
+
+
+def test_the_toy_page_shows_its_notice_and_scenes_and_starts_with_the_toyworld_vocabulary(segmenter, tmp_path):
+    notes = ModelNotes.toy(TOY_MODEL_NOTICE)
+    app = build_demo(segmenter, toy_scenes(tmp_path, 2), notes)
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    assert TOY_MODEL_NOTICE in by_id["intro"].value and by_id["vocabulary"].value == "toyworld"
+    assert by_id["samples"].label == toy_scenes(tmp_path, 2).heading
+    assert [Path(sample[0]).name for sample in by_id["samples"].samples] == ["val_1000000.png", "val_1000001.png"]
+
+
+@pytest.mark.skipif(not (SD_FOLDER / "model_index.json").is_file(), reason="the toy model's weights are not shipped")
+def test_the_demo_segments_a_toy_scene_with_the_trained_toy_model_and_names_its_masks_with_the_toy_classes(tmp_path):
+    from emerdiff import EmerDiff
+    from ovseg.any_vocab import AnyVocabulary
+    from ovseg.config import ovseg_settings
+
+    cfg = load_config("toy")
+    notes = page_notes(cfg)
+    model = EmerDiff.from_config(cfg)
+    page = DemoPage(DemoSegmenter(model, naming=AnyVocabulary(ovseg_settings(cfg), tmp_path), workdir=tmp_path), notes)
+    scene = notes.samples(tmp_path / "samples").paths[0]
+    *panels, text, files, rows, _ = page.segment(str(scene), 6, 10.0, notes.vocabulary)
+    arrays = np.load(files[1])
+    assert arrays["labels"].shape == (toyworld.SIZE, toyworld.SIZE)  # the scene's own size
+    assert list(arrays["class_names"]) == list(toyworld.CLASSES)
+    assert np.array_equal(arrays["ov_labels"], arrays["mask_classes"][arrays["labels"]])
+    assert {label for _, label in panels[3][1]} <= set(toyworld.CLASSES)  # EmerDiff's legend: toy-world classes
+    assert notes.result_note in text and "random weights" not in text

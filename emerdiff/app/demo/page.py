@@ -1,5 +1,8 @@
 """The demo's Gradio page: upload or pick a sample photo, K, lambda and (with naming) a vocabulary; the panels.
 
+What the page says about the model and which samples it offers are `ModelNotes` (random weights, the toy
+world's miniature model with its scenes, or real weights with scikit-image's photos).
+
 The photo, the k-means masks, the bilinear baseline and EmerDiff side by side, each mask highlighted on
 hovering its legend entry; the label PNG, the npz and the COCO JSON to download. Gradio's queue keeps
 waiting visitors informed (position, progress bar through the segmentor's stages) instead of blocking.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +25,9 @@ from .segmenter import KEEP_RESULTS_S, DemoResult, DemoSegmenter, Progress
 from .uploads import DISPLAY_SIDE, MAX_UPLOAD, READABLE, DemoInputError, read_upload
 
 MASK_ALPHA = 0.55  # opacity of the mask colours in the panels
+TOY_SCENES = 4  # toy-world scenes offered with the toy model
+TOY_VOCABULARY = "toyworld"  # the shipped vocabulary of the toy world's ten classes
+Panel = Tuple[np.ndarray, List[Tuple[np.ndarray, str]]]  # a gr.AnnotatedImage value: the photo, (layer, label) pairs
 
 
 def display_size(shape: Tuple[int, int], side: int = DISPLAY_SIDE) -> Tuple[int, int]:
@@ -39,7 +46,7 @@ def mask_colours(count: int) -> Dict[str, str]:
 
 
 def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequence[Tuple[str, Sequence[int]]]
-                    ) -> Tuple[np.ndarray, List[Tuple[np.ndarray, str]]]:
+                    ) -> Panel:
     """A gr.AnnotatedImage value: the photo with white mask boundaries, one translucent layer per group of masks.
 
     `labels` is resized (nearest) to the photo's size; `groups` lists (legend label, mask ids); empty groups are
@@ -57,12 +64,16 @@ def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequenc
     return base, layers
 
 
-def panels(result: DemoResult) -> Dict[str, Any]:
-    """The page's pictures for one result: photo, k-means, bilinear, EmerDiff (gr.Image / gr.AnnotatedImage values)."""
-    out = result.output
-    photo = result.upload.photo
+def shown_photo(photo: np.ndarray) -> np.ndarray:
+    """The photo at panel size (`display_size`), the base picture of every panel."""
     h, w = display_size(photo.shape[:2])
-    small = np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
+
+
+def panels(result: DemoResult) -> Dict[str, Any]:
+    """The page's pictures for one result: photo, k-means, bilinear, EmerDiff (gr.AnnotatedImage values)."""
+    out = result.output
+    small = shown_photo(result.upload.photo)
     by_mask = [(mask_label(k), [k]) for k in range(result.num_masks)]
     if result.names is None:
         named = by_mask
@@ -72,21 +83,22 @@ def panels(result: DemoResult) -> Dict[str, Any]:
             classes.setdefault(result.names.name(k) or "(no class)", []).append(k)
         named = sorted(classes.items())
     return {
-        "photo": small,
+        "photo": (small, []),
         "kmeans": annotated_panel(small, out.lowres_labels.numpy(), by_mask),
         "bilinear": annotated_panel(small, out.labels_bilinear.numpy(), by_mask),
         "emerdiff": annotated_panel(small, out.labels.numpy(), named),
     }
 
 
-def summary(result: DemoResult, random_weights: bool = False) -> str:
-    """Markdown under the panels: what ran, the notes on the upload, and the masks (with classes when named)."""
+def summary(result: DemoResult, model_note: Optional[str] = None) -> str:
+    """Markdown under the panels: what ran, the notes on the upload and the model, and the masks (with classes when
+    named)."""
     h, w = result.output.lowres_labels.shape
     lines = [f"**{result.num_masks} masks** (k-means on the {h}x{w} feature grid) in {result.seconds:.1f} s; "
              f"seed {result.output.seed}."]
     lines += [f"- note: {note}" for note in result.upload.notes]
-    if random_weights:
-        lines.append("- note: miniature model with random weights: the masks carry no meaning.")
+    if model_note:
+        lines.append(f"- note: {model_note}")
     rows = result.mask_table()
     if result.names is not None:
         lines += ["", "| mask | class | score | share of the photo |", "|---:|---|---:|---:|"]
@@ -96,12 +108,20 @@ def summary(result: DemoResult, random_weights: bool = False) -> str:
     return "\n".join(lines)
 
 
-def sample_photos(folder: str | Path) -> List[Path]:
+@dataclass(frozen=True)
+class Samples:
+    """Pictures a visitor can click instead of uploading one, under a heading that says what they are."""
+
+    heading: str
+    paths: List[Path]
+
+
+def sample_photos(folder: str | Path) -> Samples:
     """scikit-image's sample photos written into `folder` (none when scikit-image is not installed)."""
     try:
         from skimage import data
     except ImportError:
-        return []
+        return Samples("", [])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -110,7 +130,45 @@ def sample_photos(folder: str | Path) -> List[Path]:
         if not path.is_file():
             Image.fromarray(getattr(data, name)()).save(path, quality=92)
         written.append(path)
-    return written
+    return Samples("Sample photos (scikit-image)", written)
+
+
+def toy_scenes(folder: str | Path, count: int = TOY_SCENES) -> Samples:
+    """The first `count` validation scenes of the toy world (seeds the toy model never trained on), as PNG files
+    named by scene id in `folder`: what the toy model can segment."""
+    from emerdiff.data.toyworld import draw_scene, scene_id, val_seeds
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for seed in val_seeds(count):
+        path = folder / f"{scene_id(seed)}.png"
+        if not path.is_file():
+            Image.fromarray(draw_scene(seed).image).save(path)
+        written.append(path)
+    return Samples("Toy-world scenes (synthetic validation scenes the toy model never trained on)", written)
+
+
+@dataclass(frozen=True)
+class ModelNotes:
+    """What the page says about the model it serves (under the introduction and in every result), the samples it
+    offers and the vocabulary it starts with."""
+
+    notice: Optional[str] = None  # shown under the introduction
+    result_note: Optional[str] = None  # a note in every result's summary
+    samples: Optional[Callable[[Path], Samples]] = sample_photos  # writes the samples into a folder; None: none
+    vocabulary: str = ""
+
+    @classmethod
+    def random_weights(cls, notice: str) -> "ModelNotes":
+        """A miniature model with random weights: the masks carry no meaning."""
+        return cls(notice, "miniature model with random weights: the masks carry no meaning.")
+
+    @classmethod
+    def toy(cls, notice: str) -> "ModelNotes":
+        """The toy world's trained miniature model: toy-world scenes to click, named with the world's classes."""
+        return cls(notice, "the toy world's miniature model, trained on synthetic scenes; not Stable Diffusion.",
+                   toy_scenes, TOY_VOCABULARY)
 
 
 INTRO = """# EmerDiff: segmentation from a frozen Stable Diffusion
@@ -122,18 +180,20 @@ hover a legend entry to highlight its mask, click it for details."""
 class DemoPage:
     """The page's event handlers, callable without a browser: a visitor's mistake raises gr.Error with its message."""
 
-    def __init__(self, segmenter: DemoSegmenter, notice: Optional[str] = None) -> None:
+    def __init__(self, segmenter: DemoSegmenter, notes: ModelNotes = ModelNotes()) -> None:
         self.segmenter = segmenter
-        self.notice = notice  # the random-weights note, or None for real weights
+        self.notes = notes
 
-    def preview(self, path: Optional[str]) -> Optional[np.ndarray]:
-        """The uploaded photo at panel size, as soon as it is uploaded (a bad file is reported at once)."""
+    def preview(self, path: Optional[str]) -> Optional[Panel]:
+        """The uploaded photo at panel size, as soon as it is uploaded (a bad file is reported at once).
+
+        The upload's notes are shown here, once; `segment` lists them in its summary but does not repeat them
+        (a second identical warning made the toast show the message twice)."""
         if not path:
             return None
         upload = self._checked(read_upload, path, self.segmenter.max_pixels, self.segmenter.max_side)
         self._warn(upload.notes)
-        h, w = display_size(upload.photo.shape[:2])
-        return np.asarray(Image.fromarray(upload.photo).resize((w, h), Image.BILINEAR))
+        return shown_photo(upload.photo), []
 
     def segment(self, path: Optional[str], num_masks: float, lam: float, vocabulary: str = "",
                 progress: Optional[Progress] = None) -> Tuple[Any, ...]:
@@ -143,10 +203,9 @@ class DemoPage:
         if not path:
             raise gr.Error("Upload a photo or pick a sample first.", print_exception=False)
         result = self._checked(self.segmenter.run, path, num_masks, lam, vocabulary, progress=progress)
-        self._warn(result.upload.notes)
         pictures = panels(result)
         return (pictures["photo"], pictures["kmeans"], pictures["bilinear"], pictures["emerdiff"],
-                summary(result, self.notice is not None), [str(f) for f in result.files], result.mask_table(), "")
+                summary(result, self.notes.result_note), [str(f) for f in result.files], result.mask_table(), "")
 
     @staticmethod
     def describe(rows: Optional[List[Dict[str, Any]]], label: str) -> str:
@@ -176,11 +235,11 @@ class DemoPage:
             gr.Warning(note)
 
 
-def build_demo(segmenter: DemoSegmenter, samples: Sequence[str | Path] = (), notice: Optional[str] = None) -> Any:
+def build_demo(segmenter: DemoSegmenter, samples: Optional[Samples] = None, notes: ModelNotes = ModelNotes()) -> Any:
     """The Gradio Blocks of the demo (not launched: see `serve`)."""
     import gradio as gr
 
-    page = DemoPage(segmenter, notice)
+    page = DemoPage(segmenter, notes)
     params = segmenter.params
     colours = mask_colours(segmenter.max_masks)
 
@@ -195,24 +254,28 @@ def build_demo(segmenter: DemoSegmenter, samples: Sequence[str | Path] = (), not
     describe.__annotations__["evt"] = gr.SelectData  # Gradio finds the event argument by its type (not a string)
 
     with gr.Blocks(title="EmerDiff demo", delete_cache=(KEEP_RESULTS_S, KEEP_RESULTS_S)) as app:
-        gr.Markdown(INTRO + (f"\n\n> {notice}" if notice else ""))
+        gr.Markdown(INTRO + (f"\n\n> {notes.notice}" if notes.notice else ""), elem_id="intro")
         with gr.Row():
             with gr.Column(scale=2):
                 upload = gr.File(label=f"Photo ({READABLE})", file_count="single", type="filepath", elem_id="upload")
-                if samples:
-                    gr.Examples(examples=[[str(p)] for p in samples], inputs=[upload],
-                                label="Sample photos (scikit-image)")
+                if samples is not None and samples.paths:
+                    gr.Examples(examples=[[str(p)] for p in samples.paths], inputs=[upload], label=samples.heading,
+                                elem_id="samples")
             with gr.Column(scale=3):
                 num_masks = gr.Slider(1, segmenter.max_masks, value=params.num_masks, step=1, elem_id="num-masks",
                                       label="K: number of k-means masks (segmentor.num_masks)")
                 lam = gr.Slider(0.5, max(50.0, params.lam), value=params.lam, step=0.5, elem_id="lam",
                                 label="lambda: modulation strength (segmentor.lam)")
-                vocabulary = gr.Textbox(label="Vocabulary (optional): name the masks with CLIP", elem_id="vocabulary",
+                vocabulary = gr.Textbox(value=notes.vocabulary, elem_id="vocabulary",
+                                        label="Vocabulary (optional): name the masks with CLIP",
                                         placeholder="cat, dog, grass   or a shipped one: coco, ade150, pc59, voc",
                                         visible=segmenter.naming is not None)
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
-        with gr.Row(equal_height=True):
-            photo = gr.Image(label="photo", interactive=False, elem_id="panel-photo")
+        # The photo is an AnnotatedImage without layers, so that it is drawn at the size and place of the other
+        # three (a gr.Image scales a photo down only). Unequal heights: a panel stretched to the row's height draws
+        # its layers centred in the taller box but its photo at the top (a shorter legend moved the masks down).
+        with gr.Row(equal_height=False):
+            photo = gr.AnnotatedImage(label="photo", elem_id="panel-photo")
             kmeans = gr.AnnotatedImage(label="k-means masks (feature grid)", color_map=colours, elem_id="panel-kmeans")
             bilinear = gr.AnnotatedImage(label="bilinear upsampling", color_map=colours, elem_id="panel-bilinear")
             emerdiff = gr.AnnotatedImage(label="EmerDiff", color_map=colours, elem_id="panel-emerdiff")
@@ -232,11 +295,11 @@ def build_demo(segmenter: DemoSegmenter, samples: Sequence[str | Path] = (), not
 
 
 def serve(segmenter: DemoSegmenter, host: str = "127.0.0.1", port: Optional[int] = None,
-          notice: Optional[str] = None, samples: bool = True, queue_size: int = 32) -> None:
+          notes: ModelNotes = ModelNotes(), queue_size: int = 32) -> None:
     """Build the page and serve it until interrupted (Ctrl-C or SIGTERM); visitors wait in Gradio's queue (up to
     `queue_size`). The server is closed on the way out."""
-    photos = sample_photos(segmenter.workdir / "samples") if samples else []
-    app = build_demo(segmenter, photos, notice)
+    samples = notes.samples(segmenter.workdir / "samples") if notes.samples else None
+    app = build_demo(segmenter, samples, notes)
     app.queue(max_size=queue_size)
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None

@@ -1,4 +1,5 @@
-"""What the commands tell the user: counts in words, the random-weights notice, one `error:` line per mistake."""
+"""What the commands tell the user: counts in words, the random-weights and toy-model notices, one `error:` line per
+mistake."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from typing import Iterator, Optional
 from omegaconf import DictConfig
 
 from emerdiff.config import UserError, is_random_model
+from emerdiff.toy import shipped_pipeline
 
+TOY_MODEL_NOTICE = ("note: model.pretrained=toy is the toy world's miniature model, trained on a CPU on synthetic "
+                    "128 px scenes (docs/toyworld.md). It is not Stable Diffusion: it knows only the toy world, and "
+                    "on photos its masks mean little.")
 RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
                        "but its masks carry no meaning. Use e.g. --cfg emerdiff_sd15 for real results.")
 
@@ -25,6 +30,13 @@ def random_model_notice(cfg: DictConfig) -> Optional[str]:
         return None
     name = "tiny" if cfg.model.pretrained == "tiny" else f"{cfg.model.pretrained} (model.random_init=true)"
     return RANDOM_MODEL_NOTICE.format(name=name)
+
+
+def toy_model_notice(cfg: DictConfig) -> Optional[str]:
+    """The note for the toy world's trained miniature model (``model.pretrained=toy``), or None for any other."""
+    if is_random_model(cfg.model) or shipped_pipeline(cfg.model.pretrained) is None:
+        return None
+    return TOY_MODEL_NOTICE
 
 
 @contextmanager
