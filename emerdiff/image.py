@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import UserError
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})  # image files
 
 

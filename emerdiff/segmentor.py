@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -159,7 +161,7 @@ class EmerDiff(nn.Module):
     def device(self) -> torch.device:
         return self.prompt.device
 
-    def stage(self, name: str) -> ContextManager[None]:
+    def stage(self, name: str) -> AbstractContextManager[None]:
         """The block of the recipe's stage `name`, seen by every observer (none by default: it costs nothing)."""
         return observed_stage(self.observers, name)
 
@@ -209,7 +211,7 @@ class EmerDiff(nn.Module):
         with self.stage("modulated"):
             # 8. Modulated denoising of every (mask, sign) variant.
             latents = self.halving_on_oom("variants", len(offsets),
-                                   lambda n: self.denoise(inverted.inversion, inverted.record, offsets, n))
+                                          partial(self.denoise, inverted.inversion, inverted.record, offsets))
         del inverted  # the injection record is the largest tensor of the run: free it before decoding
         maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
         return MaskMaps(clusters, maps, tuple(rgb.shape[1:]), seed)

@@ -129,7 +129,7 @@ def _titled_row(panels: Sequence[np.ndarray], titles: Sequence[str]) -> Image.Im
     canvas = Image.new("RGB", (width * len(panels), height + TITLE_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=15)  # Pillow's own font; a small bitmap one without FreeType
-    for i, (panel, title) in enumerate(zip(panels, titles)):
+    for i, (panel, title) in enumerate(zip(panels, titles, strict=True)):
         canvas.paste(Image.fromarray(panel), (i * width, TITLE_HEIGHT))
         draw.text((i * width + 4, 3), title, fill="black", font=font)
     return canvas

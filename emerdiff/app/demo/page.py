@@ -35,7 +35,7 @@ def mask_label(k: int) -> str:
 
 def mask_colours(count: int) -> Dict[str, str]:
     """Legend label -> hex colour, the label PNG's palette colours (`render.palette`)."""
-    return {mask_label(k): "#%02x%02x%02x" % tuple(int(v) for v in rgb) for k, rgb in enumerate(render.palette(count))}
+    return {mask_label(k): "#" + "".join(f"{int(v):02x}" for v in rgb) for k, rgb in enumerate(render.palette(count))}
 
 
 def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequence[Tuple[str, Sequence[int]]]
