@@ -14,7 +14,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar, Union, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -179,6 +179,14 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
 
 
 PathLike = str | Path
+
+
+SectionT = TypeVar("SectionT")
+
+
+def section(node: Any, cls: type[SectionT]) -> SectionT:
+    """A loaded config's section as the dataclass `cls` its schema builds (one given directly passes through)."""
+    return cast(SectionT, node if dataclasses.is_dataclass(node) else OmegaConf.to_object(node))
 
 
 def is_random_model(model: Any) -> bool:

@@ -9,22 +9,21 @@ methods on a meta-device copy, so a new switch cannot be forgotten in them.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from . import difference
 from .clustering import Clusters, cluster_grid, use_faiss_gpu
 from .compiling import check_compile_options, compile_regions
-from .config import ConfigError, EmerDiffConfig, SegmentorConfig, check_rules
+from .config import ConfigError, EmerDiffConfig, ModelConfig, SegmentorConfig, check_rules, section
 from .features import QueryFeatures, extract_queries
 from .image import ImageInput, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
@@ -105,6 +104,8 @@ class EmerDiff(nn.Module):
     >>> out = model.segment("photo.jpg")  # out.labels: [H, W] mask ids
     """
 
+    prompt: torch.Tensor  # [1, 77, D] the empty prompt's text-encoder states, a buffer (moves with the module)
+
     def __init__(self, components: SDComponents, params: SegmentorConfig) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
@@ -141,8 +142,8 @@ class EmerDiff(nn.Module):
     @classmethod
     def from_config(cls, cfg: DictConfig | EmerDiffConfig, device: Optional[str] = None) -> "EmerDiff":
         """Load SD as `cfg.model` says and build the segmentor with `cfg.segmentor`."""
-        components = load_sd(_section(cfg.model), device=device)
-        return cls(components, _section(cfg.segmentor))
+        components = load_sd(section(cfg.model, ModelConfig), device=device)
+        return cls(components, section(cfg.segmentor, SegmentorConfig))
 
     @classmethod
     def from_pipeline(cls, pipe: StableDiffusionPipeline, settings: Optional[SegmentorConfig] = None) -> "EmerDiff":
@@ -185,7 +186,7 @@ class EmerDiff(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         with self.stage("encode"):
             # 1-2. Resize to SD's working size (aspect kept unless square), encode to the clean latent z0.
-            size = working_size(*rgb.shape[1:], p.resolution, p.aspect, p.max_pixels)
+            size = working_size(rgb.shape[1], rgb.shape[2], p.resolution, p.aspect, p.max_pixels)
             z0 = self.encode(to_model_input(rgb, size, p.interpolation).to(self.device))
         with self.stage("features"):
             # 3-4. Queries of the feature layer at t_f (empty-prompt conditioning).
@@ -214,7 +215,7 @@ class EmerDiff(nn.Module):
                                           partial(self.denoise, inverted.inversion, inverted.record, offsets))
         del inverted  # the injection record is the largest tensor of the run: free it before decoding
         maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
-        return MaskMaps(clusters, maps, tuple(rgb.shape[1:]), seed)
+        return MaskMaps(clusters, maps, (rgb.shape[1], rgb.shape[2]), seed)
 
     def decoded_maps(self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int,
                      size: Tuple[int, int]) -> torch.Tensor:
@@ -248,7 +249,7 @@ class EmerDiff(nn.Module):
         state = None if generator is None else generator.get_state()
         while True:
             size = getattr(self.chunk_plan(), stage)
-            if state is not None:
+            if generator is not None and state is not None:
                 generator.set_state(state)
             try:
                 return run(size)
@@ -259,7 +260,7 @@ class EmerDiff(nn.Module):
             release_memory(self.device)
             logger.warning("out of memory in the %s stage at batch %d: retrying at batch %d (kept for the next "
                            "images)", stage, size if size > 0 else count, smaller)
-            self.chunks = replace(self.chunks, **{stage: smaller})
+            self.chunks = replace(self.chunk_plan(), **{stage: smaller})
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Step 2: pixels [1, 3, h, w] in [-1, 1] -> z0 [1, 4, h/8, w/8] float32."""
@@ -311,9 +312,9 @@ class EmerDiff(nn.Module):
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
         """Step 9: RGB images of the variants (from latents resized first for a lower `decode_resolution`)."""
-        size = decode_size(tuple(8 * s for s in latents.shape[-2:]), self.params.resolution,
-                           self.params.decode_resolution)
-        if size != tuple(8 * s for s in latents.shape[-2:]):
+        encoded = (8 * latents.shape[-2], 8 * latents.shape[-1])
+        size = decode_size(encoded, self.params.resolution, self.params.decode_resolution)
+        if size != encoded:
             latents = resize_latents(latents, size)
         return self.run_chunks(lambda part: decode_latents(self.vae, part), latents, chunk_size)
 
@@ -372,7 +373,3 @@ def modulated_masks(masks: torch.Tensor, min_fraction: float) -> torch.Tensor:
     keep[share.argmax()] = True
     return keep.nonzero().flatten()
 
-
-def _section(node: Any) -> Any:
-    """A config section as its dataclass (a dataclass given directly passes through)."""
-    return node if dataclasses.is_dataclass(node) else OmegaConf.to_object(node)

@@ -33,6 +33,6 @@ def decode_size(size: Tuple[int, int], resolution: int, decode_resolution: int) 
     """The (h, w) the variants are decoded at: the working `size`, or scaled so that its shorter side is
     `decode_resolution` (a trade-off; 0 = off), each side a multiple of 8."""
     if decode_resolution in (0, resolution):
-        return tuple(size)
+        return size[0], size[1]
     scale = decode_resolution / min(size)
-    return tuple(max(8, round(s * scale / 8) * 8) for s in size)
+    return max(8, round(size[0] * scale / 8) * 8), max(8, round(size[1] * scale / 8) * 8)

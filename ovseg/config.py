@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.config import ConfigError, check_rules, merge, setting, strict
+from emerdiff.config import ConfigError, check_rules, merge, section, setting, strict
 
 # ovseg.templates -> its prompt set, named lazily (emerdiff.lazy.resolve) so that this module stays light.
 TEMPLATE_SETS: Dict[str, str] = {"maskclip": "ovseg.text:MASKCLIP_TEMPLATES",
@@ -102,7 +102,7 @@ def check_encoder_choices(section: DictConfig | OVSegConfig) -> None:
 
 def ovseg_settings(cfg: DictConfig) -> OVSegConfig:
     """The checked `ovseg` section as its dataclass."""
-    return OmegaConf.to_object(ovseg_section(cfg))
+    return section(ovseg_section(cfg), OVSegConfig)
 
 
 def with_ovseg_defaults(cfg: DictConfig) -> DictConfig:
