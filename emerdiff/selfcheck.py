@@ -237,7 +237,8 @@ def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chu
             "result")
     if not model.params.attention_injection:
         return Check.skipped("injection", what, "segmentor.attention_injection=false")
-    used, foreign = set(), set()
+    used: set[tuple[str, int]] = set()  # (layer, step) where an attention call used the recorded Q/K
+    foreign: set[tuple[str, int]] = set()  # (layer, step) where it used other Q/K
 
     def observe(layer: str, t: int, query: torch.Tensor, key: torch.Tensor) -> None:
         recorded = record.query.get((layer, t)), record.key.get((layer, t))

@@ -81,7 +81,7 @@ def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.nda
     height, width = labels.shape
     scale = min(1.0, FIGURE_HEIGHT / height)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    small = np.asarray(Image.fromarray(photo).resize(size[::-1], Image.BILINEAR))
+    small = np.asarray(Image.fromarray(photo).resize(size[::-1], Image.Resampling.BILINEAR))
     panels = [small] + [overlay(small, resize_nearest(m, size), num_masks, alpha)
                         for m in (lowres_labels, labels_bilinear, labels)]
     h, w = lowres_labels.shape

@@ -62,7 +62,7 @@ def panels(result: DemoResult) -> Dict[str, Any]:
     out = result.output
     photo = result.upload.photo
     h, w = display_size(photo.shape[:2])
-    small = np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
+    small = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BILINEAR))
     by_mask = [(mask_label(k), [k]) for k in range(result.num_masks)]
     if result.names is None:
         named = by_mask
@@ -133,7 +133,7 @@ class DemoPage:
         upload = self._checked(read_upload, path, self.segmenter.max_pixels, self.segmenter.max_side)
         self._warn(upload.notes)
         h, w = display_size(upload.photo.shape[:2])
-        return np.asarray(Image.fromarray(upload.photo).resize((w, h), Image.BILINEAR))
+        return np.asarray(Image.fromarray(upload.photo).resize((w, h), Image.Resampling.BILINEAR))
 
     def segment(self, path: Optional[str], num_masks: float, lam: float, vocabulary: str = "",
                 progress: Optional[Progress] = None) -> Tuple[Any, ...]:
