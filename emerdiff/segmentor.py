@@ -14,7 +14,7 @@ import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -260,7 +260,8 @@ class EmerDiff(nn.Module):
             release_memory(self.device)
             logger.warning("out of memory in the %s stage at batch %d: retrying at batch %d (kept for the next "
                            "images)", stage, size if size > 0 else count, smaller)
-            self.chunks = replace(self.chunk_plan(), **{stage: smaller})
+            smaller_batch: Dict[str, Any] = {stage: smaller}
+            self.chunks = replace(self.chunk_plan(), **smaller_batch)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Step 2: pixels [1, 3, h, w] in [-1, 1] -> z0 [1, 4, h/8, w/8] float32."""

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
@@ -107,7 +107,7 @@ def read_checkpoint_keys(path: Path) -> Dict[str, torch.Tensor]:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                tensors = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+                tensors: Any = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
         else:
             try:
                 tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -54,8 +54,8 @@ def read_upload(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int = 
             img.load()
             mode = img.mode
             transparent = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
-            img = ImageOps.exif_transpose(img)
-            photo = (load_image(img) * 255).round().byte().permute(1, 2, 0).numpy()
+            upright = ImageOps.exif_transpose(img)
+            photo = (load_image(upright) * 255).round().byte().permute(1, 2, 0).numpy()
     except DemoInputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
