@@ -28,7 +28,7 @@ from .features import QueryFeatures, extract_queries
 from .image import ImageInput, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
-from .models import SDComponents, load_sd, pipeline_components
+from .models import SDComponents, at_least_float32, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
 from .observers import StageObserver, observed_stage
 from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
@@ -289,7 +289,7 @@ class EmerDiff(nn.Module):
         def denoise(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             control.timesteps = timesteps.tolist()
             text = self.prompt.expand(len(latents), -1, -1)
-            return self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), text).sample.float()
+            return at_least_float32(self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), text).sample)
 
         with controlled(self.unet, control):
             inversion = ddpm_inversion(denoise, self.grid, z0, p.t_modulate, generator, chunk_size)
@@ -327,7 +327,7 @@ class EmerDiff(nn.Module):
         diffs = difference.difference_maps(images)
         diffs = difference.resize_maps(diffs, size)
         diffs = difference.smooth(diffs, p.gaussian_sigma)
-        return torch.zeros(num_masks, *diffs.shape[1:], device=diffs.device).index_copy_(
+        return torch.zeros(num_masks, *diffs.shape[1:], dtype=diffs.dtype, device=diffs.device).index_copy_(
             0, modulated.to(diffs.device), diffs)
 
     def output(self, maps: MaskMaps) -> SegmentationOutput:
