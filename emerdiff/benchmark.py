@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.config import ConfigError, is_random_model
+from emerdiff.config import ConfigError, ModelConfig, SegmentorConfig, is_random_model, section
 from emerdiff.image import ImageInput
 from emerdiff.memory import GIB, measure_memory
 from emerdiff.models import SDComponents, build_random_sd, cast_components, load_sd, resolve_device, resolve_dtype
@@ -53,7 +53,7 @@ def default_image() -> np.ndarray:
 
 def build_components(cfg: DictConfig, cost_only: bool) -> SDComponents:
     """The configured SD parts; with --cost-only, random-weight architectures are built on the meta device."""
-    model = OmegaConf.to_object(cfg.model)
+    model = section(cfg.model, ModelConfig)
     if not cost_only:
         return load_sd(model)
     if not is_random_model(model):
@@ -101,7 +101,7 @@ def run(cfg: DictConfig, impls: Sequence[str], image: Optional[str], repeats: in
         warmup: bool) -> Tuple[List[ImplResult], Dict[str, EmerDiff]]:
     """Measure (unless `cost_only`) and cost-model every implementation on one set of SD components."""
     components = build_components(cfg, cost_only)
-    params = OmegaConf.to_object(cfg.segmentor)
+    params = section(cfg.segmentor, SegmentorConfig)
     models = {impl: EmerDiff(components, replace(params, impl=impl)) for impl in impls}
     measured: Dict[str, Measured] = {}
     if not cost_only:

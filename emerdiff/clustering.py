@@ -35,7 +35,8 @@ def use_faiss_gpu(device: str) -> bool:
     if device == "auto":
         return gpus > 0
     if device == "gpu" and gpus == 0:
-        raise RuntimeError("segmentor.kmeans_device=gpu but faiss sees no GPU: install faiss-gpu (pip install 'emerdiff[gpu]')")
+        raise RuntimeError("segmentor.kmeans_device=gpu but faiss sees no GPU: install faiss-gpu "
+                           "(pip install 'emerdiff[gpu]')")
     return device == "gpu"
 
 

@@ -14,7 +14,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar, Union, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -35,9 +35,9 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
             maximum: Optional[float] = None, multiple_of: Optional[int] = None, run_only: bool = False,
             before: Any = dataclasses.MISSING) -> Any:
     """A config field with its rules: valid `choices` (each item, for a list; with `numbers`, any number is valid
-    too), a `minimum` and `maximum`, a `multiple_of` (0 allowed), whether it is `run_only` (cannot change results, so caches and
-    results folders stay valid), and for a key added later the value that behaviour had `before` it existed (that
-    value is left out of the result settings, so caches and folders made before the key stay valid)."""
+    too), a `minimum` and `maximum`, a `multiple_of` (0 allowed), whether it is `run_only` (cannot change results,
+    so caches and results folders stay valid), and for a key added later the value that behaviour had `before` it
+    existed (that value is left out of the result settings, so caches and folders made before the key stay valid)."""
     rules = {"choices": tuple(choices) if choices is not None else None, "numbers": numbers, "minimum": minimum,
              "maximum": maximum, "multiple_of": multiple_of, "run_only": run_only, "before": before}
     if factory is not dataclasses.MISSING:
@@ -81,21 +81,21 @@ class SegmentorConfig:
     offset_placement: str = setting("output", choices=PLACEMENTS)  # output: to_out(PV) + cM; value: to_out(PV + cM)
     attention_injection: bool = True  # reuse the unmodulated run's Q/K everywhere (step 8)
     gaussian_sigma: float = setting(1.0, minimum=0)  # pixels at the working resolution; 0 disables (step 10)
-    interpolation: str = setting("bicubic", choices=INTERPOLATIONS)  # resize filter of the input image: bicubic or bilinear
+    interpolation: str = setting("bicubic", choices=INTERPOLATIONS)  # input image's resize filter: bicubic or bilinear
     kmeans_restarts: int = setting(5, minimum=1)  # faiss nredo: best objective kept (step 5)
     kmeans_iters: int = setting(50, minimum=1)
     kmeans_device: str = setting("auto", choices=KMEANS_DEVICES)  # auto = faiss GPU index when faiss sees a GPU
     chunk_size: int = setting(0, minimum=0, run_only=True)  # (mask, sign) variants per UNet batch; 0 = all at once
     memory_budget_gb: Union[int, float, str] = setting("auto", choices=("auto",), numbers=True, minimum=0,
                                                        run_only=True)  # GiB of activations; auto = free memory - margin
-    impl: str = setting("fast", choices=IMPLS)  # fast (shared prefix, shared attention) or reference (one variant at a time)
-    channels_last: bool = setting(False, run_only=True)  # UNet/VAE convolutions in channels_last memory format (same results)
-    compile: bool = setting(False, run_only=True)  # torch.compile the UNet/VAE ResNet blocks and feed-forward layers (same results)
+    impl: str = setting("fast", choices=IMPLS)  # fast (shared prefix and attention) or reference (one variant per pass)
+    channels_last: bool = setting(False, run_only=True)  # UNet/VAE convolutions in channels_last (same results)
+    compile: bool = setting(False, run_only=True)  # torch.compile UNet/VAE ResNets and feed-forwards (same results)
     compile_backend: str = setting("inductor", run_only=True)  # torch.compile backend (torch._dynamo.list_backends)
-    compile_mode: Optional[str] = setting(None, run_only=True)  # torch.compile mode, e.g. max-autotune; null = torch's default
-    denoise_steps: int = setting(0, minimum=0)  # trade-off: steps from t_m to the end, evenly spaced; 0 = every grid step
-    min_mask_fraction: float = setting(0.0, minimum=0)  # trade-off: masks below this share of the grid are not modulated
-    decode_resolution: int = setting(0, minimum=0, multiple_of=8)  # trade-off: decode at this shorter side; 0 = resolution
+    compile_mode: Optional[str] = setting(None, run_only=True)  # torch.compile mode (max-autotune, ...); null = torch's
+    denoise_steps: int = setting(0, minimum=0)  # trade-off: steps from t_m on, evenly spaced; 0 = every grid step
+    min_mask_fraction: float = setting(0.0, minimum=0)  # trade-off: masks below this grid share are not modulated
+    decode_resolution: int = setting(0, minimum=0, multiple_of=8)  # trade-off: decoded shorter side; 0 = resolution
     keep_diff_maps: bool = False  # return the K difference maps at the input size
     seed: int = 0  # mixed with the image content into the per-image seed
 
@@ -134,14 +134,16 @@ class EvalConfig:
     protocols: List[str] = setting(
         factory=lambda: ["hungarian", "dataset", "concept_image", "concept_dataset"], choices=PROTOCOLS
     )  # also "majority": per-image many-to-one matching
-    match_criterion: str = setting("iou", choices=MATCH_CRITERIA)  # per-image Hungarian maximises summed IoU, or pixel overlap ("overlap")
-    dataset_clusters: Optional[int] = setting(None, minimum=1)  # k-means clusters of the dataset-level protocol; null = classes
+    match_criterion: str = setting("iou", choices=MATCH_CRITERIA)  # per-image Hungarian: summed IoU, or pixel "overlap"
+    dataset_clusters: Optional[int] = setting(None, minimum=1)  # dataset-level k-means clusters; null = classes
     kmeans_seed: int = 0  # dataset-level faiss k-means
     kmeans_restarts: int = setting(5, minimum=1)
     kmeans_iters: int = setting(50, minimum=1)
     kmeans_l2_normalize: bool = False  # spherical k-means on L2-normalised mask embeddings
-    miou_convention: Optional[str] = setting(None, choices=MIOU_CONVENTIONS)  # classes mIoU averages; null = each protocol's paper (docs/evaluation.md)
-    crop: str = setting("center", choices=CROPS, before="center")  # center: data.size x data.size central square; none: whole image, shorter side data.size
+    # the classes mIoU averages; null = each protocol's paper (docs/evaluation.md)
+    miou_convention: Optional[str] = setting(None, choices=MIOU_CONVENTIONS)
+    # center: the data.size x data.size central square; none: the whole image, shorter side data.size
+    crop: str = setting("center", choices=CROPS, before="center")
     paper_miou: Dict[str, Dict[str, float]] = setting(factory=dict, run_only=True)  # protocol -> method -> paper's mIoU
     paper_note: Optional[str] = setting(None, run_only=True)  # context printed under the results table
 
@@ -176,7 +178,15 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
     Defined here, with the other user errors, so that ovseg raises it without importing diffusers."""
 
 
-PathLike = Union[str, Path]
+PathLike = str | Path
+
+
+SectionT = TypeVar("SectionT")
+
+
+def section(node: Any, cls: type[SectionT]) -> SectionT:
+    """A loaded config's section as the dataclass `cls` its schema builds (one given directly passes through)."""
+    return cast(SectionT, node if dataclasses.is_dataclass(node) else OmegaConf.to_object(node))
 
 
 def is_random_model(model: Any) -> bool:

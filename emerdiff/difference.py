@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
+from .models import at_least_float32
+
 
 def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """Difference maps [K, h, w] bilinearly resized to the working size (no-op when already there)."""
@@ -38,7 +40,7 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _resized(maps: torch.Tensor, size: Tuple[int, int]) -> Iterable[torch.Tensor]:
     for m in maps:
-        yield F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        yield F.interpolate(at_least_float32(m[None, None]), size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
 def argmax_at_size(maps: torch.Tensor, size: Tuple[int, int], keep: bool = False

@@ -40,5 +40,5 @@ def extract_queries(
     with controlled(unet, control):
         unet(noisy.to(unet.dtype), t.to(latents.device), text.expand(draws, -1, -1))
     queries = control.record.query[(layer, timestep)].float().mean(0)  # [tokens, channels]
-    height, width = token_grid(queries.shape[0], tuple(latents.shape[-2:]), layer)
+    height, width = token_grid(queries.shape[0], (latents.shape[-2], latents.shape[-1]), layer)
     return QueryFeatures(queries, height, width, layer, timestep)

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import UserError
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})  # image files
 
 
@@ -117,8 +117,8 @@ def largest_working_size(resolution: int, aspect: str = "keep", max_pixels: Opti
 
 def to_model_input(rgb: torch.Tensor, size: Union[int, Tuple[int, int]], interpolation: str = "bicubic") -> torch.Tensor:
     """[3, H, W] in [0, 1] -> [1, 3, h, w] in [-1, 1] at `size` (an int: square), anti-aliased (step 1)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    resized = F.interpolate(rgb[None], size=size, mode=interpolation, antialias=True, align_corners=False)
+    shape = (size, size) if isinstance(size, int) else (size[0], size[1])
+    resized = F.interpolate(rgb[None], size=shape, mode=interpolation, antialias=True, align_corners=False)
     return resized.clamp(0, 1) * 2 - 1
 
 

@@ -5,7 +5,7 @@ x_t, t <= t_m, is drawn independently from q(x_t | z0); the UNet runs on all of 
 in one batch, and the per-step noise maps z_t are solved so that the eta = 1 DDIM
 reverse step maps x_t exactly onto the next grid latent (z0 after the last step).
 Replaying the reverse steps with these z_t and no modulation reproduces z0.
-All scheduler arithmetic is float32 whatever the UNet's dtype.
+All scheduler arithmetic is float32 whatever the UNet's dtype (float64 for a float64 model).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler
 
 # (latents [B, 4, h, w], timesteps [B] on the CPU, readable without a device sync) -> UNet output, float32
+# (float64 for a float64 UNet)
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

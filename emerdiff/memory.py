@@ -150,10 +150,10 @@ def measure_memory(model: nn.Module) -> MemoryProfile:
         inversion_peaks.append((n, peak))
     record_bytes = 0 if record is None else sum(
         t.untyped_storage().nbytes() for d in (record.query, record.key) for t in d.values())
-    variant_peaks = [(b, peak_bytes(lambda: meta.denoise(inversion, record, synthetic_offsets(b, p.lam)))[0])
+    variant_peaks = [(b, peak_bytes(lambda b=b: meta.denoise(inversion, record, synthetic_offsets(b, p.lam)))[0])
                      for b in (2, 4)]
     side = decode_size(size, p.resolution, p.decode_resolution)
-    decode_peaks = [(n, peak_bytes(lambda: decode_latents(meta.vae, _latent(meta, n, side)))[0]) for n in (1, 2)]
+    decode_peaks = [(n, peak_bytes(lambda n=n: decode_latents(meta.vae, _latent(meta, n, side)))[0]) for n in (1, 2)]
     return MemoryProfile(LinearBytes.through(*inversion_peaks), record_bytes * steps // len(inversion.timesteps),
                          LinearBytes.through(*variant_peaks), LinearBytes.through(*decode_peaks))
 

@@ -80,6 +80,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32, or kept in float64: half-precision model outputs are computed on in float32, and a
+    float64 model (the precision reference of the fast == reference tests) stays float64 throughout."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """A CLIP tokenizer over single bytes only (no merges): needs no download, fine for random models."""
     alphabet = sorted(ByteLevel.alphabet())

@@ -22,6 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .inversion import DDPMGrid, Inversion
+from .models import at_least_float32
 from .processors import AttentionControl, AttentionRecord, Modulation, Observer, controlled
 
 def variant_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
@@ -118,7 +119,7 @@ def _run_chunk(
     steps = inversion.timesteps
     first = grid.index(steps[0])
     control.modulation = Modulation(settings.layer, offsets.to(text.device), frozenset(steps[:settings.num_steps]),
-                                    settings.placement, tuple(inversion.latents.shape[-2:]))
+                                    settings.placement, (inversion.latents.shape[-2], inversion.latents.shape[-1]))
     batch = offsets.shape[0]
     x = inversion.latents[:1]
     for j, t in enumerate(steps):
@@ -126,9 +127,9 @@ def _run_chunk(
         t_in = torch.tensor([t], device=x.device)
         if x.shape[0] == 1 and batch > 1 and share_prefix:
             with shared_prefix(unet, settings.layer, batch):
-                out = unet(x.to(unet.dtype), t_in, text).sample.float()
+                out = at_least_float32(unet(x.to(unet.dtype), t_in, text).sample)
         else:
-            out = unet(x.expand(batch, -1, -1, -1).to(unet.dtype), t_in, text).sample.float()
+            out = at_least_float32(unet(x.expand(batch, -1, -1, -1).to(unet.dtype), t_in, text).sample)
         x = grid.step(x, out, first + j, inversion.noise[j])
     return x
 

@@ -9,14 +9,14 @@ observer in its `observers` list, in the order they were added. `observing` adds
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import ContextManager, Iterator, List, Protocol, Sequence, TypeVar
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Iterator, List, Protocol, Sequence, TypeVar
 
 
 class StageObserver(Protocol):
     """Sees the segmentor's stages: each is a block entered when the stage starts and left when it ends."""
 
-    def stage(self, name: str) -> ContextManager[object]:
+    def stage(self, name: str) -> AbstractContextManager[object]:
         """The block around stage `name` (e.g. "encode", "kmeans"; see `emerdiff.profiling.STAGES`)."""
 
 
@@ -26,7 +26,7 @@ class Observed(Protocol):
     observers: List[StageObserver]
 
 
-O = TypeVar("O", bound=StageObserver)
+ObserverT = TypeVar("ObserverT", bound=StageObserver)
 
 
 @contextmanager
@@ -39,7 +39,7 @@ def observed_stage(observers: Sequence[StageObserver], name: str) -> Iterator[No
 
 
 @contextmanager
-def observing(model: Observed, observer: O) -> Iterator[O]:
+def observing(model: Observed, observer: ObserverT) -> Iterator[ObserverT]:
     """`observer` sees `model`'s stages inside the block, beside the observers it already has; removed on exit."""
     model.observers.append(observer)
     try:

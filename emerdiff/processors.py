@@ -7,8 +7,9 @@ sets explicitly before each UNet call (never by counting calls). It can
 - record the query/key projections (Q, K) of chosen layers (features, injection record);
 - inject recorded Q/K, so attention probabilities are those of the unmodulated run and
   only V differs (the reference path still computes each layer's own Q/K first, as a
-  stock pass does, and swaps them; the fast path skips those projections); when a batch of variants shares one recorded Q/K, softmax(QK^T) is
-  computed once and applied to all variants' V stacked along the value dimension;
+  stock pass does, and swaps them; the fast path skips those projections); when a batch of
+  variants shares one recorded Q/K, softmax(QK^T) is computed once and applied to all
+  variants' V stacked along the value dimension;
 - add the modulation offset c * M_i at one layer and chosen steps, after the output
   projection (``output``) or before it (``value``).
 """

@@ -2,8 +2,9 @@
 
 `EmerDiff.segment` wraps each stage in ``self.stage(name)``, which only its observers see
 (`emerdiff.observers`). A `StageProfiler` is one, attached with `profiled` beside any others
-(a progress bar), so none of this runs unless a benchmark (or a test) asks for it. `image_cost` is the machine-independent cost model: the
-segmentor's own recipe (`EmerDiff.mask_maps`) run on a meta-device copy under the profiler.
+(a progress bar), so none of this runs unless a benchmark (or a test) asks for it. `image_cost` is the
+machine-independent cost model: the segmentor's own recipe (`EmerDiff.mask_maps`) run on a meta-device
+copy under the profiler.
 
 Peak memory depends on the device: on CUDA the allocator's peak (weights included); on
 the CPU the peak resident set size of the process (Linux VmHWM, reset before each

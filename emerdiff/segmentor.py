@@ -9,25 +9,26 @@ methods on a meta-device copy, so a new switch cannot be forgotten in them.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from . import difference
 from .clustering import Clusters, cluster_grid, use_faiss_gpu
 from .compiling import check_compile_options, compile_regions
-from .config import ConfigError, EmerDiffConfig, SegmentorConfig, check_rules
+from .config import ConfigError, EmerDiffConfig, ModelConfig, SegmentorConfig, check_rules, section
 from .features import QueryFeatures, extract_queries
 from .image import ImageInput, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
-from .models import SDComponents, load_sd, pipeline_components
+from .models import SDComponents, at_least_float32, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
 from .observers import StageObserver, observed_stage
 from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
@@ -103,6 +104,8 @@ class EmerDiff(nn.Module):
     >>> out = model.segment("photo.jpg")  # out.labels: [H, W] mask ids
     """
 
+    prompt: torch.Tensor  # [1, 77, D] the empty prompt's text-encoder states, a buffer (moves with the module)
+
     def __init__(self, components: SDComponents, params: SegmentorConfig) -> None:
         super().__init__()
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
@@ -139,8 +142,8 @@ class EmerDiff(nn.Module):
     @classmethod
     def from_config(cls, cfg: DictConfig | EmerDiffConfig, device: Optional[str] = None) -> "EmerDiff":
         """Load SD as `cfg.model` says and build the segmentor with `cfg.segmentor`."""
-        components = load_sd(_section(cfg.model), device=device)
-        return cls(components, _section(cfg.segmentor))
+        components = load_sd(section(cfg.model, ModelConfig), device=device)
+        return cls(components, section(cfg.segmentor, SegmentorConfig))
 
     @classmethod
     def from_pipeline(cls, pipe: StableDiffusionPipeline, settings: Optional[SegmentorConfig] = None) -> "EmerDiff":
@@ -159,7 +162,7 @@ class EmerDiff(nn.Module):
     def device(self) -> torch.device:
         return self.prompt.device
 
-    def stage(self, name: str) -> ContextManager[None]:
+    def stage(self, name: str) -> AbstractContextManager[None]:
         """The block of the recipe's stage `name`, seen by every observer (none by default: it costs nothing)."""
         return observed_stage(self.observers, name)
 
@@ -183,7 +186,7 @@ class EmerDiff(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         with self.stage("encode"):
             # 1-2. Resize to SD's working size (aspect kept unless square), encode to the clean latent z0.
-            size = working_size(*rgb.shape[1:], p.resolution, p.aspect, p.max_pixels)
+            size = working_size(rgb.shape[1], rgb.shape[2], p.resolution, p.aspect, p.max_pixels)
             z0 = self.encode(to_model_input(rgb, size, p.interpolation).to(self.device))
         with self.stage("features"):
             # 3-4. Queries of the feature layer at t_f (empty-prompt conditioning).
@@ -209,10 +212,10 @@ class EmerDiff(nn.Module):
         with self.stage("modulated"):
             # 8. Modulated denoising of every (mask, sign) variant.
             latents = self.halving_on_oom("variants", len(offsets),
-                                   lambda n: self.denoise(inverted.inversion, inverted.record, offsets, n))
+                                          partial(self.denoise, inverted.inversion, inverted.record, offsets))
         del inverted  # the injection record is the largest tensor of the run: free it before decoding
         maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
-        return MaskMaps(clusters, maps, tuple(rgb.shape[1:]), seed)
+        return MaskMaps(clusters, maps, (rgb.shape[1], rgb.shape[2]), seed)
 
     def decoded_maps(self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int,
                      size: Tuple[int, int]) -> torch.Tensor:
@@ -246,7 +249,7 @@ class EmerDiff(nn.Module):
         state = None if generator is None else generator.get_state()
         while True:
             size = getattr(self.chunk_plan(), stage)
-            if state is not None:
+            if generator is not None and state is not None:
                 generator.set_state(state)
             try:
                 return run(size)
@@ -257,7 +260,8 @@ class EmerDiff(nn.Module):
             release_memory(self.device)
             logger.warning("out of memory in the %s stage at batch %d: retrying at batch %d (kept for the next "
                            "images)", stage, size if size > 0 else count, smaller)
-            self.chunks = replace(self.chunks, **{stage: smaller})
+            smaller_batch: Dict[str, Any] = {stage: smaller}
+            self.chunks = replace(self.chunk_plan(), **smaller_batch)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Step 2: pixels [1, 3, h, w] in [-1, 1] -> z0 [1, 4, h/8, w/8] float32."""
@@ -285,7 +289,7 @@ class EmerDiff(nn.Module):
         def denoise(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             control.timesteps = timesteps.tolist()
             text = self.prompt.expand(len(latents), -1, -1)
-            return self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), text).sample.float()
+            return at_least_float32(self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), text).sample)
 
         with controlled(self.unet, control):
             inversion = ddpm_inversion(denoise, self.grid, z0, p.t_modulate, generator, chunk_size)
@@ -309,9 +313,9 @@ class EmerDiff(nn.Module):
 
     def decode(self, latents: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
         """Step 9: RGB images of the variants (from latents resized first for a lower `decode_resolution`)."""
-        size = decode_size(tuple(8 * s for s in latents.shape[-2:]), self.params.resolution,
-                           self.params.decode_resolution)
-        if size != tuple(8 * s for s in latents.shape[-2:]):
+        encoded = (8 * latents.shape[-2], 8 * latents.shape[-1])
+        size = decode_size(encoded, self.params.resolution, self.params.decode_resolution)
+        if size != encoded:
             latents = resize_latents(latents, size)
         return self.run_chunks(lambda part: decode_latents(self.vae, part), latents, chunk_size)
 
@@ -323,7 +327,7 @@ class EmerDiff(nn.Module):
         diffs = difference.difference_maps(images)
         diffs = difference.resize_maps(diffs, size)
         diffs = difference.smooth(diffs, p.gaussian_sigma)
-        return torch.zeros(num_masks, *diffs.shape[1:], device=diffs.device).index_copy_(
+        return torch.zeros(num_masks, *diffs.shape[1:], dtype=diffs.dtype, device=diffs.device).index_copy_(
             0, modulated.to(diffs.device), diffs)
 
     def output(self, maps: MaskMaps) -> SegmentationOutput:
@@ -370,7 +374,3 @@ def modulated_masks(masks: torch.Tensor, min_fraction: float) -> torch.Tensor:
     keep[share.argmax()] = True
     return keep.nonzero().flatten()
 
-
-def _section(node: Any) -> Any:
-    """A config section as its dataclass (a dataclass given directly passes through)."""
-    return node if dataclasses.is_dataclass(node) else OmegaConf.to_object(node)

@@ -1,8 +1,8 @@
 """Self-check of a first real run: invariants that hold for any weights, checked on the user's model, device and dtype.
 
 ``python tools/selfcheck.py --cfg configs/emerdiff_sd15.yaml [--image PHOTO] --output DIR`` runs
-`run_selfcheck` and writes DIR/selfcheck.json and DIR/selfcheck.md (`emerdiff.selfcheck_report`). Every check has a figure, a
-threshold and a status (pass / fail / skipped with the reason):
+`run_selfcheck` and writes DIR/selfcheck.json and DIR/selfcheck.md (`emerdiff.selfcheck_report`). Every check
+has a figure, a threshold and a status (pass / fail / skipped with the reason):
 
 - ``replay``: the unmodulated replay of the inversion (a zero offset through the modulated-denoising
   path, with injection) reproduces z0; relative error within what the dtype allows;
@@ -233,10 +233,12 @@ def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: 
 
 
 def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chunk: int) -> Check:
-    what = "recorded Q/K used in every attention layer and step (share of layer x step), and injection changes the result"
+    what = ("recorded Q/K used in every attention layer and step (share of layer x step), and injection changes the "
+            "result")
     if not model.params.attention_injection:
         return Check.skipped("injection", what, "segmentor.attention_injection=false")
-    used, foreign = set(), set()
+    used: set[tuple[str, int]] = set()  # (layer, step) where an attention call used the recorded Q/K
+    foreign: set[tuple[str, int]] = set()  # (layer, step) where it used other Q/K
 
     def observe(layer: str, t: int, query: torch.Tensor, key: torch.Tensor) -> None:
         recorded = record.query.get((layer, t)), record.key.get((layer, t))

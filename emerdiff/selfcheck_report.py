@@ -14,7 +14,8 @@ from .profiling import STAGES
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 BUG_REPORT = ("Please open an issue with DIR/selfcheck.json and DIR/selfcheck.md attached, the exact command line, "
-              "the config files it used, and the output of `pip list | grep -i -E 'torch|diffusers|faiss|transformers'`.")
+              "the config files it used, and the output of "
+              "`pip list | grep -i -E 'torch|diffusers|faiss|transformers'`.")
 
 
 @dataclass
@@ -65,8 +66,8 @@ class SelfCheckReport:
     def to_markdown(self) -> str:
         env = "\n".join(f"| {k} | {v} |" for k, v in self.environment.items())
         rows = "\n".join(
-            f"| {c.name} | {c.what} | {_fmt(c.figure)} | {'' if c.threshold is None else c.compare + ' ' + _fmt(c.threshold)}"
-            f" | **{c.status}** | {c.detail} |" for c in self.checks)
+            f"| {c.name} | {c.what} | {_fmt(c.figure)} | {_threshold(c)} | **{c.status}** | {c.detail} |"
+            for c in self.checks)
         t = self.timing
         stages = "\n".join(f"| {s} | {t['seconds'].get(s, 0):.3f} | {t['extrapolated_seconds'].get(s, 0):.3f} |"
                            for s in STAGES) if t else ""
@@ -92,6 +93,11 @@ def _fmt(value: Optional[float]) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
+def _threshold(check: Check) -> str:
+    """The check's bound as written in the reports, e.g. "<= 0.0001"; empty without one."""
+    return "" if check.threshold is None else f"{check.compare} {_fmt(check.threshold)}"
+
+
 def write_report(report: SelfCheckReport, output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "selfcheck.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
@@ -100,8 +106,8 @@ def write_report(report: SelfCheckReport, output: Path) -> None:
 
 def summary(report: SelfCheckReport, output: Path) -> str:
     """What the tool prints at the end: every check's line, then the verdict and, on failure, the bug-report advice."""
-    lines = [f"{c.status.upper():8} {c.name}: {_fmt(c.figure)} {'' if c.threshold is None else c.compare + ' ' + _fmt(c.threshold)}"
-             f" {c.detail}".rstrip() for c in report.checks]
+    lines = [f"{c.status.upper():8} {c.name}: {_fmt(c.figure)} {_threshold(c)} {c.detail}".rstrip()
+             for c in report.checks]
     t = report.timing
     if t:
         lines.append(f"time per image at K = {t['default_masks']}: {t['extrapolated_total_seconds']:.2f} s "

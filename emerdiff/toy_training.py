@@ -4,7 +4,8 @@ Both are LightningModules trained by a Lightning Trainer (``emerdiff-train-toy``
 VAE learns on random 64 px crops of the training scenes (it is convolutional; a crop costs a quarter of a
 scene); the UNet learns SD's objective: epsilon prediction on SD's scaled-linear 1000-step schedule, on
 latents encoded once, with the caption dropped half of the time so the empty prompt EmerDiff uses is in
-distribution, and most timesteps drawn below 500, where EmerDiff uses the model (`focused_timesteps`). The text encoder keeps its random initial weights (frozen): a fixed function of the caption.
+distribution, and most timesteps drawn below 500, where EmerDiff uses the model (`focused_timesteps`). The
+text encoder keeps its random initial weights (frozen): a fixed function of the caption.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class VAETraining(pl.LightningModule):
         posterior = self.vae.encode(batch).latent_dist
         rec = self.vae.decode(posterior.sample()).sample
         l1 = F.l1_loss(rec, batch)
-        edges = sum(F.l1_loss(a, b) for a, b in zip(image_gradients(rec), image_gradients(batch)))
+        edges = sum(F.l1_loss(a, b) for a, b in zip(image_gradients(rec), image_gradients(batch), strict=True))
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = l1 + edges + KL_WEIGHT * kl
         self.log_dict({"vae/loss": loss, "vae/l1": l1, "vae/edges": edges, "vae/kl": kl}, prog_bar=True)

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
@@ -52,7 +52,8 @@ def hub_cache() -> str:
 
 
 def is_local_path(source: str) -> bool:
-    """A path on this machine (existing, absolute, ./ ../ ~, a checkpoint file name, or more than one '/'), not a hub id."""
+    """A path on this machine (existing, absolute, ./ ../ ~, a checkpoint file name, or more than one '/'), not a
+    hub id."""
     return (Path(source).expanduser().exists() or source.startswith(("/", "./", "../", "~", "."))
             or source.endswith(SINGLE_FILE_SUFFIXES) or source.count("/") > 1 or "\\" in source)
 
@@ -78,7 +79,8 @@ def _missing_weights_message(source: str, cfg: ModelConfig, exc: BaseException) 
         )
     return (
         head + f"Looked for a local diffusers folder '{source}' (none here) and the Hugging Face hub id '{source}' "
-        f"(cache: {hub_cache()}; HF_HUB_OFFLINE={'1' if _offline() else '0'}, local_files_only={cfg.local_files_only}).\n"
+        f"(cache: {hub_cache()}; HF_HUB_OFFLINE={'1' if _offline() else '0'}, "
+        f"local_files_only={cfg.local_files_only}).\n"
         "To provide them, either:\n" + _download_advice(source) +
         "  - pass a local diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/) as "
         "model.pretrained=/path/to/folder;\n"
@@ -105,7 +107,7 @@ def read_checkpoint_keys(path: Path) -> Dict[str, torch.Tensor]:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                tensors = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+                tensors: Any = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
         else:
             try:
                 tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -130,8 +132,8 @@ def check_sd_checkpoint(path: Path, tensors: Dict[str, torch.Tensor]) -> str:
            "LDM/CompVis layout), e.g. v1-5-pruned-emaonly.safetensors or v2-1_512-ema-pruned.safetensors, "
            "or a diffusers folder / hub id (configs/emerdiff_sd15.yaml, emerdiff_sd21.yaml)")
     if any(k.startswith(SDXL_PREFIX) for k in keys):
-        raise WeightsNotFoundError(f"'{path}' is a Stable Diffusion XL checkpoint (keys {SDXL_PREFIX}*), not SD 1.x/2.x: "
-                                   f"SDXL's UNet has no 16x16 cross-attention layers EmerDiff uses. {use}.")
+        raise WeightsNotFoundError(f"'{path}' is a Stable Diffusion XL checkpoint (keys {SDXL_PREFIX}*), not SD "
+                                   f"1.x/2.x: SDXL's UNet has no 16x16 cross-attention layers EmerDiff uses. {use}.")
     for fragment, what in OTHER_MODELS.items():
         if any(fragment in k for k in keys):
             raise WeightsNotFoundError(f"'{path}' looks like {what} (keys containing '{fragment}'), not a Stable "
@@ -144,11 +146,11 @@ def check_sd_checkpoint(path: Path, tensors: Dict[str, torch.Tensor]) -> str:
                 "model.pretrained instead of the file.")
         raise WeightsNotFoundError(f"'{path}' has none of the keys of an original-layout SD checkpoint "
                                    f"({LDM_UNET_PREFIX}*; found {sample}). {use}.")
-    missing = [name for prefix, name in ((LDM_VAE_PREFIX, "VAE"), (LDM_TEXT_PREFIX, "text encoder"))
-               if not any(k.startswith(prefix) for k in keys)]
+    parts = ((LDM_VAE_PREFIX, "VAE"), (LDM_TEXT_PREFIX, "text encoder"))
+    missing = [name for prefix, name in parts if not any(k.startswith(prefix) for k in keys)]
     if missing:
-        raise WeightsNotFoundError(f"'{path}' holds the UNet but no {' and no '.join(missing)} (no "
-                                   f"{' / '.join(p for p, n in ((LDM_VAE_PREFIX, 'VAE'), (LDM_TEXT_PREFIX, 'text encoder')) if n in missing)}* "
+        prefixes = " / ".join(prefix for prefix, name in parts if name in missing)
+        raise WeightsNotFoundError(f"'{path}' holds the UNet but no {' and no '.join(missing)} (no {prefixes}* "
                                    "keys): use the full checkpoint, or a diffusers folder as model.pretrained.")
     conv_in = tensors.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:

@@ -12,11 +12,11 @@ from typing import Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.config import ConfigError, check_rules, merge, setting, strict
+from emerdiff.config import ConfigError, check_rules, merge, section, setting, strict
 
 # ovseg.templates -> its prompt set, named lazily (emerdiff.lazy.resolve) so that this module stays light.
-TEMPLATE_SETS: Dict[str, str] = {"maskclip": "ovseg.text:MASKCLIP_TEMPLATES", "imagenet": "ovseg.text:IMAGENET_TEMPLATES",
-                                 "tcl": "ovseg.tcl:TCL_TEMPLATES"}
+TEMPLATE_SETS: Dict[str, str] = {"maskclip": "ovseg.text:MASKCLIP_TEMPLATES",
+                                 "imagenet": "ovseg.text:IMAGENET_TEMPLATES", "tcl": "ovseg.tcl:TCL_TEMPLATES"}
 TEXT_AVERAGES = ("normalised", "raw")  # prompts' embeddings averaged after / before L2 normalisation
 BASELINES = ("cells", "tcl")  # the baseline's decision: per-cell cosine argmax, or TCL's own (PAMR, KP, constant)
 BACKGROUNDS = ("prompt", "constant", "ignore")  # what a vocabulary's background class is (docs/open_vocabulary.md)
@@ -59,13 +59,15 @@ class OVSegConfig:
     window: Optional[int] = setting(None, minimum=1)  # sliding-window size in pixels; null = the model's input size
     window_stride: Optional[int] = setting(None, minimum=1)  # window step in pixels; null = half a window
     keep_residual: bool = True  # MaskCLIP's last block keeps residual + MLP; false = bare value path
-    templates: Optional[str] = setting(None, choices=tuple(TEMPLATE_SETS))  # maskclip (85), imagenet (80), tcl (9); null = the encoder's
-    baseline: Optional[str] = setting(None, choices=BASELINES, before="cells")  # the baseline row; null = the encoder's own
-    background: Optional[str] = setting(None, choices=BACKGROUNDS, before="prompt")  # background class; null = the encoder's
+    # prompt set: maskclip (85 prompts), imagenet (80), tcl (9); null = the encoder's
+    templates: Optional[str] = setting(None, choices=tuple(TEMPLATE_SETS))
+    baseline: Optional[str] = setting(None, choices=BASELINES, before="cells")  # the baseline row; null = encoder's own
+    background: Optional[str] = setting(None, choices=BACKGROUNDS, before="prompt")  # background; null = the encoder's
     background_threshold: Optional[float] = None  # background=prompt: masks below this cosine become background
     tcl_pamr: bool = setting(True, before=True)  # baseline=tcl: PAMR refinement of TCL's masks (TCL's evaluation: on)
     tcl_kp_weight: float = setting(0.3, minimum=0.0, before=0.3)  # baseline=tcl: weight of TCL's KP branch
-    tcl_background_score: Optional[float] = setting(None, before=None)  # background=constant: null = 0.4 with PAMR, else 0.5
+    # background=constant: the background's score; null = 0.4 with PAMR, else 0.5
+    tcl_background_score: Optional[float] = setting(None, before=None)
     text_cache_dir: Optional[str] = setting(None, run_only=True)  # class text embeddings cache
     paper_miou: Dict[str, float] = setting(factory=dict, run_only=True)  # method -> paper's mIoU
     paper_reference: Dict[str, float] = setting(factory=dict, run_only=True)  # paper rows we do not run -> mIoU
@@ -100,7 +102,7 @@ def check_encoder_choices(section: DictConfig | OVSegConfig) -> None:
 
 def ovseg_settings(cfg: DictConfig) -> OVSegConfig:
     """The checked `ovseg` section as its dataclass."""
-    return OmegaConf.to_object(ovseg_section(cfg))
+    return section(ovseg_section(cfg), OVSegConfig)
 
 
 def with_ovseg_defaults(cfg: DictConfig) -> DictConfig:

@@ -74,7 +74,7 @@ class ClipDenseEncoder(nn.Module):
             if size <= 0 or size % self.stride:
                 raise ValueError(f"window and window_stride must be positive multiples of the {self.cell_name} "
                                  f"{self.stride}")
-        if any(step > size for step, size in zip(self.window_stride, self.window)):
+        if any(step > size for step, size in zip(self.window_stride, self.window, strict=True)):
             raise ValueError(f"window_stride {self.window_stride} must not exceed the window {self.window}: "
                              "windows further apart than their size leave pixels no window covers")
 
@@ -125,7 +125,7 @@ class ClipDenseEncoder(nn.Module):
         total = count = None
         for start in range(0, len(origins), self.windows_per_pass):
             chunk = origins[start : start + self.windows_per_pass]
-            crops = torch.cat([images[..., t : t + win_h, l : l + win_w] for t, l in chunk])
+            crops = torch.cat([images[..., top : top + win_h, left : left + win_w] for top, left in chunk])
             for (top, left), out in zip(chunk, encode(crops).split(batch), strict=True):
                 if total is None:
                     total = out.new_zeros(batch, out.shape[1], height // cell, width // cell)
@@ -152,7 +152,7 @@ class MaskCLIPEncoder(ClipDenseEncoder):
     def forward(self, images: Tensor) -> Tensor:
         """As the base, but an image that fits in one window is encoded whole (no window average)."""
         self.check_images(images)
-        if all(s <= w for s, w in zip(images.shape[-2:], self.window)):
+        if all(s <= w for s, w in zip(images.shape[-2:], self.window, strict=True)):
             return F.normalize(self.dense_window(images), dim=1)
         return super().forward(images)
 

@@ -74,7 +74,8 @@ class NamingRules:
         return self.background_id if self.background != "prompt" else None
 
     def mask_threshold(self, encoder: DenseEncoder) -> float | None:
-        """The cosine below which a mask is background: the prompt threshold, or TCL's constant (no PAMR) as a cosine."""
+        """The cosine below which a mask is background: the prompt threshold, or TCL's constant (no PAMR) as a
+        cosine."""
         if self.background_id is None or self.background == "ignore":
             return None
         if self.background == "prompt":

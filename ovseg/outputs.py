@@ -84,7 +84,7 @@ class NamedMasks:
 def mask_records(class_names: Sequence[str], class_ids: Sequence[int], scores: Sequence[float]) -> List[dict]:
     """Per mask ``{"class": name or None, "score": rounded cosine or None}``, as in the manifest."""
     return [{"class": class_names[c] if c >= 0 else None, "score": None if np.isnan(s) else round(float(s), 4)}
-            for c, s in zip(class_ids, scores)]
+            for c, s in zip(class_ids, scores, strict=True)]
 
 
 class MaskNamer(nn.Module):

@@ -102,7 +102,8 @@ def missing_checkpoint_help(reason: str) -> str:
 
 
 def tcl_encoder(clip, settings) -> TCLEncoder:
-    """The `tcl` encoder's builder (ovseg.config.ENCODERS): the frozen CLIP image tower of ``clip`` + TCL's masker from ``settings.tcl_checkpoint``.
+    """The `tcl` encoder's builder (ovseg.config.ENCODERS): the frozen CLIP image tower of ``clip`` + TCL's masker
+    from ``settings.tcl_checkpoint``.
 
     Without a checkpoint, the random CLIP of ``ovseg.clip_pretrained: null`` gets a random masker
     (seed ``ovseg.clip_init_seed``); real CLIP weights without a checkpoint are an error saying where

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from conftest import assert_same_segmentation, tiny_segmentor
+from conftest import FLOAT64_RTOL, assert_same_segmentation, segment_with_float32_bound, tiny_segmentor
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,13 @@ def test_mask_embeddings_are_the_mean_feature_inside_each_mask(tiny_components, 
 
 
 def test_a_single_mask_covers_the_grid_has_a_nonzero_difference_map_and_the_fast_path_equals_the_reference(
-        tiny_components, photo):
+        tiny_components_f64, photo):
     common = dict(resolution=128, num_masks=1, keep_diff_maps=True)
-    fast = tiny_segmentor(tiny_components, impl="fast", **common).segment(photo)
-    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
+    fast = tiny_segmentor(tiny_components_f64, impl="fast", **common).segment(photo)
+    ref = tiny_segmentor(tiny_components_f64, impl="reference", **common).segment(photo)
     assert fast.num_masks == 1 and fast.lowres_masks.all() and fast.diff_maps.abs().amax() > 0
-    assert_same_segmentation(fast, ref)
+    assert fast.diff_maps.dtype == torch.float64  # computed in float64 end to end, not rounded through float32
+    assert_same_segmentation(fast, ref, rtol=FLOAT64_RTOL)
 
 
 def test_chunk_sizes_one_three_and_all_give_identical_labels(tiny_components, photo):
@@ -78,12 +79,12 @@ def test_same_seed_same_output_and_batch_mates_do_not_matter(tiny_components, ph
 
 
 @pytest.mark.parametrize("num_masks,chunk_size,injection", [(2, 0, True), (3, 2, True), (3, 0, False)])
-def test_fast_path_equals_reference_path(tiny_components, photo, num_masks, chunk_size, injection):
+def test_fast_path_equals_reference_path(tiny_components_f64, photo, num_masks, chunk_size, injection):
     common = dict(resolution=128, num_masks=num_masks, chunk_size=chunk_size, attention_injection=injection,
                   keep_diff_maps=True)
-    fast = tiny_segmentor(tiny_components, impl="fast", **common).segment(photo)
-    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
-    assert_same_segmentation(fast, ref)
+    fast = tiny_segmentor(tiny_components_f64, impl="fast", **common).segment(photo)
+    ref = tiny_segmentor(tiny_components_f64, impl="reference", **common).segment(photo)
+    assert_same_segmentation(fast, ref, rtol=FLOAT64_RTOL)
 
 
 @pytest.mark.parametrize("layer,placement,injection", [
@@ -91,12 +92,25 @@ def test_fast_path_equals_reference_path(tiny_components, photo, num_masks, chun
     ("mid_block.attentions.0.transformer_blocks.0.attn2", "value", True),
     ("down_blocks.1.attentions.1.transformer_blocks.0.attn2", "output", False),  # every skip after it
 ])
-def test_fast_path_equals_reference_path_at_any_modulated_layer(tiny_components, photo, layer, placement, injection):
+def test_fast_path_equals_reference_path_at_any_modulated_layer(tiny_components_f64, photo, layer, placement,
+                                                               injection):
     common = dict(resolution=128, num_masks=2, modulated_layer=layer, offset_placement=placement,
                   attention_injection=injection, keep_diff_maps=True)
+    fast = tiny_segmentor(tiny_components_f64, impl="fast", **common).segment(photo)
+    ref = tiny_segmentor(tiny_components_f64, impl="reference", **common).segment(photo)
+    assert_same_segmentation(fast, ref, rtol=FLOAT64_RTOL)
+
+
+def test_fast_path_equals_reference_path_in_float32_within_the_rounding_bound(tiny_components, photo):
+    """In float32 the paths differ by rounding only: within `float32_rounding_bound`, derived from float32's unit
+    roundoff, the layers' sums and the subtraction's cancellation (about 3e-3 here). The case is the layer where
+    the difference measured 1.01e-4, over the former fixed bound of 1e-4."""
+    common = dict(resolution=128, num_masks=2, modulated_layer="mid_block.attentions.0.transformer_blocks.0.attn2",
+                  offset_placement="value", keep_diff_maps=True)
+    ref, bound = segment_with_float32_bound(tiny_segmentor(tiny_components, impl="reference", **common), photo)
+    assert bound < 1e-2  # still far below what a wrong variant or layer changes (order 1 of the maps' scale)
     fast = tiny_segmentor(tiny_components, impl="fast", **common).segment(photo)
-    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
-    assert_same_segmentation(fast, ref)
+    assert_same_segmentation(fast, ref, rtol=bound, decided_share=0.9)  # 95% measured: ties within the bound may flip
 
 
 def test_a_tiny_memory_budget_chunks_every_stage_and_keeps_the_result(tiny_components, photo):
@@ -104,8 +118,8 @@ def test_a_tiny_memory_budget_chunks_every_stage_and_keeps_the_result(tiny_compo
     budgeted = tiny_segmentor(tiny_components, memory_budget_gb=0.0077, **common)  # ~8 MB, the record is 6.7
     plan = budgeted.chunk_plan()
     assert 1 <= plan.inversion < 15 and 1 < plan.variants < 6 and 1 <= plan.decode < 6
-    ref = tiny_segmentor(tiny_components, impl="reference", **common).segment(photo)
-    assert_same_segmentation(budgeted.segment(photo), ref)
+    ref, bound = segment_with_float32_bound(tiny_segmentor(tiny_components, impl="reference", **common), photo)
+    assert_same_segmentation(budgeted.segment(photo), ref, rtol=bound, decided_share=0.9)
 
 
 def test_attention_injection_switch_changes_the_result(tiny_components, photo):
@@ -267,12 +281,12 @@ def test_a_wide_photo_is_segmented_on_a_wide_feature_grid_by_default(tiny_compon
     assert square.lowres_masks.shape[1:] == (4, 4)
 
 
-def test_fast_path_equals_reference_path_on_a_non_square_grid(tiny_components, coffee):
+def test_fast_path_equals_reference_path_on_a_non_square_grid(tiny_components_f64, coffee):
     common = dict(resolution=128, num_masks=3, keep_diff_maps=True, chunk_size=4)
-    fast = tiny_segmentor(tiny_components, **common).segment(coffee)
-    reference = tiny_segmentor(tiny_components, impl="reference", **common).segment(coffee)
+    fast = tiny_segmentor(tiny_components_f64, **common).segment(coffee)
+    reference = tiny_segmentor(tiny_components_f64, impl="reference", **common).segment(coffee)
     assert fast.lowres_masks.shape[1:] == (4, 6)
-    assert_same_segmentation(fast, reference)
+    assert_same_segmentation(fast, reference, rtol=FLOAT64_RTOL)
 
 
 def test_a_tall_photo_keeps_its_aspect_and_decodes_smaller_when_asked(tiny_components, coffee):

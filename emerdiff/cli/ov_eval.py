@@ -103,7 +103,7 @@ def warn_if_names_differ(vocab: Vocabulary, metadata: DatasetMetadata) -> None:
     """Scores compare ids, so a vocabulary listing other names than the dataset's classes is worth a warning."""
     from pytorch_lightning.utilities import rank_zero_warn
 
-    differ = [(i, ours, theirs) for i, (ours, theirs) in enumerate(zip(vocab.names, metadata.classes))
+    differ = [(i, ours, theirs) for i, (ours, theirs) in enumerate(zip(vocab.names, metadata.classes, strict=False))
               if _plain(ours) != _plain(theirs)]
     if differ:
         examples = ", ".join(f"{i}: {ours!r} vs {theirs!r}" for i, ours, theirs in differ[:3])

@@ -16,10 +16,16 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 from emerdiff.cli.common.arguments import command_parser
 from emerdiff.cli.common.messages import reported_errors
+
+if TYPE_CHECKING:  # torch and the models load only after the arguments are parsed
+    import pytorch_lightning as pl
+    from diffusers import AutoencoderKL
+
+    from emerdiff.toy_training import SceneBank
 
 STAGES = ("vae", "unet", "control", "clip")
 

@@ -26,12 +26,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from emerdiff.choices import INTERPOLATIONS as _RESAMPLE  # segmentor.interpolation -> PIL filter
 from emerdiff.config import UserError
 from emerdiff.data.labels import DatasetMetadata, load_label_set, load_metadata
 
 Interpolation = str  # a name of emerdiff.choices.INTERPOLATIONS (the config checks it)
-
-from emerdiff.choices import INTERPOLATIONS as _RESAMPLE  # segmentor.interpolation -> PIL filter
 
 
 class DatasetNotFoundError(FileNotFoundError):

@@ -60,7 +60,7 @@ def lookup_table(label_map: Mapping[int, int], ignore_index: int) -> np.ndarray:
 @functools.cache
 def load_label_set(label_set: str) -> tuple[DatasetMetadata, np.ndarray]:
     """Read one metadata JSON file: its metadata and a raw-value -> class-id lookup table."""
-    text = resources.files("emerdiff.data").joinpath("metadata", f"{label_set}.json").read_text()
+    text = resources.files("emerdiff.data").joinpath(f"metadata/{label_set}.json").read_text()
     spec = json.loads(text)
     classes = tuple(spec["classes"])
     metadata = DatasetMetadata(

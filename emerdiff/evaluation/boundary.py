@@ -87,7 +87,7 @@ class SegmentationWithBoundary(ConfusionMatrixMetric):
         super().update(preds, target)
         preds = torch.as_tensor(preds, device=self.confmat.device).long()
         target = torch.as_tensor(target, device=self.confmat.device).long()
-        for pred, gt in zip(preds.reshape(-1, *preds.shape[-2:]), target.reshape(-1, *target.shape[-2:])):
+        for pred, gt in zip(preds.reshape(-1, *preds.shape[-2:]), target.reshape(-1, *target.shape[-2:]), strict=True):
             counts = boundary_counts(pred, gt, self.num_classes, self.ignore_index, boundary_dilation(*gt.shape))
             self.boundary_intersection += counts[0]
             self.boundary_union += counts[1]

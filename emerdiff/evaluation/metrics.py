@@ -55,13 +55,13 @@ class SegmentationScores:
         if len(names) != len(self.iou):
             raise ValueError(f"{len(names)} class names for {len(self.iou)} classes")
         scores = {f"{prefix}mIoU": self.miou, f"{prefix}pAcc": self.pixel_acc}
-        scores.update({f"{prefix}IoU-{name}": float(v) for name, v in zip(names, self.iou)})
+        scores.update({f"{prefix}IoU-{name}": float(v) for name, v in zip(names, self.iou, strict=True)})
         return scores
 
     def in_percent(self, class_names: Sequence[str]) -> dict:
         """JSON-ready miou, pixel_acc and per-class iou by name, in percent; None where a score is NaN (absent)."""
         return {"miou": _percent(self.miou), "pixel_acc": _percent(self.pixel_acc), "miou_convention": self.convention,
-                "iou": {name: _percent(float(v)) for name, v in zip(class_names, self.iou)}}
+                "iou": {name: _percent(float(v)) for name, v in zip(class_names, self.iou, strict=False)}}
 
 
 def check_convention(convention: str) -> None:

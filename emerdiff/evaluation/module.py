@@ -238,5 +238,5 @@ class SaveResults(pl.Callback):
             return
         if len(results) != len(self.folders):
             raise ValueError(f"{len(results)} results tables for {len(self.folders)} folders")
-        for table, folder in zip(results, self.folders):
+        for table, folder in zip(results, self.folders, strict=True):
             write_results(table, folder)

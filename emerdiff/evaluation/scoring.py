@@ -101,7 +101,7 @@ def dataset_protocol_scores(masks: DatasetMasks, protocols: Sequence[str], num_c
         num_clusters = min(wanted, len(masks.embeddings))
         if num_clusters < wanted:
             warnings.warn(f"only {num_clusters} masks in the split: the dataset-level protocol clusters them "
-                          f"into {num_clusters} clusters instead of {wanted}")
+                          f"into {num_clusters} clusters instead of {wanted}", stacklevel=1)
         clusters = cluster_masks(masks.embeddings, num_clusters, seed=settings.kmeans_seed,
                                  restarts=settings.kmeans_restarts, iters=settings.kmeans_iters,
                                  l2_normalize=settings.kmeans_l2_normalize)

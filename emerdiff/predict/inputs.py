@@ -105,7 +105,7 @@ def _named(files: Sequence[Path], root: Path) -> List[SourceImage]:
     rel = [Path(os.path.relpath(f, os.path.abspath(root))).as_posix() for f in absolute]
     stems = [str(Path(r).with_suffix("")) for r in rel]
     taken = Counter(stems)
-    return [SourceImage(f, s if taken[s] == 1 else r) for f, r, s in zip(absolute, rel, stems)]
+    return [SourceImage(f, s if taken[s] == 1 else r) for f, r, s in zip(absolute, rel, stems, strict=True)]
 
 
 class SourceImages(Dataset):

@@ -81,7 +81,7 @@ def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.nda
     height, width = labels.shape
     scale = min(1.0, FIGURE_HEIGHT / height)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    small = np.asarray(Image.fromarray(photo).resize(size[::-1], Image.BILINEAR))
+    small = np.asarray(Image.fromarray(photo).resize(size[::-1], Image.Resampling.BILINEAR))
     panels = [small] + [overlay(small, resize_nearest(m, size), num_masks, alpha)
                         for m in (lowres_labels, labels_bilinear, labels)]
     h, w = lowres_labels.shape
@@ -129,7 +129,7 @@ def _titled_row(panels: Sequence[np.ndarray], titles: Sequence[str]) -> Image.Im
     canvas = Image.new("RGB", (width * len(panels), height + TITLE_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=15)  # Pillow's own font; a small bitmap one without FreeType
-    for i, (panel, title) in enumerate(zip(panels, titles)):
+    for i, (panel, title) in enumerate(zip(panels, titles, strict=True)):
         canvas.paste(Image.fromarray(panel), (i * width, TITLE_HEIGHT))
         draw.text((i * width + 4, 3), title, fill="black", font=font)
     return canvas

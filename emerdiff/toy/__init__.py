@@ -8,7 +8,6 @@ is Stable Diffusion or OpenAI's CLIP: they only know the toy world (configs/toy.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 WEIGHTS = Path(__file__).parent / "weights"
 NAME = "toy"
@@ -17,11 +16,11 @@ CLIP_MODEL = "toyworld-clip"
 CLIP_FILE = WEIGHTS / f"{CLIP_MODEL}.safetensors"
 
 
-def shipped_pipeline(pretrained: str) -> Optional[Path]:
+def shipped_pipeline(pretrained: str) -> Path | None:
     """The shipped diffusers folder `model.pretrained` names (``toy``), or None for any other value."""
     return SD_FOLDER if pretrained == NAME else None
 
 
-def shipped_clip(model_name: str, pretrained: Optional[str]) -> Optional[Path]:
+def shipped_clip(model_name: str, pretrained: str | None) -> Path | None:
     """The shipped weights file of ``toyworld-clip`` when `pretrained` is ``toy``, else None."""
     return CLIP_FILE if (model_name, pretrained) == (CLIP_MODEL, NAME) else None

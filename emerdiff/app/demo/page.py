@@ -42,7 +42,7 @@ def mask_label(k: int) -> str:
 
 def mask_colours(count: int) -> Dict[str, str]:
     """Legend label -> hex colour, the label PNG's palette colours (`render.palette`)."""
-    return {mask_label(k): "#%02x%02x%02x" % tuple(int(v) for v in rgb) for k, rgb in enumerate(render.palette(count))}
+    return {mask_label(k): "#" + "".join(f"{int(v):02x}" for v in rgb) for k, rgb in enumerate(render.palette(count))}
 
 
 def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequence[Tuple[str, Sequence[int]]]
@@ -67,7 +67,7 @@ def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequenc
 def shown_photo(photo: np.ndarray) -> np.ndarray:
     """The photo at panel size (`display_size`), the base picture of every panel."""
     h, w = display_size(photo.shape[:2])
-    return np.asarray(Image.fromarray(photo).resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def panels(result: DemoResult) -> Dict[str, Any]:

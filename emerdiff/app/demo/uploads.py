@@ -54,8 +54,8 @@ def read_upload(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int = 
             img.load()
             mode = img.mode
             transparent = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
-            img = ImageOps.exif_transpose(img)
-            photo = (load_image(img) * 255).round().byte().permute(1, 2, 0).numpy()
+            upright = ImageOps.exif_transpose(img)
+            photo = (load_image(upright) * 255).round().byte().permute(1, 2, 0).numpy()
     except DemoInputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
@@ -75,5 +75,5 @@ def read_upload(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int = 
         scale = max_side / max(photo.shape[:2])
         size = (max(1, round(photo.shape[1] * scale)), max(1, round(photo.shape[0] * scale)))
         notes.append(f"shrunk from {photo.shape[1]} x {photo.shape[0]} to {size[0]} x {size[1]} pixels")
-        photo = np.asarray(Image.fromarray(photo).resize(size, Image.LANCZOS))
+        photo = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.LANCZOS))
     return Upload(photo=np.ascontiguousarray(photo), name=name, file_name=path.name, notes=notes)

@@ -42,8 +42,8 @@ def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argpa
     """A parser with the options every tool shares: --version, --cfg (repeatable) and key=value overrides."""
     parser = command_parser(description)
     parser.add_argument("--cfg", action="append", default=[], metavar="YAML",
-                        help="config file, or a shipped config by name (tiny, emerdiff_sd15, eval/voc, ov/ade150, ...); "
-                             "give it several times, later files override earlier ones")
+                        help="config file, or a shipped config by name (tiny, emerdiff_sd15, eval/voc, ov/ade150, "
+                             "...); give it several times, later files override earlier ones")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     return parser
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, List, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.config import ConfigError
+from emerdiff.config import ConfigError, ModelConfig, SegmentorConfig, section
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -105,7 +105,7 @@ def build_segmentor(cfg: DictConfig, trainer: "pl.Trainer") -> "EmerDiff":
     from emerdiff import EmerDiff
     from emerdiff.models import load_sd, resolve_dtype
 
-    model = OmegaConf.to_object(cfg.model)
+    model = section(cfg.model, ModelConfig)
     dtype = resolve_dtype(model.dtype, trainer.strategy.root_device)
     model = replace(model, dtype=str(dtype).removeprefix("torch."))
-    return EmerDiff(load_sd(model, device="cpu"), OmegaConf.to_object(cfg.segmentor))
+    return EmerDiff(load_sd(model, device="cpu"), section(cfg.segmentor, SegmentorConfig))
