@@ -1,4 +1,5 @@
-"""Files that appear complete or not at all: one atomic-write helper for every results folder and cache.
+"""Files that appear complete or not at all: one atomic-write helper for every results folder and cache, and the
+version record every results file carries.
 
 A killed run leaves at most hidden ``*.emerdiff-tmp`` files, which `remove_temporary_files` drops
 when the next run starts; JSON-lines readers skip a line cut short by a kill.
@@ -10,9 +11,18 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator, List
+from typing import BinaryIO, Dict, Iterator, List, Union
 
 TEMP_SUFFIX = ".emerdiff-tmp"
+# The layout of each results file; raised when a field changes meaning or goes, so readers can tell releases apart.
+FORMAT_VERSIONS = {"results": 1, "manifest": 1, "selfcheck": 1, "benchmark": 1}
+
+
+def version_record(kind: str) -> Dict[str, Union[str, int]]:
+    """The fields that say which release wrote a results file of `kind` (a FORMAT_VERSIONS key) and in which layout."""
+    from emerdiff import __version__
+
+    return {"emerdiff_version": __version__, "format_version": FORMAT_VERSIONS[kind]}
 
 
 def remove_temporary_files(folder: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, load_tool, voc_folder
+import emerdiff
 from emerdiff import load_config
 from emerdiff.data import DATASETS, build_dataset, dataset_metadata
 from ovseg import UNLABELLED, read_vocabulary
@@ -94,6 +95,7 @@ CLIP = "ovseg.labeller.load_clip"
 def test_one_command_scores_maskclip_and_emerdiff_side_by_side(fresh_run):
     results = read_results(fresh_run)
     assert results["dataset"] == "voc2012_val" and results["vocab"] == "voc"
+    assert (results["emerdiff_version"], results["format_version"]) == (emerdiff.__version__, 1)
     assert results["num_images"] == 2 and results["num_classes"] == 21
     assert list(results["results"]) == ["maskclip", "emerdiff"]
     for scores in results["results"].values():
