@@ -4,6 +4,7 @@ Every tool answers --help before torch, Lightning, diffusers or open_clip load; 
 command running the same `main`; after `pip install .` the shipped configs work by short name from any folder.
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,24 @@ def test_a_plain_install_segments_with_a_short_config_name_from_any_folder(plain
                          cwd=elsewhere, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (elsewhere / "out" / "coffee.png").is_file() and "1 segmented" in run.stdout
+
+
+def test_selfcheck_help_shows_output_as_required_and_its_absence_is_a_usage_error(capsys):
+    selfcheck = load_tool("selfcheck")
+    with pytest.raises(SystemExit):
+        selfcheck.main(["--help"])
+    usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+    assert " --output OUTPUT" in usage and "[--output OUTPUT]" not in usage
+    with pytest.raises(SystemExit) as stop:
+        selfcheck.main(["--cfg", "tiny"])
+    assert stop.value.code == 2 and "the following arguments are required: --output" in capsys.readouterr().err
+
+
+def test_no_documented_command_writes_into_the_checkout_s_docs():
+    """A documented --output under docs/ would overwrite the tracked records (docs/benchmarks/*) when run."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    outputs = {(page.name, out) for page in pages for out in re.findall(r"--output[ =](\S+)", page.read_text())}
+    assert outputs and not {(page, out) for page, out in outputs if out.startswith(("docs/", "./docs/"))}
 
 
 @pytest.mark.parametrize("devices", [1, 4, -1, "auto", "2", "0,2", [0, 2]])
