@@ -157,3 +157,24 @@ def test_a_read_only_output_folder_is_refused_before_anything_loads(tmp_path, mo
     with pytest.raises(ConfigError, match="where the output folder would be made, is not writable"):
         check_output_folder(tmp_path / "locked" / "new" / "run")
     check_output_folder(tmp_path / "free" / "run")  # a folder that can be made
+
+
+def test_each_local_process_of_a_run_takes_its_share_of_the_cores(monkeypatch):
+    """trainer.devices=2 on 8 usable cores: the segmentor each process builds sets torch to 4 threads, not 8."""
+    import os
+
+    import torch
+
+    from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
+    from emerdiff.cli.common.trainer import build_segmentor, build_trainer
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = load_cli_config(parse_args(base_parser(""), ["--cfg", "tiny", "trainer.accelerator=cpu",
+                                                       "trainer.devices=2", "trainer.strategy=ddp"]))
+    before = torch.get_num_threads()
+    try:
+        build_segmentor(cfg, build_trainer(cfg.trainer, enable_checkpointing=False))
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
