@@ -73,6 +73,42 @@ def test_ctrl_c_after_the_first_image_stops_within_one_image_with_status_130_and
     assert f"interrupted (Ctrl-C): {len(done)} of 10 images done; rerun the same command to continue" in printed
 
 
+SLOW_PREDICT = """import sys, time
+from emerdiff.cli.predict import main
+from emerdiff.segmentor import EmerDiff
+segment = EmerDiff.segment
+def slow(self, image):  # every image takes a second more: a Ctrl-C lands inside one, not between two
+    time.sleep(1.0)
+    return segment(self, image)
+EmerDiff.segment = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_ctrl_c_stops_inside_the_image_with_status_130_and_one_line_keeping_finished_images(tmp_path: Path):
+    photos, out, log = photo_folder(tmp_path / "photos", 10), tmp_path / "out", tmp_path / "run.log"
+    command = [sys.executable, "-c", SLOW_PREDICT, *_cli(photos, out)]  # tools/predict.py, slowed down
+    store = OutputStore(out, OutputOptions(overlay=False))
+    with open(log, "w") as handle:
+        run = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not store.manifest():
+            assert run.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        while "Ctrl-C again to stop at once" not in log.read_text():
+            assert run.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)  # within the second of sleep that starts every image
+        run.wait(timeout=300)
+    printed = log.read_text()
+    assert run.returncode == 130, printed[-2000:]
+    done = read_jsonl(out / "manifest.jsonl")
+    assert "Traceback" not in printed and "KeyboardInterrupt" not in printed
+    assert f"stopped at once (Ctrl-C twice): {len(done)} of 10 images done; rerun the same command" in printed
+    assert 1 <= len(done) <= 3 and store.done() == {r["name"] for r in done}  # each recorded image has all its files
+
+
 @pytest.fixture()
 def failing_on(monkeypatch):
     """Make the segmentor raise for photos of the given widths (a stand-in for a bad image or a broken setup)."""
