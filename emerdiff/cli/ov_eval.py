@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, List, Optional
 from omegaconf import DictConfig
 
 from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
-                                           load_cli_config, parse_args)
+                                           load_cli_config, output_lock, parse_args)
 from emerdiff.cli.common.evaluation import evaluation_split, mask_prediction_settings, run_evaluation
 from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
 from emerdiff.cli.common.naming import naming_settings
@@ -79,10 +79,11 @@ def evaluate(cfg: DictConfig) -> int:
     callbacks = [SaveResults(results_dir), StopOnSignal(), *progress_bar(cfg.trainer)]
     trainer = build_trainer(cfg.trainer, callbacks=callbacks,
                             enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))
-    if trainer.is_global_zero:
-        announce(cfg, data, masks, labels)
-        warn_if_names_differ(vocab, metadata)
-    return run_evaluation(trainer, module, data, results_dir)
+    with output_lock(out, trainer.is_global_zero):  # OUTPUT, whose masks cache tools/eval.py shares
+        if trainer.is_global_zero:
+            announce(cfg, data, masks, labels)
+            warn_if_names_differ(vocab, metadata)
+        return run_evaluation(trainer, module, data, results_dir)
 
 
 def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labels: PredictionCache) -> None:

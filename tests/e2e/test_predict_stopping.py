@@ -1,5 +1,6 @@
 """tools/predict.py stops between images without losing work: SIGTERM, a failing image, a broken setup."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from PIL import Image
 from skimage import data
 
 from conftest import REPO, TINY, load_tool
-from emerdiff.files import read_jsonl
+from emerdiff.files import LOCK_FILE, read_jsonl
 from emerdiff.predict import OutputOptions, OutputStore
 from emerdiff.segmentor import EmerDiff
 
@@ -32,6 +33,14 @@ def photo_folder(root: Path, count: int) -> Path:
 
 def _cli(photos: Path, out: Path, *extra: str) -> list:
     return ["--cfg", str(TINY), "--input", str(photos), "--output", str(out), *SMALL, *extra]
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path) -> None:
+    """Until `condition()` holds; the test fails with the log if the process ends or 300 s pass first."""
+    deadline = time.time() + 300
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.05)
 
 
 def run_until_the_first_image_then_signal(photos: Path, out: Path, log: Path, signum: int) -> subprocess.Popen:
@@ -73,12 +82,16 @@ def test_ctrl_c_after_the_first_image_stops_within_one_image_with_status_130_and
     assert f"interrupted (Ctrl-C): {len(done)} of 10 images done; rerun the same command to continue" in printed
 
 
-SLOW_PREDICT = """import sys, time
+SLOW_PREDICT = """import os, sys, time
+from pathlib import Path
 from emerdiff.cli.predict import main
 from emerdiff.segmentor import EmerDiff
 segment = EmerDiff.segment
-def slow(self, image):  # every image takes a second more: a Ctrl-C lands inside one, not between two
+gate = os.environ.get("TEST_GATE")
+def slow(self, image):  # a second more per image, or until the test opens the gate
     time.sleep(1.0)
+    while gate and not Path(gate).exists():
+        time.sleep(0.05)
     return segment(self, image)
 EmerDiff.segment = slow
 sys.exit(main(sys.argv[1:]))
@@ -91,14 +104,9 @@ def test_a_second_ctrl_c_stops_inside_the_image_with_status_130_and_one_line_kee
     store = OutputStore(out, OutputOptions(overlay=False))
     with open(log, "w") as handle:
         run = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while not store.manifest():
-            assert run.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for(store.manifest, run, log)
         run.send_signal(signal.SIGINT)
-        while "Ctrl-C again to stop at once" not in log.read_text():
-            assert run.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for(lambda: "Ctrl-C again to stop at once" in log.read_text(), run, log)
         run.send_signal(signal.SIGINT)  # within the second of sleep that starts every image
         run.wait(timeout=300)
     printed = log.read_text()
@@ -107,6 +115,29 @@ def test_a_second_ctrl_c_stops_inside_the_image_with_status_130_and_one_line_kee
     assert "Traceback" not in printed and "KeyboardInterrupt" not in printed
     assert f"stopped at once (Ctrl-C twice): {len(done)} of 10 images done; rerun the same command" in printed
     assert 1 <= len(done) <= 3 and store.done() == {r["name"] for r in done}  # each recorded image has all its files
+
+
+def test_a_second_run_into_the_same_folder_waits_naming_the_first_run_and_segments_nothing_twice(tmp_path: Path):
+    photos, out, gate = photo_folder(tmp_path / "photos", 3), tmp_path / "out", tmp_path / "gate"
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    with open(first_log, "w") as first_out, open(second_log, "w") as second_out:
+        first = subprocess.Popen([sys.executable, "-c", SLOW_PREDICT, *_cli(photos, out)], cwd=REPO,
+                                 env={**os.environ, "TEST_GATE": str(gate)}, stdout=first_out, stderr=subprocess.STDOUT)
+        lock = out / LOCK_FILE
+        wait_for(lambda: lock.is_file() and f"PID {first.pid} " in lock.read_text(), first, first_log)
+        second = subprocess.Popen([sys.executable, str(REPO / "tools" / "predict.py"), *_cli(photos, out)], cwd=REPO,
+                                  stdout=second_out, stderr=subprocess.STDOUT)
+        wait_for(lambda: "waiting: another run" in second_log.read_text(), second, second_log)
+        assert not OutputStore(out, OutputOptions(overlay=False)).manifest()  # the first run holds every image
+        gate.touch()  # the first run segments its images
+        assert first.wait(timeout=300) == 0, first_log.read_text()[-2000:]
+        assert second.wait(timeout=300) == 0, second_log.read_text()[-2000:]
+    waited = second_log.read_text()
+    assert f"another run is writing to {out} (PID {first.pid} on " in waited
+    assert "3 images in" in waited and "3 already done" in waited and "0 to segment" in waited  # nothing segmented twice
+    assert "done: 3 segmented" in first_log.read_text() and "done:" not in waited
+    assert [r["name"] for r in read_jsonl(out / "manifest.jsonl")] == ["p0", "p1", "p2"]
+    assert lock.read_text() == ""  # released: nobody holds the folder
 
 
 @pytest.fixture()
