@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from emerdiff.config import ConfigError, load_config
 from ovseg.config import with_ovseg_defaults
 
+from .messages import show_library_warnings
 from .trainer import check_trainer_keys
 
 # Library messages a user can do nothing about: Lightning's hardware lines and product tips (INFO), and a
@@ -51,9 +52,11 @@ def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argpa
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
-    """Parse, allowing key=value overrides before, between and after the options; then quiet the libraries."""
+    """Parse, allowing key=value overrides before, between and after the options; then quiet the libraries, and show
+    emerdiff's and ovseg's warnings beside the progress bar."""
     args = parser.parse_intermixed_args(argv)
     quiet_libraries()
+    show_library_warnings()
     return args
 
 
