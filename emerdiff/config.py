@@ -59,7 +59,8 @@ class ModelConfig:
     random_init: bool = False  # build `arch` with random weights (benchmarks, no download)
     arch: str = "sd15"  # architecture for random_init: tiny, sd15, sd21_base
     init_seed: int = 0  # seed of the random weights of tiny / random_init models
-    cpu_threads: Optional[int] = setting(None, minimum=1, run_only=True)  # torch CPU threads; None = torch's default
+    cpu_threads: Optional[int] = setting(None, minimum=1, run_only=True)  # torch CPU threads; None = OMP_NUM_THREADS,
+    #   else the usable cores shared among this machine's processes of the run
 
 
 @dataclass

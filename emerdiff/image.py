@@ -103,11 +103,33 @@ def working_size(height: int, width: int, resolution: int, aspect: str = "keep",
     """
     if aspect == "square":
         return resolution, resolution
-    cap = max_pixels or 2 * resolution * resolution
-    short, long = min(height, width), max(height, width)
-    longer = max(resolution, round(resolution * long / short / 64) * 64)
-    longer = min(longer, max(resolution, cap // resolution // 64 * 64))
+    longer = min(proportional_side(height, width, resolution), longest_side(resolution, max_pixels))
     return (resolution, longer) if height <= width else (longer, resolution)
+
+
+def proportional_side(height: int, width: int, resolution: int) -> int:
+    """The longer working side that keeps the image's aspect ratio, the shorter at `resolution` (multiple of 64)."""
+    short, long = min(height, width), max(height, width)
+    return max(resolution, round(resolution * long / short / 64) * 64)
+
+
+def longest_side(resolution: int, max_pixels: Optional[int] = None) -> int:
+    """The longest working side `max_pixels` allows (null: twice the square's pixels), a multiple of 64."""
+    cap = max_pixels or 2 * resolution * resolution
+    return max(resolution, cap // resolution // 64 * 64)
+
+
+def capped_aspect_note(height: int, width: int, resolution: int, aspect: str = "keep",
+                       max_pixels: Optional[int] = None) -> Optional[str]:
+    """A line saying how `max_pixels` changed an image's aspect ratio for the model, or None when it did not."""
+    if aspect == "square" or proportional_side(height, width, resolution) <= longest_side(resolution, max_pixels):
+        return None
+    size = working_size(height, width, resolution, aspect, max_pixels)
+    cap = max_pixels or f"null = 2 x {resolution}^2"
+    return (f"a {width}x{height} image ({max(height, width) / min(height, width):.3g}:1) is processed at "
+            f"{size[1]}x{size[0]} ({max(size) / min(size):.3g}:1): segmentor.max_pixels ({cap}) caps the working size "
+            "(the masks still cover the whole image at its own size); raise segmentor.max_pixels to keep its aspect "
+            "ratio, at the cost of memory and time")
 
 
 def largest_working_size(resolution: int, aspect: str = "keep", max_pixels: Optional[int] = None) -> Tuple[int, int]:

@@ -10,6 +10,7 @@ layout checks. The dtype names of ``model.dtype`` are resolved here (`resolve_dt
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -123,10 +124,24 @@ def freeze(components: SDComponents) -> SDComponents:
     return components
 
 
-def load_sd(cfg: ModelConfig, device: Optional[str] = None) -> SDComponents:
-    """Load SD from ``cfg`` (``tiny`` / ``random_init`` build random weights); ``cfg.cpu_threads`` sets torch's."""
-    if cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
+def cpu_threads(setting: Optional[int] = None, local_ranks: Optional[int] = None) -> Optional[int]:
+    """torch's CPU threads for one process: `setting` (model.cpu_threads) if given; else None (torch's own) when
+    OMP_NUM_THREADS says; else the cores this process may use (os.sched_getaffinity) shared among the processes of
+    this machine (`local_ranks`, else LOCAL_WORLD_SIZE, else 1), at least one each, so ranks never oversubscribe."""
+    if setting:
+        return setting
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, len(os.sched_getaffinity(0)) // ranks)
+
+
+def load_sd(cfg: ModelConfig, device: Optional[str] = None, local_ranks: Optional[int] = None) -> SDComponents:
+    """Load SD from ``cfg`` (``tiny`` / ``random_init`` build random weights) and set torch's CPU threads
+    (`cpu_threads`: ``cfg.cpu_threads``, else the usable cores shared among the `local_ranks` processes)."""
+    threads = cpu_threads(cfg.cpu_threads, local_ranks)
+    if threads:
+        torch.set_num_threads(threads)
     target = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, target)
     if cfg.pretrained == "tiny" or cfg.random_init:

@@ -25,7 +25,7 @@ from .clustering import Clusters, cluster_grid, use_faiss_gpu
 from .compiling import check_compile_options, compile_regions
 from .config import ConfigError, EmerDiffConfig, ModelConfig, SegmentorConfig, check_rules, section
 from .features import QueryFeatures, extract_queries
-from .image import ImageInput, image_seed, load_image, to_model_input, working_size
+from .image import ImageInput, capped_aspect_note, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
 from .models import SDComponents, at_least_float32, load_sd, pipeline_components
@@ -187,6 +187,9 @@ class EmerDiff(nn.Module):
         with self.stage("encode"):
             # 1-2. Resize to SD's working size (aspect kept unless square), encode to the clean latent z0.
             size = working_size(rgb.shape[1], rgb.shape[2], p.resolution, p.aspect, p.max_pixels)
+            capped = capped_aspect_note(rgb.shape[1], rgb.shape[2], p.resolution, p.aspect, p.max_pixels)
+            if capped:
+                logger.warning(capped)
             z0 = self.encode(to_model_input(rgb, size, p.interpolation).to(self.device))
         with self.stage("features"):
             # 3-4. Queries of the feature layer at t_f (empty-prompt conditioning).

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .files import version_record
 from .profiling import STAGES
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
@@ -100,7 +101,8 @@ def _threshold(check: Check) -> str:
 
 def write_report(report: SelfCheckReport, output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    (output / "selfcheck.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    record = version_record("selfcheck") | report.to_dict()
+    (output / "selfcheck.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     (output / "selfcheck.md").write_text(report.to_markdown())
 
 

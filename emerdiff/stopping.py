@@ -2,7 +2,9 @@
 
 Both stop the run between two images by raising `RunStopped` from a Lightning callback, after
 the result writer has saved the finished image; Lightning then runs its teardown (the writer
-merges every rank's records), and the tool prints the reason and exits with `exit_code`.
+merges every rank's records), and the tool prints the reason and exits with `exit_code`. A second
+Ctrl-C raises it at once, wherever the run is: files are written atomically, so the images
+finished before it stay saved.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM from a job scheduler or preemption (128 + SIGTERM)
 
 
-class RunStopped(Exception):
-    """The run stopped early on purpose; finished images are saved and a rerun continues with the rest."""
+class RunStopped(BaseException):
+    """The run stopped early on purpose; finished images are saved and a rerun continues with the rest.
+
+    A BaseException, as KeyboardInterrupt: a stop raised inside an image's segmentation (a second Ctrl-C) must not be
+    caught as that image's failure by the handlers that let a run go on past a bad image.
+    """
 
     def __init__(self, reason: str, exit_code: int) -> None:
         super().__init__(reason)
@@ -28,7 +34,8 @@ class RunStopped(Exception):
 
 
 class StopOnSignal(pl.Callback):
-    """SIGTERM or a first Ctrl-C: finish the current image, save it, then stop. A second Ctrl-C stops at once.
+    """SIGTERM or a first Ctrl-C: finish the current image, save it, then stop. A second Ctrl-C stops at once, with
+    the same exit status (130) and a line saying so (not Lightning's KeyboardInterrupt handling, which exits 1).
 
     Lightning already catches SIGTERM and notes it (`trainer.received_sigterm`); Ctrl-C is caught here while
     a predict or test loop runs. Place it after the result writer, so that the last image is saved first.
@@ -40,7 +47,7 @@ class StopOnSignal(pl.Callback):
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.interrupted:
-            raise KeyboardInterrupt
+            raise RunStopped("stopped at once (Ctrl-C twice)", EXIT_INTERRUPTED)
         self.interrupted = True
         print("\ninterrupting after the current image (Ctrl-C again to stop at once)", flush=True)
 

@@ -73,3 +73,18 @@ def test_working_size_keeps_the_aspect_with_the_shorter_side_at_the_resolution()
     assert working_size(100, 1000, 512, max_pixels=512 * 640) == (512, 640)
     assert largest_working_size(512) == (512, 1024) and largest_working_size(512, "square") == (512, 512)
 
+
+
+def test_the_max_pixels_cap_is_stated_exactly_when_it_changes_an_image_s_aspect_ratio():
+    from emerdiff.image import capped_aspect_note
+
+    assert capped_aspect_note(512, 1536, 512) == (  # 3:1 would be 512 x 1536; twice the square's pixels allow 1024
+        "a 1536x512 image (3:1) is processed at 1024x512 (2:1): segmentor.max_pixels (null = 2 x 512^2) caps the "
+        "working size (the masks still cover the whole image at its own size); raise segmentor.max_pixels to keep "
+        "its aspect ratio, at the cost of memory and time")
+    assert "processed at 512x640 (1.25:1): segmentor.max_pixels (327680)" in capped_aspect_note(
+        1000, 100, 512, max_pixels=512 * 640)  # a tall image, an explicit cap
+    assert capped_aspect_note(512, 1024, 512) is None  # 2:1 fits the cap
+    assert capped_aspect_note(400, 600, 512) is None  # 768 x 512 (rounded to 64 px, not capped)
+    assert capped_aspect_note(512, 1536, 512, max_pixels=512 * 1536) is None  # a raised cap keeps 3:1
+    assert capped_aspect_note(512, 1536, 512, aspect="square") is None  # squares are asked for, not capped

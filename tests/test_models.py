@@ -1,5 +1,6 @@
 """Model loading: real layouts on the meta device, the miniature SD, and missing-weight errors."""
 
+import os
 import re
 
 import pytest
@@ -8,7 +9,7 @@ from safetensors.torch import save_file
 
 from emerdiff import WeightsNotFoundError, load_config
 from emerdiff.config import ModelConfig
-from emerdiff.models import build_random_sd, load_sd
+from emerdiff.models import build_random_sd, cpu_threads, load_sd
 from emerdiff.processors import AttentionControl, check_layer, controlled
 
 SEG = load_config().segmentor
@@ -112,6 +113,25 @@ def test_a_folder_without_model_index_names_the_checkpoint_inside_it(tmp_path):
 def test_tiny_config_loads_the_miniature_model_offline():
     components = load_sd(load_config("configs/tiny.yaml").model)
     assert components.name == "random:tiny" and components.unet.device.type == "cpu"
+
+
+@pytest.mark.parametrize("cores, ranks, environment, expected", [
+    (8, None, {}, 8),  # one process takes every core it may use
+    (8, 4, {}, 2),  # four local ranks (trainer.devices=4) share them
+    (8, None, {"LOCAL_WORLD_SIZE": "2"}, 4),  # torchrun's count when the caller knows none
+    (3, 2, {}, 1),  # rounded down: 2 x 1 <= 3 cores, never 2 x 2
+    (1, 4, {}, 1),  # at least one each
+    (8, 4, {"OMP_NUM_THREADS": "3"}, None),  # the user's OMP_NUM_THREADS: torch's own default stands
+])
+def test_default_cpu_threads_share_the_usable_cores_among_local_ranks(cores, ranks, environment, expected,
+                                                                      monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100, 100 + cores)))  # a taskset's cores
+    for name in ("LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert cpu_threads(None, ranks) == expected
+    assert cpu_threads(5, ranks) == 5  # model.cpu_threads overrides every default
 
 
 def test_cpu_threads_sets_torchs_thread_count_when_the_model_loads():

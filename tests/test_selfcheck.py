@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY, load_tool
+import emerdiff
 from emerdiff import EmerDiff, load_config
 from emerdiff.selfcheck import run_selfcheck
 from emerdiff.selfcheck_report import PASS, SKIPPED, Check, SelfCheckReport
@@ -39,6 +40,7 @@ def test_selfcheck_tool_passes_on_the_miniature_model_and_writes_every_check(tmp
     assert status == 0, capsys.readouterr().out
     report = json.loads((out / "selfcheck.json").read_text())
     assert report["passed"] and report["failed"] == []
+    assert (report["emerdiff_version"], report["format_version"]) == (emerdiff.__version__, 1)
     checks = {c["name"]: c for c in report["checks"]}
     assert set(checks) == CHECKS
     for name in CHECKS - {"faiss_gpu", "memory"}:

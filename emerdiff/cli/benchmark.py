@@ -24,6 +24,7 @@ from typing import List, Optional
 from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
 from emerdiff.cli.common.messages import reported_errors
 from emerdiff.config import IMPLS, ConfigError
+from emerdiff.files import version_record
 
 # Dense fp16/bf16 tensor-core peak of named GPUs, TFLOP/s (vendor data sheets, no sparsity).
 GPU_PEAK_TFLOPS = {"H100-SXM": 989.0, "A100": 312.0, "L40S": 362.0, "RTX4090": 165.0, "A10": 125.0,
@@ -70,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(json.dumps(record, indent=2))
+        (out / "benchmark.json").write_text(json.dumps(version_record("benchmark") | record, indent=2))
         print(f"wrote {out / 'benchmark.json'}")
     return 0
 

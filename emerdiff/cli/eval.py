@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
-                                           load_cli_config, parse_args)
+                                           load_cli_config, output_lock, parse_args)
 from emerdiff.cli.common.evaluation import evaluation_split, mask_prediction_settings, run_evaluation
 from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
 from emerdiff.cli.common.trainer import build_segmentor, build_trainer, progress_bar
@@ -60,9 +60,10 @@ def evaluate(cfg: DictConfig) -> int:
     trainer = build_trainer(cfg.trainer, callbacks=[SaveResults(out), StopOnSignal(), *progress_bar(cfg.trainer)],
                             enable_checkpointing=False,
                             use_distributed_sampler=False, default_root_dir=str(out))
-    if trainer.is_global_zero:
-        announce(cfg, data, cache)
-    return run_evaluation(trainer, module, data, out)
+    with output_lock(out, trainer.is_global_zero):  # a second run into the folder waits, then reuses the cache
+        if trainer.is_global_zero:
+            announce(cfg, data, cache)
+        return run_evaluation(trainer, module, data, out)
 
 
 def announce(cfg: DictConfig, data: EvaluationData, cache: PredictionCache) -> None:

@@ -6,8 +6,9 @@
 Results go to OUTPUT/ov/ (results.json, results.md), beside what tools/eval.py writes to OUTPUT.
 EmerDiff's masks are read from OUTPUT/cache/<image id>.npz, tools/eval.py's cache, when an earlier run
 left them there (same model, segmentor and data settings), and written there otherwise; the named
-label maps are cached in OUTPUT/ov/cache/<image id>.npz. A rerun loads no model; --overwrite segments
-and labels every image again. Devices and strategy come from `trainer:`, e.g. trainer.devices=8
+label maps are cached in OUTPUT/ov/cache/<image id>.npz. A rerun loads no model; --relabel names every
+image again (another vocabulary or naming setting) on the cached masks; --overwrite segments and labels
+every image again. Devices and strategy come from `trainer:`, e.g. trainer.devices=8
 trainer.strategy=ddp. mIoU follows mmsegmentation's convention (as MaskCLIP, TCL and GroupViT) unless
 eval.miou_convention says otherwise (docs/evaluation.md). Method, vocabularies and the paper's Table 3:
 docs/open_vocabulary.md.
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, List, Optional
 from omegaconf import DictConfig
 
 from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
-                                           load_cli_config, parse_args)
+                                           load_cli_config, output_lock, parse_args)
 from emerdiff.cli.common.evaluation import evaluation_split, mask_prediction_settings, run_evaluation
 from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
 from emerdiff.cli.common.naming import naming_settings
@@ -41,16 +42,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--vocab", help="shipped vocabulary name, .txt file or 'cat,dog,grass' (ovseg.vocab)")
     add_output_arguments(parser, "segment and label every image again")
+    parser.add_argument("--relabel", action="store_true",
+                        help="name every image again (e.g. with another vocabulary), reusing EmerDiff's cached masks")
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
         cfg.ovseg.vocab = args.vocab or cfg.ovseg.vocab
         apply_output_arguments(cfg, args)
-        return evaluate(cfg)
+        return evaluate(cfg, relabel=args.relabel)
 
 
-def evaluate(cfg: DictConfig) -> int:
-    """Score plain MaskCLIP and MaskCLIP + EmerDiff on `data.dataset` with the classes of `ovseg.vocab`."""
+def evaluate(cfg: DictConfig, relabel: bool = False) -> int:
+    """Score plain MaskCLIP and MaskCLIP + EmerDiff on `data.dataset` with the classes of `ovseg.vocab`; `relabel`
+    names every image again on the cached masks."""
     if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir or not cfg.ovseg.vocab:
         raise ConfigError("tell which vocabulary and split, where it is and where results go: "
                           "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR")
@@ -67,7 +71,7 @@ def evaluate(cfg: DictConfig) -> int:
     prediction = mask_prediction_settings(cfg)
     masks = PredictionCache(out / CACHE_DIR, prediction, overwrite=cfg.output.overwrite)
     labels = PredictionCache(results_dir / "cache", open_vocab_settings(prediction, settings, vocab),
-                             overwrite=cfg.output.overwrite, record=OpenVocabPrediction)
+                             overwrite=cfg.output.overwrite or relabel, record=OpenVocabPrediction)
     text_dir = text_cache_folder(settings, results_dir)
     try:
         module = OpenVocabEvaluation(partial(build_segmentor, cfg), partial(build_labeller, settings, vocab, text_dir),
@@ -79,10 +83,25 @@ def evaluate(cfg: DictConfig) -> int:
     callbacks = [SaveResults(results_dir), StopOnSignal(), *progress_bar(cfg.trainer)]
     trainer = build_trainer(cfg.trainer, callbacks=callbacks,
                             enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))
-    if trainer.is_global_zero:
-        announce(cfg, data, masks, labels)
-        warn_if_names_differ(vocab, metadata)
-    return run_evaluation(trainer, module, data, results_dir)
+    with output_lock(out, trainer.is_global_zero):  # OUTPUT, whose masks cache tools/eval.py shares
+        check_caches(masks, labels)
+        if trainer.is_global_zero:
+            announce(cfg, data, masks, labels)
+            warn_if_names_differ(vocab, metadata)
+        return run_evaluation(trainer, module, data, results_dir)
+
+
+def check_caches(masks: PredictionCache, labels: PredictionCache) -> None:
+    """Refuse caches made with other settings before anything runs, with the cheapest way on: the masks do not depend
+    on the vocabulary or the naming, so other labels only need --relabel, which keeps them."""
+    stale_masks, stale_labels = masks.other_settings(), labels.other_settings()
+    if stale_masks:
+        raise ConfigError(f"{masks.folder} holds EmerDiff masks made with other settings ({stale_masks}): choose "
+                          "another --output, or pass --overwrite to segment and name every image again")
+    if stale_labels:
+        raise ConfigError(f"{labels.folder} holds labels named with other settings ({stale_labels}): pass --relabel "
+                          f"to name the images again on the EmerDiff masks cached in {masks.folder} (no segmentation), "
+                          "or choose another --output")
 
 
 def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labels: PredictionCache) -> None:

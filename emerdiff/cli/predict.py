@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
-                                           load_cli_config, parse_args)
+                                           load_cli_config, output_lock, parse_args)
 from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
 from emerdiff.cli.common.naming import naming_settings, saved_names, vocabulary_of
 from emerdiff.cli.common.trainer import build_segmentor, build_trainer, progress_bar
@@ -29,6 +29,8 @@ from emerdiff.predict.export import FORMATS, export
 from emerdiff.predict.layout import CONFIG, FAILURES
 
 if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so --help answers at once
+    import pytorch_lightning as pl
+
     from emerdiff.predict import ExtrasStep, OutputStore, SourceImage
 
 
@@ -51,25 +53,38 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
-    """Segment every image of `data.input` that is not done yet into `output.dir`, then write the `exports`."""
-    from emerdiff.predict import (EmerDiffPredictor, OutputOptions, OutputStore, PredictImages,
-                                  PredictionWriter, find_images)
-    from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped, StopOnSignal
+    """Segment every image of `data.input` that is not done yet into `output.dir`, then write the `exports`.
+
+    The run holds the output folder's lock (`output_lock`): a second run into it waits, then skips what this one did.
+    """
+    from emerdiff.predict import OutputOptions, OutputStore, PredictionWriter
+    from emerdiff.stopping import StopOnSignal
 
     if not cfg.data.input or not cfg.output.dir:
         raise ConfigError("tell where the images are and where results go: --input PATH --output DIR")
     out = Path(cfg.output.dir)
     naming = naming_settings(cfg) if cfg.ovseg.vocab else None  # checked before anything loads or is written
     store = OutputStore(out, OutputOptions.from_config(cfg.output, extra_files=named_files() if naming else ()))
+    callbacks = [PredictionWriter(store, cfg.output.max_repeated_failures), StopOnSignal(), *progress_bar(cfg.trainer)]
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, enable_checkpointing=False,
+                            use_distributed_sampler=True, default_root_dir=str(out))
+    with output_lock(out, trainer.is_global_zero):
+        return segment_pending(cfg, store, naming, trainer, exports)
+
+
+def segment_pending(cfg: DictConfig, store: "OutputStore", naming: Optional[tuple], trainer: "pl.Trainer",
+                    exports: Sequence[str]) -> int:
+    """The run once it holds the output folder: what is done there decides what is left to segment."""
+    from emerdiff.predict import EmerDiffPredictor, PredictImages, find_images
+    from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped
+
+    out = store.root
     if not cfg.output.overwrite and store.manifest():  # results bind a folder to its settings; a failed start does not
         check_same_settings(out / CONFIG, cfg)
         redraw_missing(store, cfg)
     done = set() if cfg.output.overwrite else store.done()
     images = find_images(cfg.data.input, exclude=out)
     pending = [image for image in images if image.name not in done]
-    callbacks = [PredictionWriter(store, cfg.output.max_repeated_failures), StopOnSignal(), *progress_bar(cfg.trainer)]
-    trainer = build_trainer(cfg.trainer, callbacks=callbacks, enable_checkpointing=False,
-                            use_distributed_sampler=True, default_root_dir=str(out))
     if trainer.is_global_zero:
         announce(cfg, images, pending)
     status = 0

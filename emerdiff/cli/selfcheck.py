@@ -14,23 +14,19 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-
 from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
 from emerdiff.cli.common.messages import reported_errors
-from emerdiff.config import ConfigError
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--image", help="photo to check with (default: scikit-image's astronaut)")
-    parser.add_argument("--output", help="folder for selfcheck.json and selfcheck.md")
+    parser.add_argument("--output", required=True, help="folder for selfcheck.json and selfcheck.md")
     parser.add_argument("--small-k", type=int, default=None,
                         help="masks of the fast-vs-reference, lambda = 0 and injection checks "
                              "(default: emerdiff.selfcheck.SMALL_K)")
     args = parse_args(parser, argv)
     with reported_errors():
-        if not args.output:
-            raise ConfigError("tell where the report goes: --output DIR")
         cfg = load_cli_config(args)
         from emerdiff import EmerDiff
         from emerdiff.selfcheck import run_selfcheck

@@ -113,6 +113,18 @@ class PredictionCache:
         with atomic_file(self.path(image_id)) as handle:
             np.savez_compressed(handle, settings=np.array(self.settings), **asdict(prediction))
 
+    def other_settings(self) -> Optional[str]:
+        """``section.key: before -> now`` for the first entry made with other settings than this run's, or None when
+        every entry agrees (or output.overwrite redoes them): a run can refuse a stale cache before it starts."""
+        if self.overwrite:
+            return None
+        for path in sorted(self.folder.glob("*.npz")):
+            with np.load(path) as stored:
+                settings = str(stored["settings"])
+            if settings != self.settings:
+                return settings_diff(settings, self.settings)
+        return None
+
     def count(self, image_ids: Sequence[str]) -> int:
         """How many of these images the cache would answer (0 when output.overwrite redoes them all)."""
         return 0 if self.overwrite else sum(self.path(i).is_file() for i in image_ids)

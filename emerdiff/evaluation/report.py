@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..choices import PROTOCOLS
 from ..config import fingerprint, is_random_model, settings_diff
-from ..files import atomic_file
+from ..files import atomic_file, version_record
 from .metrics import SegmentationScores
 
 PAPER = "Namekata et al., EmerDiff, ICLR 2024"
@@ -182,7 +182,8 @@ def scoring_context(results: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 
 def write_results(results: ResultsTable, folder: Path) -> None:
-    """results.json (full numbers) and results.md (the table), each written atomically.
+    """results.json (the release's version record, then the full numbers) and results.md (the table), each written
+    atomically.
 
     What the folder's earlier results.json holds and this run did not score is kept when it still stands
     (`ResultsTable.merged_with`); a printed line says what was dropped instead.
@@ -193,7 +194,7 @@ def write_results(results: ResultsTable, folder: Path) -> None:
         if dropped:
             print(dropped)
     with atomic_file(Path(folder) / "results.json") as handle:
-        handle.write((json.dumps(results.to_dict(), indent=2) + "\n").encode())
+        handle.write((json.dumps(version_record("results") | results.to_dict(), indent=2) + "\n").encode())
     with atomic_file(Path(folder) / "results.md") as handle:
         handle.write(results.to_markdown().encode())
 

@@ -134,3 +134,9 @@ class ImagesProgressBar(TQDMProgressBar):
         bar = super().init_test_tqdm()
         bar.unit = "img"
         return bar
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Close the bar where it stands (ending its line), so that the message a stopped run prints starts a line."""
+        for bar in (self._predict_progress_bar, self._test_progress_bar):
+            if bar is not None:
+                bar.close()

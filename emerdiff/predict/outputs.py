@@ -6,7 +6,8 @@ Layout (NAME = the image's path relative to the input root, without suffix)::
     DIR/NAME_overlay.jpg    mask colours and boundaries over the photo   (output.overlay)
     DIR/NAME_figure.png     photo | k-means | bilinear | EmerDiff         (output.figure)
     DIR/NAME.npz            the SegmentationOutput arrays (+ the arrays of the image's extras)
-    DIR/manifest.jsonl      one line per finished image, sorted by name (+ the fields of its extras)
+    DIR/manifest.jsonl      one line per finished image, sorted by name (+ the fields of its extras), each with the
+                            version of the release that wrote it (emerdiff_version, format_version)
     DIR/failures.jsonl      images of the last run that could not be read
 
 Plug-ins add to an image's results through `ImageExtras` (computed on the module side by an
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..files import atomic_file, read_jsonl, remove_temporary_files, write_jsonl
+from ..files import atomic_file, read_jsonl, remove_temporary_files, version_record, write_jsonl
 from ..image import ImageLoadError, read_image
 from ..segmentor import SegmentationOutput
 from . import render
@@ -148,7 +149,8 @@ class OutputStore:
             extras.write(self, result.name, photo)
         height, width = arrays["labels"].shape
         record = {"name": result.name, "path": result.path, "size": [height, width],
-                  "num_masks": result.output.num_masks, "seconds": round(result.seconds, 3), "seed": result.output.seed}
+                  "num_masks": result.output.num_masks, "seconds": round(result.seconds, 3), "seed": result.output.seed,
+                  **version_record("manifest")}
         if extras is not None:
             record |= extras.record()
         self._append(f"manifest.rank{rank}.jsonl", record)

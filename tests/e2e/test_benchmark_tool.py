@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import emerdiff
+
 from conftest import TINY, load_tool
 from emerdiff.profiling import STAGES
 
@@ -16,6 +18,7 @@ def test_benchmark_tool_writes_per_impl_figures_and_ratios(tmp_path, capsys):
     assert benchmark.main(argv) == 0
     record = json.loads((tmp_path / "benchmark.json").read_text())
     assert record["command"].startswith("python tools/benchmark.py --cfg")
+    assert (record["emerdiff_version"], record["format_version"]) == (emerdiff.__version__, 1)
     for impl in ("fast", "reference"):
         figures = record["impls"][impl]
         assert {"flops", "seconds", "unet_calls", "vae_calls", "peak_mem_bytes"} <= figures.keys()

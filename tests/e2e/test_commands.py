@@ -4,6 +4,7 @@ Every tool answers --help before torch, Lightning, diffusers or open_clip load; 
 command running the same `main`; after `pip install .` the shipped configs work by short name from any folder.
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,24 @@ def test_a_plain_install_segments_with_a_short_config_name_from_any_folder(plain
     assert (elsewhere / "out" / "coffee.png").is_file() and "1 segmented" in run.stdout
 
 
+def test_selfcheck_help_shows_output_as_required_and_its_absence_is_a_usage_error(capsys):
+    selfcheck = load_tool("selfcheck")
+    with pytest.raises(SystemExit):
+        selfcheck.main(["--help"])
+    usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+    assert " --output OUTPUT" in usage and "[--output OUTPUT]" not in usage
+    with pytest.raises(SystemExit) as stop:
+        selfcheck.main(["--cfg", "tiny"])
+    assert stop.value.code == 2 and "the following arguments are required: --output" in capsys.readouterr().err
+
+
+def test_no_documented_command_writes_into_the_checkout_s_docs():
+    """A documented --output under docs/ would overwrite the tracked records (docs/benchmarks/*) when run."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    outputs = {(page.name, out) for page in pages for out in re.findall(r"--output[ =](\S+)", page.read_text())}
+    assert outputs and not {(page, out) for page, out in outputs if out.startswith(("docs/", "./docs/"))}
+
+
 @pytest.mark.parametrize("devices", [1, 4, -1, "auto", "2", "0,2", [0, 2]])
 def test_every_device_setting_lightning_accepts_passes_the_early_check(devices):
     from emerdiff.cli.common.trainer import check_devices
@@ -138,3 +157,24 @@ def test_a_read_only_output_folder_is_refused_before_anything_loads(tmp_path, mo
     with pytest.raises(ConfigError, match="where the output folder would be made, is not writable"):
         check_output_folder(tmp_path / "locked" / "new" / "run")
     check_output_folder(tmp_path / "free" / "run")  # a folder that can be made
+
+
+def test_each_local_process_of_a_run_takes_its_share_of_the_cores(monkeypatch):
+    """trainer.devices=2 on 8 usable cores: the segmentor each process builds sets torch to 4 threads, not 8."""
+    import os
+
+    import torch
+
+    from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
+    from emerdiff.cli.common.trainer import build_segmentor, build_trainer
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = load_cli_config(parse_args(base_parser(""), ["--cfg", "tiny", "trainer.accelerator=cpu",
+                                                       "trainer.devices=2", "trainer.strategy=ddp"]))
+    before = torch.get_num_threads()
+    try:
+        build_segmentor(cfg, build_trainer(cfg.trainer, enable_checkpointing=False))
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)

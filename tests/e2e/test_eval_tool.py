@@ -23,6 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from conftest import REPO, TINY, load_tool, voc_folder
+import emerdiff
 from emerdiff import load_config
 from emerdiff.data import DATASETS, build_dataset, dataset_metadata
 from emerdiff.choices import PROTOCOLS
@@ -82,6 +83,7 @@ def first_run(eval_tool, voc_root, tmp_path_factory) -> Path:
 def test_one_command_writes_every_protocol_for_both_methods_and_a_table(first_run):
     results = read_results(first_run)
     assert results["dataset"] == "voc2012_val" and results["num_images"] == 3
+    assert (results["emerdiff_version"], results["format_version"]) == (emerdiff.__version__, 1)
     for method in METHODS:
         assert list(results["results"][method]) == ["hungarian", "dataset", "concept_image", "concept_dataset"]
         for scores in results["results"][method].values():

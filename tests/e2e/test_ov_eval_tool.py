@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, load_tool, voc_folder
+import emerdiff
 from emerdiff import load_config
 from emerdiff.data import DATASETS, build_dataset, dataset_metadata
 from ovseg import UNLABELLED, read_vocabulary
@@ -94,6 +95,7 @@ CLIP = "ovseg.labeller.load_clip"
 def test_one_command_scores_maskclip_and_emerdiff_side_by_side(fresh_run):
     results = read_results(fresh_run)
     assert results["dataset"] == "voc2012_val" and results["vocab"] == "voc"
+    assert (results["emerdiff_version"], results["format_version"]) == (emerdiff.__version__, 1)
     assert results["num_images"] == 2 and results["num_classes"] == 21
     assert list(results["results"]) == ["maskclip", "emerdiff"]
     for scores in results["results"].values():
@@ -195,14 +197,41 @@ def test_masks_of_a_prior_eval_run_in_the_same_output_are_reused_without_loading
     assert (eval_run / "results.json").read_text() == eval_results  # tools/eval.py's results untouched
 
 
-def test_labels_cached_with_other_clip_settings_are_refused_naming_the_setting(tools, fresh_run, voc_root, tmp_path,
-                                                                               capsys, monkeypatch):
+def another_voc_vocabulary(folder: Path) -> Path:
+    """VOC's 21 classes with one name worded otherwise: the same split, another vocabulary."""
+    names = ["airplane" if name == "aeroplane" else name for name in read_vocabulary("voc").names]
+    path = folder / "my_voc.txt"
+    path.write_text("\n".join(names) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("change", [["ovseg.templates=imagenet"], ["--vocab", "{vocab}"]], ids=["templates", "vocab"])
+def test_labels_cached_with_other_naming_settings_are_refused_before_the_run_with_the_relabel_advice(
+        change, tools, fresh_run, voc_root, tmp_path, capsys, monkeypatch):
     shutil.copytree(fresh_run, tmp_path, dirs_exist_ok=True)
-    forbid(monkeypatch, SD, CLIP)
+    forbid(monkeypatch, SD, CLIP, "pytorch_lightning.Trainer.test")  # refused before the run, not at its first image
+    vocab = another_voc_vocabulary(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        tools["ov_eval"].main(ov_command(voc_root, tmp_path, "ovseg.templates=imagenet"))
+        tools["ov_eval"].main([*ov_command(voc_root, tmp_path), *[a.format(vocab=vocab) for a in change]])
     assert exit_info.value.code == 2
-    assert "ovseg.templates: 'maskclip' -> 'imagenet'" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    named = "ovseg.templates: 'maskclip' -> 'imagenet'" if "ovseg.templates=imagenet" in change else \
+        f"ovseg.vocab: 'voc' -> '{vocab}'"
+    assert error.startswith(f"error: {tmp_path / 'ov' / 'cache'} holds labels named with other settings (")
+    assert named in error
+    assert f"pass --relabel to name the images again on the EmerDiff masks cached in {tmp_path / 'cache'}" in error
+
+
+def test_relabel_names_the_cached_masks_with_another_vocabulary_without_segmenting(tools, fresh_run, voc_root,
+                                                                                  tmp_path, monkeypatch):
+    shutil.copytree(fresh_run, tmp_path, dirs_exist_ok=True)
+    masks = {path.name: path.read_bytes() for path in (tmp_path / "cache").glob("*.npz")}
+    forbid(monkeypatch, SD)  # only CLIP runs
+    vocab = another_voc_vocabulary(tmp_path)
+    assert tools["ov_eval"].main([*ov_command(voc_root, tmp_path), "--vocab", str(vocab), "--relabel"]) == 0
+    results = read_results(tmp_path)
+    assert results["vocab"] == str(vocab) and "airplane" in results["results"]["emerdiff"]["iou"]
+    assert {path.name: path.read_bytes() for path in (tmp_path / "cache").glob("*.npz")} == masks  # reused as they were
 
 
 def test_vocabulary_with_another_class_count_than_the_split_is_a_clear_error(tools, voc_root, tmp_path, capsys):

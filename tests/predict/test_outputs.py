@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import emerdiff
 from emerdiff.files import read_jsonl
 from emerdiff.predict import OutputOptions, OutputStore, PredictedImage
 from emerdiff.segmentor import SegmentationOutput
@@ -52,7 +53,7 @@ def test_store_merges_rank_records_once_per_image_and_ignores_a_cut_line(tmp_pat
     manifest = read_jsonl(tmp_path / "manifest.jsonl")
     assert [r["name"] for r in manifest] == ["b", "sub/a"] and manifest[0]["num_masks"] == 3
     assert manifest[1] == {"name": "sub/a", "path": "/in/sub/a.png", "size": [6, 8], "num_masks": 2,
-                           "seconds": 0.5, "seed": 7}
+                           "seconds": 0.5, "seed": 7, "emerdiff_version": emerdiff.__version__, "format_version": 1}
     assert store.failures() == [{"name": "bad", "path": "/in/bad.jpg", "error": "broken", "type": "ImageLoadError"}]
     assert not (tmp_path / ".parts").exists()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("sub/*")) == [

@@ -11,15 +11,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from omegaconf import DictConfig
 
 from emerdiff.config import ConfigError, load_config
 from ovseg.config import with_ovseg_defaults
 
+from .messages import show_library_warnings
 from .trainer import check_trainer_keys
 
 # Library messages a user can do nothing about: Lightning's hardware lines and product tips (INFO), and a
@@ -49,9 +52,11 @@ def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argpa
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
-    """Parse, allowing key=value overrides before, between and after the options; then quiet the libraries."""
+    """Parse, allowing key=value overrides before, between and after the options; then quiet the libraries, and show
+    emerdiff's and ovseg's warnings beside the progress bar."""
     args = parser.parse_intermixed_args(argv)
     quiet_libraries()
+    show_library_warnings()
     return args
 
 
@@ -86,6 +91,30 @@ def check_output_folder(folder: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "the output folder" if existing == folder else f"{existing}, where the output folder would be made,"
         raise ConfigError(f"--output {folder}: {what} is not writable by this user; choose a writable folder")
+
+
+@contextmanager
+def output_lock(folder: Path, holder: bool) -> Iterator[None]:
+    """For the block, the output folder belongs to this run (`holder`: its global rank 0; the other ranks are the
+    same run): a second run into it waits, saying for which process, and then finds the first run's work done.
+    Ctrl-C while waiting gives up with status 130."""
+    from emerdiff.files import folder_lock
+    from emerdiff.stopping import EXIT_INTERRUPTED
+
+    def waiting(other: str) -> None:
+        print(f"waiting: another run is writing to {folder} ({other}); this run goes on when it ends "
+              "and skips what it did (Ctrl-C to give up)", file=sys.stderr, flush=True)
+
+    locked = False
+    try:
+        with folder_lock(folder, waiting) if holder else nullcontext():
+            locked = True
+            yield
+    except KeyboardInterrupt:
+        if locked:  # not while waiting: the run's own Ctrl-C
+            raise
+        print(f"gave up waiting for the run writing to {folder}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def load_cli_config(args: argparse.Namespace) -> DictConfig:

@@ -1,8 +1,9 @@
 """What the commands tell the user: counts in words, the random-weights and toy-model notices, one `error:` line per
-mistake."""
+mistake, and the library's warnings on lines of their own while a progress bar is on screen."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -17,6 +18,30 @@ TOY_MODEL_NOTICE = ("note: model.pretrained=toy is the toy world's miniature mod
                     "on photos its masks mean little.")
 RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
                        "but its masks carry no meaning. Use e.g. --cfg emerdiff_sd15 for real results.")
+
+
+LIBRARY_LOGGERS = ("emerdiff", "ovseg")  # the warnings a run shows as it goes (e.g. an image skipped or squeezed)
+
+
+class BesideProgressBars(logging.Handler):
+    """Writes each record on a line of its own on stderr: tqdm clears the progress bars on screen, writes, and
+    draws them again, so a message is never glued to a bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's convention: a handler never raises
+            self.handleError(record)
+
+
+def show_library_warnings() -> None:
+    """Warnings of emerdiff and ovseg go to stderr through `BesideProgressBars` (once, however often called)."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(handler, BesideProgressBars) for handler in logger.handlers):
+            logger.addHandler(BesideProgressBars(logging.WARNING))
 
 
 def plural(count: int, noun: str) -> str:

@@ -101,11 +101,12 @@ def build_logger(choice: Any, folder: str) -> Any:
 
 
 def build_segmentor(cfg: DictConfig, trainer: "pl.Trainer") -> "EmerDiff":
-    """EmerDiff on the CPU, in the dtype `model.dtype` means on the Trainer's device; Lightning moves it there."""
+    """EmerDiff on the CPU, in the dtype `model.dtype` means on the Trainer's device; Lightning moves it there. Each of
+    the Trainer's processes on this machine takes its share of the CPU cores (unless model.cpu_threads says)."""
     from emerdiff import EmerDiff
     from emerdiff.models import load_sd, resolve_dtype
 
     model = section(cfg.model, ModelConfig)
     dtype = resolve_dtype(model.dtype, trainer.strategy.root_device)
     model = replace(model, dtype=str(dtype).removeprefix("torch."))
-    return EmerDiff(load_sd(model, device="cpu"), section(cfg.segmentor, SegmentorConfig))
+    return EmerDiff(load_sd(model, device="cpu", local_ranks=trainer.num_devices), section(cfg.segmentor, SegmentorConfig))
