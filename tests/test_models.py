@@ -37,7 +37,7 @@ def test_miniature_sd_is_reproducible_and_has_the_sd_layout(tiny_components):
     again = build_random_sd("tiny", seed=0)
     for a, b in zip(tiny_components.unet.parameters(), again.unet.parameters()):
         assert torch.equal(a, b)
-    assert tiny_components.encode_prompt("").shape == (1, 77, 32)
+    assert tiny_components.encode_prompt("").text.shape == (1, 77, 32)
     names = set(tiny_components.unet.attn_processors)
     full = set(build_random_sd("sd15", device="meta").unet.attn_processors)
     assert names == full
