@@ -56,7 +56,7 @@ class ModelConfig:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 for the hub's half-precision files
     config: Optional[str] = None  # diffusers config (hub id or folder) for single-file checkpoints
-    vae: Optional[str] = None  # a VAE (hub id or diffusers folder) replacing the checkpoint's, e.g. SDXL's fp16 fix
+    vae: Optional[str] = setting(None, before=None)  # VAE (hub id / folder) replacing the checkpoint's (SDXL fp16 fix)
     local_files_only: bool = setting(False, run_only=True)
     random_init: bool = False  # build `arch` with random weights (benchmarks, no download)
     arch: str = "sd15"  # architecture for random_init: tiny, tiny_sdxl, sd15, sd21_base, sdxl

@@ -118,8 +118,9 @@ def _run_chunk(
     """Denoise one chunk of variants ([B, 1, h, w] offsets) from x_{t_m}; returns predicted x_0 latents."""
     steps = inversion.timesteps
     first = grid.index(steps[0])
-    control.modulation = Modulation(settings.layer, offsets.to(conditioning.text.device), frozenset(steps[:settings.num_steps]),
-                                    settings.placement, tuple(inversion.latents.shape[-2:]))
+    control.modulation = Modulation(settings.layer, offsets.to(conditioning.text.device),
+                                    frozenset(steps[:settings.num_steps]), settings.placement,
+                                    tuple(inversion.latents.shape[-2:]))
     batch = offsets.shape[0]
     x = inversion.latents[:1]
     for j, t in enumerate(steps):

@@ -8,19 +8,23 @@ holds for any weights.
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
 
-from conftest import assert_same_segmentation, tiny_segmentor
-from emerdiff import load_config
+from conftest import assert_same_segmentation, load_tool, tiny_segmentor
+from emerdiff import EmerDiff, load_config
 from emerdiff.image import load_image, to_model_input, working_size
 from emerdiff.models import build_random_sd
 from emerdiff.modulation import variant_offsets
 from emerdiff.observers import observing
 from emerdiff.processors import AttentionControl, controlled, layer_names
+from emerdiff.profiling import StageProfiler, profiled
 
 SDXL = load_config("emerdiff_sdxl").segmentor
 FAST = dict(num_inference_steps=5, t_modulate=201)  # 2 steps from t_m: the invariants hold on any grid
@@ -133,11 +137,12 @@ def test_injection_reaches_every_attention_layer_of_every_transformer_block_at_e
 
 @pytest.mark.parametrize("layer", ["up_blocks.0.attentions.2.transformer_blocks.0.attn2",
                                    "up_blocks.0.attentions.1.transformer_blocks.2.attn2"])
-def test_fast_path_equals_reference_path_at_any_transformer_block(tiny_sdxl, photo, layer):
+def test_fast_path_equals_reference_path_at_any_transformer_block_on_a_wide_image(tiny_sdxl, photo, layer):
+    wide = torch.nn.functional.interpolate(load_image(photo)[None], size=(128, 192), mode="bilinear")[0]
     common = dict(modulated_layer=layer, num_masks=2, keep_diff_maps=True)
-    fast = sdxl_segmentor(tiny_sdxl, impl="fast", **common).segment(photo)
-    reference = sdxl_segmentor(tiny_sdxl, impl="reference", **common).segment(photo)
-    assert fast.lowres_labels.shape == (4, 6)  # 128 x 192 (the photo's 4:5, sides multiples of 64): not square
+    fast = sdxl_segmentor(tiny_sdxl, impl="fast", **common).segment(wide)
+    reference = sdxl_segmentor(tiny_sdxl, impl="reference", **common).segment(wide)
+    assert fast.lowres_labels.shape == (4, 6)  # 128 x 192: a non-square grid
     assert_same_segmentation(fast, reference)
 
 
@@ -155,4 +160,65 @@ def test_out_of_memory_halves_the_failing_stage_and_keeps_the_result(tiny_sdxl, 
     finally:
         handle.remove()
     assert_same_segmentation(out, reference)
-    assert (model.chunks.inversion, model.chunks.variants) == (2, 1)  # 2 inversion steps fit; 6 -> 3 -> 1
+    assert (model.chunks.inversion, model.chunks.variants) == (0, 1)  # the 2 inversion steps fit; 6 -> 3 -> 1
+
+
+def test_a_half_precision_sdxl_vae_that_overflows_encodes_and_decodes_again_in_float32(caplog):
+    components = build_random_sd("tiny_sdxl", seed=0)
+    components.vae.to(torch.bfloat16)  # float16 convolutions are slow on CPUs; the fallback is the same
+    model = sdxl_segmentor(components, num_masks=2)
+
+    def overflow_below_float32(module, args, output):
+        return output * float("nan") if output.dtype != torch.float32 else output
+
+    handles = [part.register_forward_hook(overflow_below_float32)
+               for part in (components.vae.encoder, components.vae.decoder)]
+    try:
+        with caplog.at_level("WARNING", logger="emerdiff.segmentor"):
+            maps = model.mask_maps(torch.rand(3, 128, 128), seed=0).maps
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.isfinite(maps).all() and maps.abs().max() > 0
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "encoding this image again in float32" in messages and "decoding this image again in float32" in messages
+    assert components.vae.dtype == torch.bfloat16  # put back
+
+
+@pytest.mark.parametrize("config,arch", [("emerdiff_sdxl_turbo", "tiny_sdxl"), ("emerdiff_sd_turbo", "tiny")])
+def test_turbo_configs_invert_and_denoise_on_the_trailing_four_step_grid_with_one_unet_call_each(config, arch, photo):
+    cfg = load_config(config, overrides=["segmentor.resolution=128", "segmentor.num_masks=2",
+                                         "segmentor.memory_budget_gb=0", "segmentor.keep_diff_maps=true"])
+    model = EmerDiff(build_random_sd(arch, seed=0), OmegaConf.to_object(cfg.segmentor))
+    assert model.grid.timesteps == [999, 749, 499, 249] and model.grid.tail(model.params.t_modulate) == [249]
+    # each grid step goes to the next one: the last from 249 to the final alpha, not to 249 - 1000 / 4
+    acp = model.components.scheduler.alphas_cumprod
+    assert torch.allclose(model.grid.alpha_bar_prev[:3], acp[[749, 499, 249]].float())
+    profiler = StageProfiler(torch.device("cpu"))
+    with profiled(model, profiler):
+        out = model.segment(photo)
+    stages = profiler.stages
+    assert stages["inversion"].unet_calls == 1 and stages["modulated"].unet_calls == 1  # all variants, one step
+    z0 = model.encode(to_model_input(load_image(photo), (128, 128)))
+    inversion, record = model.invert(z0, torch.Generator().manual_seed(0))
+    replay = model.denoise(inversion, record, torch.zeros(1, 1, 4, 4))[0]
+    assert ((replay - z0[0]).norm() / z0.norm()).item() < 1e-4
+    assert out.diff_maps.abs().max() > 0
+
+
+@pytest.mark.parametrize("config", ["emerdiff_sdxl", "emerdiff_sdxl_turbo"])
+def test_the_selfcheck_passes_every_check_on_the_miniature_sdxl_and_turbo(config, tmp_path, photo, capsys):
+    image = tmp_path / "photo.png"
+    Image.fromarray(photo).save(image)
+    steps = [] if "turbo" in config else [f"segmentor.{k}={v}" for k, v in FAST.items()]
+    status = load_tool("selfcheck").main([
+        "--cfg", config, "--image", str(image), "--output", str(tmp_path / "check"), "--small-k", "2",
+        "model.random_init=true", "model.arch=tiny_sdxl", "model.device=cpu", "model.dtype=float32",
+        "segmentor.resolution=128", "segmentor.num_masks=3", "segmentor.kmeans_restarts=1", *steps])
+    assert status == 0, capsys.readouterr().out
+    report = json.loads((tmp_path / "check" / "selfcheck.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    ran = {name for name, check in checks.items() if check["status"] == "pass"}
+    assert ran == {"replay", "injection", "fast_vs_reference", "fast_vs_reference_labels", "lambda_zero"}
+    assert {checks[n]["status"] for n in ("faiss_gpu", "memory")} == {"skipped"}  # GPU only
+    assert checks["replay"]["figure"] < 1e-4 and checks["injection"]["figure"] == 1.0
