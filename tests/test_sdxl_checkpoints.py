@@ -26,7 +26,7 @@ from emerdiff import WeightsNotFoundError, load_config
 from emerdiff.cli import predict
 from emerdiff.config import ModelConfig
 from emerdiff.models import SDComponents, build_random_sd, load_sd
-from test_checkpoints import hub_cache, text_to_ldm, unet_to_ldm, vae_to_ldm
+from test_checkpoints import assert_same_weights, hub_cache, text_to_ldm, unet_to_ldm, vae_to_ldm
 
 OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
              "self_attn.out_proj": "attn.out_proj"}
@@ -84,14 +84,6 @@ def sdxl_file(sdxl, tmp_path_factory) -> Path:
 
 def model(**kwargs) -> ModelConfig:
     return ModelConfig(**{"device": "cpu", "dtype": "float32", "local_files_only": True, **kwargs})
-
-
-def assert_same_weights(loaded: SDComponents, expected: SDComponents) -> None:
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        got, want = getattr(loaded, name).state_dict(), getattr(expected, name).state_dict()
-        assert got.keys() == want.keys(), name
-        different = [k for k in want if not torch.equal(got[k].to(want[k].dtype), want[k])]
-        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def test_the_diffusers_folder_loads_offline_with_both_text_encoders_and_the_same_conditioning(sdxl, sdxl_folder,
