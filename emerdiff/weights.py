@@ -285,7 +285,7 @@ def _read_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipel
     if is_local_path(source):
         if not path.is_dir():
             raise WeightsNotFoundError(_missing_weights_message(source, cfg, FileNotFoundError("no such folder")))
-        problem = _pipeline_folder_problem(path)
+        problem = _pipeline_folder_problem(path, needed=())  # model_index.json first: it names the pipeline
         if problem is None:
             name, needed = pipeline_class(json.loads((path / "model_index.json").read_text()), source)
             problem = _pipeline_folder_problem(path, needed)
