@@ -85,7 +85,7 @@ def test_an_sdxl_checkpoint_offline_without_model_config_names_sdxls_config_repo
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     cfg = _single_file(tmp_path, ["conditioner.embedders.0.transformer.text_model.final_layer_norm.bias",
                                   "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
-                                  "model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.quant_conv.bias"])
+                                  "model.diffusion_model.out.2.bias", "first_stage_model.quant_conv.bias"])
     with pytest.raises(WeightsNotFoundError, match=r"(?s)needs the diffusers config.*"
                                                    r"stabilityai/stable-diffusion-xl-base-1.0"):
         load_sd(cfg)
