@@ -93,7 +93,7 @@ def warm_up(model: EmerDiff) -> None:
     side = model.params.resolution // 8
     latent = torch.zeros(1, model.unet.config.in_channels, side, side, device=model.device, dtype=model.unet.dtype)
     with torch.no_grad():
-        model.unet(latent, torch.tensor([1], device=model.device), model.prompt)
+        model.unet(latent, torch.tensor([1], device=model.device), **model.conditioning().unet_kwargs(latent))
         model.vae.decode(latent)
 
 
@@ -118,8 +118,7 @@ def run(cfg: DictConfig, impls: Sequence[str], image: Optional[str], repeats: in
 
 def weight_bytes(model: EmerDiff) -> int:
     """Bytes of the UNet, VAE and text-encoder weights."""
-    modules = (model.unet, model.vae, model.text_encoder)
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return sum(p.numel() * p.element_size() for m in model.components.modules for p in m.parameters())
 
 
 def largest_batch(chunk: int, count: int) -> int:

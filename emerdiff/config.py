@@ -26,6 +26,7 @@ PLACEMENTS = ("output", "value")  # segmentor.offset_placement
 ASPECTS = ("keep", "square")  # segmentor.aspect
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # model.dtype: auto, or the name of a torch dtype
 KMEANS_DEVICES = ("auto", "cpu", "gpu")  # segmentor.kmeans_device
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # segmentor.timestep_spacing: diffusers' names
 MATCH_CRITERIA = ("iou", "overlap")  # eval.match_criterion
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed with the package
 
@@ -55,9 +56,10 @@ class ModelConfig:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 for the hub's half-precision files
     config: Optional[str] = None  # diffusers config (hub id or folder) for single-file checkpoints
+    vae: Optional[str] = setting(None, before=None)  # VAE (hub id / folder) replacing the checkpoint's (SDXL fp16 fix)
     local_files_only: bool = setting(False, run_only=True)
     random_init: bool = False  # build `arch` with random weights (benchmarks, no download)
-    arch: str = "sd15"  # architecture for random_init: tiny, sd15, sd21_base
+    arch: str = "sd15"  # architecture for random_init: tiny, tiny_sdxl, sd15, sd21_base, sdxl
     init_seed: int = 0  # seed of the random weights of tiny / random_init models
     cpu_threads: Optional[int] = setting(None, minimum=1, run_only=True)  # torch CPU threads; None = OMP_NUM_THREADS,
     #   else the usable cores shared among this machine's processes of the run
@@ -77,6 +79,8 @@ class SegmentorConfig:
     feature_layer: str = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     t_modulate: int = 281  # t_m, first modulated step; must lie on the scheduler grid (step 6)
     num_inference_steps: int = setting(50, minimum=1)  # scheduler grid over 1000 training steps (step 6)
+    timestep_spacing: Optional[str] = setting(None, choices=TIMESTEP_SPACINGS, before=None)  # grid spacing; null =
+    #   the scheduler config's (SD: leading); trailing = the Turbo models' few-step grid (999, 749, 499, 249)
     num_modulated_steps: int = setting(1, minimum=1)  # steps from t_m on that receive the offset (step 8)
     modulated_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
     offset_placement: str = setting("output", choices=PLACEMENTS)  # output: to_out(PV) + cM; value: to_out(PV + cM)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import SchedulerMixin, UNet2DConditionModel
 
+from .models import Conditioning
 from .processors import AttentionControl, controlled, token_grid
 
 
@@ -26,7 +27,7 @@ def extract_queries(
     unet: UNet2DConditionModel,
     scheduler: SchedulerMixin,
     latents: torch.Tensor,
-    text: torch.Tensor,
+    conditioning: Conditioning,
     layer: str,
     timestep: int,
     draws: int,
@@ -38,7 +39,7 @@ def extract_queries(
     noisy = scheduler.add_noise(latents.expand(draws, -1, -1, -1), noise, t)
     control = AttentionControl(timesteps=[timestep] * draws, record_layers=frozenset({layer}))
     with controlled(unet, control):
-        unet(noisy.to(unet.dtype), t.to(latents.device), text.expand(draws, -1, -1))
+        unet(noisy.to(unet.dtype), t.to(latents.device), **conditioning.expand(draws).unet_kwargs(noisy))
     queries = control.record.query[(layer, timestep)].float().mean(0)  # [tokens, channels]
     height, width = token_grid(queries.shape[0], (latents.shape[-2], latents.shape[-1]), layer)
     return QueryFeatures(queries, height, width, layer, timestep)

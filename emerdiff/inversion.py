@@ -11,7 +11,7 @@ All scheduler arithmetic is float32 whatever the UNet's dtype (float64 for a flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from diffusers import DDIMScheduler
@@ -31,13 +31,17 @@ class DDPMGrid:
     prediction_type: str
 
     @classmethod
-    def from_scheduler(cls, scheduler: DDIMScheduler, num_inference_steps: int) -> "DDPMGrid":
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_inference_steps: int,
+                       spacing: Optional[str] = None) -> "DDPMGrid":
+        """DDIM's grid of `num_inference_steps` with `spacing` (None: the scheduler config's); each step goes to
+        the next grid step (on the evenly spaced "leading" grid that is t - 1000 / steps, as DDIM steps)."""
+        if spacing is not None and spacing != scheduler.config.get("timestep_spacing"):
+            scheduler = DDIMScheduler.from_config(scheduler.config, timestep_spacing=spacing)
         scheduler.set_timesteps(num_inference_steps)
         steps = [int(t) for t in scheduler.timesteps]
-        gap = scheduler.config.num_train_timesteps // num_inference_steps
         acp = scheduler.alphas_cumprod.double()
         final = torch.as_tensor(scheduler.final_alpha_cumprod).double()
-        prev = [acp[t - gap] if t - gap >= 0 else final for t in steps]
+        prev = [acp[t] for t in steps[1:]] + [final]
         return cls(steps, acp[steps].float(), torch.stack(prev).float(), scheduler.config.prediction_type)
 
     def index(self, timestep: int) -> int:

@@ -73,8 +73,11 @@ def meta_copy(components: SDComponents) -> SDComponents:
         unet = type(components.unet).from_config(components.unet.config)
         vae = type(components.vae).from_config(components.vae.config)
         text = type(components.text_encoder)(components.text_encoder.config)
+        second = components.text_encoder_2
+        text_2 = None if second is None else type(second)(second.config)
     scheduler = type(components.scheduler).from_config(components.scheduler.config)  # add_noise moves its tensors
-    copies = freeze(SDComponents(unet, vae, text, components.tokenizer, scheduler, name=f"meta:{components.name}"))
+    copies = freeze(SDComponents(unet, vae, text, components.tokenizer, scheduler, name=f"meta:{components.name}",
+                                 text_encoder_2=text_2, tokenizer_2=components.tokenizer_2))
     return cast_components(copies, components.unet.dtype)
 
 

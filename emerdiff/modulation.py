@@ -22,7 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .inversion import DDPMGrid, Inversion
-from .models import at_least_float32
+from .models import Conditioning, at_least_float32
 from .processors import AttentionControl, AttentionRecord, Modulation, Observer, controlled
 
 def variant_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
@@ -112,14 +112,15 @@ def shared_prefix(unet: UNet2DConditionModel, layer: str, batch: int) -> Iterato
 
 
 def _run_chunk(
-    unet: UNet2DConditionModel, text: torch.Tensor, grid: DDPMGrid, inversion: Inversion,
+    unet: UNet2DConditionModel, conditioning: Conditioning, grid: DDPMGrid, inversion: Inversion,
     control: AttentionControl, offsets: torch.Tensor, settings: ModulationSettings, share_prefix: bool,
 ) -> torch.Tensor:
     """Denoise one chunk of variants ([B, 1, h, w] offsets) from x_{t_m}; returns predicted x_0 latents."""
     steps = inversion.timesteps
     first = grid.index(steps[0])
-    control.modulation = Modulation(settings.layer, offsets.to(text.device), frozenset(steps[:settings.num_steps]),
-                                    settings.placement, (inversion.latents.shape[-2], inversion.latents.shape[-1]))
+    control.modulation = Modulation(settings.layer, offsets.to(conditioning.text.device),
+                                    frozenset(steps[:settings.num_steps]), settings.placement,
+                                    tuple(inversion.latents.shape[-2:]))
     batch = offsets.shape[0]
     x = inversion.latents[:1]
     for j, t in enumerate(steps):
@@ -127,16 +128,16 @@ def _run_chunk(
         t_in = torch.tensor([t], device=x.device)
         if x.shape[0] == 1 and batch > 1 and share_prefix:
             with shared_prefix(unet, settings.layer, batch):
-                out = at_least_float32(unet(x.to(unet.dtype), t_in, text).sample)
-        else:
-            out = at_least_float32(unet(x.expand(batch, -1, -1, -1).to(unet.dtype), t_in, text).sample)
+                out = at_least_float32(unet(x.to(unet.dtype), t_in, **conditioning.unet_kwargs(x)).sample)
+        else:  # batch-1 conditioning: a cross-attention layer with injection then runs once (processors.attend)
+            out = at_least_float32(unet(x.expand(batch, -1, -1, -1).to(unet.dtype), t_in, **conditioning.unet_kwargs(x)).sample)
         x = grid.step(x, out, first + j, inversion.noise[j])
     return x
 
 
 @torch.no_grad()
 def denoise_variants(
-    unet: UNet2DConditionModel, text: torch.Tensor, grid: DDPMGrid, inversion: Inversion,
+    unet: UNet2DConditionModel, conditioning: Conditioning, grid: DDPMGrid, inversion: Inversion,
     record: Optional[AttentionRecord], offsets: torch.Tensor, settings: ModulationSettings,
     observer: Optional[Observer] = None,
 ) -> torch.Tensor:
@@ -154,5 +155,6 @@ def denoise_variants(
     with controlled(unet, control):
         for s in range(0, len(offsets), size):
             chunk = offsets[s:s + size]
-            results.append(_run_chunk(unet, text, grid, inversion, control, chunk, settings, share_prefix=fast))
+            results.append(_run_chunk(unet, conditioning, grid, inversion, control, chunk, settings,
+                                      share_prefix=fast))
     return torch.cat(results)

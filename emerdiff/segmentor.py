@@ -28,11 +28,11 @@ from .features import QueryFeatures, extract_queries
 from .image import ImageInput, capped_aspect_note, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
 from .memory import ChunkPlan, plan_chunks, resolve_budget
-from .models import SDComponents, at_least_float32, load_sd, pipeline_components
+from .models import Conditioning, SDComponents, at_least_float32, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
 from .observers import StageObserver, observed_stage
 from .processors import AttentionControl, AttentionRecord, Observer, check_layer, controlled, layer_names
-from .vae import decode_latents, decode_size, encode_image, resize_latents
+from .vae import decode_latents, decode_size, encode_image, float32_vae, overflowed, resize_latents
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -111,7 +111,7 @@ class EmerDiff(nn.Module):
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.components = components
         self.params = params
-        self.grid = DDPMGrid.from_scheduler(components.scheduler, params.num_inference_steps)
+        self.grid = DDPMGrid.from_scheduler(components.scheduler, params.num_inference_steps, params.timestep_spacing)
         self._check(params)
         self.grid = self.grid.thinned(params.t_modulate, params.denoise_steps)
         if params.channels_last:  # converts the shared UNet/VAE in place; results equal up to rounding
@@ -119,7 +119,10 @@ class EmerDiff(nn.Module):
                 module.to(memory_format=torch.channels_last)
         if params.compile:  # compiles the shared UNet/VAE regions in place, lazily at their first call
             compile_regions((self.unet, self.vae), params.compile_backend, params.compile_mode)
-        self.register_buffer("prompt", components.encode_prompt(""), persistent=False)
+        conditioning = components.encode_prompt("")
+        self.register_buffer("prompt", conditioning.text, persistent=False)
+        self.register_buffer("pooled_prompt", conditioning.pooled, persistent=False)  # None below SDXL
+        self.pixels_per_latent = conditioning.pixels_per_latent
         self.observers: List[StageObserver] = []  # what watches the stages (`emerdiff.observers.observing`)
         self.run_chunks: ChunkRunner = run_chunks
         self.chunks: Optional[ChunkPlan] = None  # planned once, on the first image (`chunk_plan`)
@@ -161,6 +164,11 @@ class EmerDiff(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.prompt.device
+
+    def conditioning(self) -> Conditioning:
+        """The empty prompt's conditioning that every UNet call of every stage receives (SDXL: with the pooled
+        embedding; the added time ids follow each call's latent size)."""
+        return Conditioning(self.prompt, self.pooled_prompt, self.pixels_per_latent)
 
     def stage(self, name: str) -> AbstractContextManager[None]:
         """The block of the recipe's stage `name`, seen by every observer (none by default: it costs nothing)."""
@@ -229,16 +237,12 @@ class EmerDiff(nn.Module):
         with self.stage("assignment"):
             # 10. Per-pair RGB distance and Gaussian smoothing (11, the argmax, is `output`).
             maps = self.difference_maps(images, modulated, num_masks, size)
-        if self.vae.dtype == torch.float32 or self.device.type == "meta" or torch.isfinite(maps).all():
+        if not overflowed(self.vae, maps):
             return maps
         logger.warning("non-finite difference maps from the %s VAE: decoding this image again in float32",
                        self.vae.dtype)
-        dtype = self.vae.dtype
-        try:
-            self.vae.to(torch.float32)
+        with float32_vae(self.vae):
             maps = self.difference_maps(self.decode(latents, self.chunk_plan().decode), modulated, num_masks, size)
-        finally:
-            self.vae.to(dtype)
         if not torch.isfinite(maps).all():
             raise FloatingPointError("the difference maps are not finite even with a float32 VAE decode: the "
                                      "latents themselves overflowed; try model.dtype=float32 or bfloat16")
@@ -267,13 +271,20 @@ class EmerDiff(nn.Module):
             self.chunks = replace(self.chunk_plan(), **smaller_batch)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Step 2: pixels [1, 3, h, w] in [-1, 1] -> z0 [1, 4, h/8, w/8] float32."""
-        return encode_image(self.vae, pixels)
+        """Step 2: pixels [1, 3, h, w] in [-1, 1] -> z0 [1, 4, h/8, w/8] float32; a half-precision VAE that
+        overflows (SDXL's in float16) encodes again in float32."""
+        z0 = encode_image(self.vae, pixels)
+        if not overflowed(self.vae, z0):
+            return z0
+        logger.warning("non-finite latents from the %s VAE: encoding this image again in float32", self.vae.dtype)
+        with float32_vae(self.vae):
+            return encode_image(self.vae, pixels)
 
     def features(self, z0: torch.Tensor, generator: torch.Generator) -> QueryFeatures:
         """Step 3-4: the feature layer's queries at t_f, averaged over the noise draws."""
         p = self.params
-        return extract_queries(self.unet, self.components.scheduler, z0, self.prompt, p.feature_layer, p.t_feature,
+        return extract_queries(self.unet, self.components.scheduler, z0, self.conditioning(), p.feature_layer,
+                               p.t_feature,
                                p.feature_noise_draws, generator)
 
     def cluster(self, features: QueryFeatures, seed: int) -> Clusters:
@@ -291,8 +302,8 @@ class EmerDiff(nn.Module):
 
         def denoise(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             control.timesteps = timesteps.tolist()
-            text = self.prompt.expand(len(latents), -1, -1)
-            return at_least_float32(self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), text).sample)
+            conditioning = self.conditioning().expand(len(latents)).unet_kwargs(latents)
+            return at_least_float32(self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), **conditioning).sample)
 
         with controlled(self.unet, control):
             inversion = ddpm_inversion(denoise, self.grid, z0, p.t_modulate, generator, chunk_size)
@@ -310,7 +321,8 @@ class EmerDiff(nn.Module):
         settings = self.modulation_settings(chunk_size)
 
         def chunk(part: torch.Tensor) -> torch.Tensor:
-            return denoise_variants(self.unet, self.prompt, self.grid, inversion, record, part, settings, observer)
+            return denoise_variants(self.unet, self.conditioning(), self.grid, inversion, record, part, settings,
+                                    observer)
 
         return self.run_chunks(chunk, offsets, settings.batch_size(len(offsets)))
 

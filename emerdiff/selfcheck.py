@@ -143,8 +143,7 @@ def check_faiss_gpu(features: torch.Tensor, k: int, seed: int, restarts: int, it
 
 
 def weight_bytes(model: EmerDiff) -> int:
-    modules = (model.unet, model.vae, model.text_encoder)
-    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+    return sum(t.numel() * t.element_size() for m in model.components.modules for t in [*m.parameters(), *m.buffers()])
 
 
 def memory_estimate(model: EmerDiff, variants: int) -> Optional[int]:

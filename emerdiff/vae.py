@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from contextlib import contextmanager
+from typing import Iterator, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,21 @@ def encode_image(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """step 9: latents [V, 4, h, w] -> RGB images [V, 3, H, W] in [-1, 1], float32 or float64 (one VAE call)."""
     return at_least_float32(vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample)
+
+
+@contextmanager
+def float32_vae(vae: AutoencoderKL) -> Iterator[AutoencoderKL]:
+    """The VAE in float32 for the block, then back in its dtype: SDXL's VAE overflows in float16."""
+    dtype = vae.dtype
+    try:
+        yield vae.to(torch.float32)
+    finally:
+        vae.to(dtype)
+
+
+def overflowed(vae: AutoencoderKL, tensor: torch.Tensor) -> bool:
+    """A half-precision VAE's result holds NaN or inf (never asked of a float32 VAE or on the meta device)."""
+    return vae.dtype != torch.float32 and tensor.device.type != "meta" and not torch.isfinite(tensor).all()
 
 
 def resize_latents(latents: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torch.Tensor:

@@ -1,17 +1,20 @@
 """Real Stable Diffusion weights: a hub id, a local diffusers folder or a single checkpoint file, read the
 diffusers way, and every problem on the way explained (what was looked for, the ways to provide the weights).
 
-A single-file checkpoint is checked before diffusers reads it (`check_sd_checkpoint`): SDXL, SD3, FLUX,
-ControlNet, LoRA, inpainting and diffusers component files are refused with what to use instead.
+A single-file checkpoint is checked before diffusers reads it (`check_sd_checkpoint`): SD 1.x, 2.x and SDXL
+(SDXL base, SSD-1B, SDXL-Turbo) load; the SDXL refiner, SD3, FLUX, ControlNet, LoRA, inpainting and diffusers
+component files are refused with what to use instead. A diffusers folder or hub id is read by the pipeline class
+its model_index.json names (`pipeline_class`); transformer (DiT) backbones are refused with why.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 
@@ -28,11 +31,15 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model."
 SDXL_PREFIX = "conditioner.embedders."
+SDXL_SECOND_ENCODER = "conditioner.embedders.1."  # SDXL base / SSD-1B / Turbo; the refiner has only embedders.0
+TRANSFORMER_WHY = ("a transformer (DiT) backbone: it has no UNet, so none of the low-resolution up-block "
+                   "cross-attention layers EmerDiff reads its features from and modulates")
+TRANSFORMER_MODELS = {"joint_blocks.": "Stable Diffusion 3", "double_blocks.": "FLUX"}  # key fragment -> model
 OTHER_MODELS = {  # key fragment -> what the file is
-    "joint_blocks.": "Stable Diffusion 3", "double_blocks.": "FLUX", "control_model.": "a ControlNet",
-    "lora_unet_": "a LoRA adapter", "motion_modules.": "an AnimateDiff motion module",
+    "control_model.": "a ControlNet", "lora_unet_": "a LoRA adapter", "motion_modules.": "an AnimateDiff motion module",
 }
 PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_FOLDERS = PIPELINE_FOLDERS + ("text_encoder_2", "tokenizer_2")
 TINY_HINT = "  - for an offline smoke test without weights use --cfg configs/tiny.yaml (random miniature model)."
 
 
@@ -125,15 +132,21 @@ def read_checkpoint_keys(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def check_sd_checkpoint(path: Path, tensors: Dict[str, torch.Tensor]) -> str:
-    """'v1' or 'v2' for a full SD 1.x / 2.x checkpoint in the original layout; else an error naming the fix."""
+    """'v1', 'v2' or 'xl' for a full SD 1.x / 2.x / SDXL checkpoint in the original layout; else an error naming
+    the fix."""
     keys = list(tensors)
     sample = ", ".join(f"'{k}'" for k in keys[:3])
-    use = ("EmerDiff needs Stable Diffusion 1.x or 2.x (UNet, VAE and text encoder in one file, the original "
-           "LDM/CompVis layout), e.g. v1-5-pruned-emaonly.safetensors or v2-1_512-ema-pruned.safetensors, "
-           "or a diffusers folder / hub id (configs/emerdiff_sd15.yaml, emerdiff_sd21.yaml)")
-    if any(k.startswith(SDXL_PREFIX) for k in keys):
-        raise WeightsNotFoundError(f"'{path}' is a Stable Diffusion XL checkpoint (keys {SDXL_PREFIX}*), not SD "
-                                   f"1.x/2.x: SDXL's UNet has no 16x16 cross-attention layers EmerDiff uses. {use}.")
+    use = ("EmerDiff needs Stable Diffusion 1.x, 2.x or XL (UNet, VAE and text encoder(s) in one file, the original "
+           "LDM/CompVis layout), e.g. v1-5-pruned-emaonly.safetensors, v2-1_512-ema-pruned.safetensors or "
+           "sd_xl_base_1.0.safetensors, or a diffusers folder / hub id (configs/emerdiff_sd15.yaml, emerdiff_sdxl.yaml)")
+    for fragment, what in TRANSFORMER_MODELS.items():
+        if any(fragment in k for k in keys):
+            raise WeightsNotFoundError(f"'{path}' looks like {what} (keys containing '{fragment}'), {TRANSFORMER_WHY}. "
+                                       f"{use}.")
+    if any(k.startswith(SDXL_PREFIX) for k in keys) and not any(k.startswith(SDXL_SECOND_ENCODER) for k in keys):
+        raise WeightsNotFoundError(f"'{path}' is the Stable Diffusion XL refiner (one text encoder, "
+                                   f"{SDXL_PREFIX}0 only), which refines latents and conditions on an aesthetic "
+                                   f"score: use the SDXL base model (or SSD-1B, SDXL-Turbo). {use}.")
     for fragment, what in OTHER_MODELS.items():
         if any(fragment in k for k in keys):
             raise WeightsNotFoundError(f"'{path}' looks like {what} (keys containing '{fragment}'), not a Stable "
@@ -146,29 +159,49 @@ def check_sd_checkpoint(path: Path, tensors: Dict[str, torch.Tensor]) -> str:
                 "model.pretrained instead of the file.")
         raise WeightsNotFoundError(f"'{path}' has none of the keys of an original-layout SD checkpoint "
                                    f"({LDM_UNET_PREFIX}*; found {sample}). {use}.")
-    parts = ((LDM_VAE_PREFIX, "VAE"), (LDM_TEXT_PREFIX, "text encoder"))
-    missing = [name for prefix, name in parts if not any(k.startswith(prefix) for k in keys)]
+    xl = any(k.startswith(SDXL_PREFIX) for k in keys)
+    parts = ((LDM_VAE_PREFIX, "VAE"), (SDXL_PREFIX if xl else LDM_TEXT_PREFIX, "text encoder"))
+    missing = [(prefix, name) for prefix, name in parts if not any(k.startswith(prefix) for k in keys)]
     if missing:
-        prefixes = " / ".join(prefix for prefix, name in parts if name in missing)
-        raise WeightsNotFoundError(f"'{path}' holds the UNet but no {' and no '.join(missing)} (no {prefixes}* "
-                                   "keys): use the full checkpoint, or a diffusers folder as model.pretrained.")
+        raise WeightsNotFoundError(f"'{path}' holds the UNet but no {' and no '.join(n for _, n in missing)} (no "
+                                   f"{' / '.join(p for p, _ in missing)}* keys): use the full checkpoint, or a "
+                                   "diffusers folder as model.pretrained.")
     conv_in = tensors.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
         raise WeightsNotFoundError(f"'{path}' is an inpainting or image-conditioned UNet ({conv_in.shape[1]} input "
                                    f"channels, EmerDiff needs 4). {use}.")
+    if xl:
+        return "xl"
     v2 = tensors.get(LDM_UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight")
     return "v2" if v2 is not None and v2.shape[-1] == 1024 else "v1"
 
 
-def _pipeline_folder_problem(folder: Path) -> Optional[str]:
-    """Why `folder` is not a diffusers pipeline folder, or None."""
+def pipeline_class(index: Dict[str, Any], source: str) -> Tuple[str, Tuple[str, ...]]:
+    """The diffusers pipeline class to read a model_index.json with and the component folders it needs:
+    SDXL-shaped pipelines (SDXL, SSD-1B, SDXL-Turbo) take two text encoders; transformer backbones are refused."""
+    name = str(index.get("_class_name", ""))
+    if "transformer" in index and "unet" not in index:
+        raise WeightsNotFoundError(f"model.pretrained='{source}' is a {name or 'transformer'} pipeline, "
+                                   f"{TRANSFORMER_WHY}: use an SD 1.x/2.x/XL model (configs/emerdiff_sd15.yaml, "
+                                   "emerdiff_sdxl.yaml, emerdiff_sd_turbo.yaml, ...)")
+    if "text_encoder_2" in index:
+        if index.get("text_encoder") in (None, [None, None]):
+            raise WeightsNotFoundError(f"model.pretrained='{source}' is an SDXL refiner ({name}: no first text "
+                                       "encoder), which refines latents: use the SDXL base model (or SSD-1B, "
+                                       "SDXL-Turbo)")
+        return "StableDiffusionXLPipeline", SDXL_FOLDERS
+    return "StableDiffusionPipeline", PIPELINE_FOLDERS
+
+
+def _pipeline_folder_problem(folder: Path, needed: Tuple[str, ...] = PIPELINE_FOLDERS) -> Optional[str]:
+    """Why `folder` is not a diffusers pipeline folder (with the subfolders `needed`), or None."""
     if not (folder / "model_index.json").is_file():
         files = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
         single = [f for f in files if f.endswith(SINGLE_FILE_SUFFIXES)]
         hint = (f" It holds {', '.join(single)}: pass that file as model.pretrained=" f"{folder / single[0]}"
                 if single else "")
         return f"no model_index.json (found: {', '.join(files) or 'nothing'}).{hint}"
-    absent = [name for name in PIPELINE_FOLDERS if not (folder / name).is_dir()]
+    absent = [name for name in needed if not (folder / name).is_dir()]
     if absent:
         return f"model_index.json but no {', '.join(absent)}/ subfolder(s)"
     return None
@@ -182,11 +215,12 @@ def _single_file_config(cfg: ModelConfig, path: Path, version: str, local_only: 
     if cfg.config is not None:
         if is_local_path(cfg.config):
             folder = Path(cfg.config).expanduser()
-            problem = "it does not exist" if not folder.exists() else _pipeline_folder_problem(folder)
+            needed = SDXL_FOLDERS if version == "xl" else PIPELINE_FOLDERS
+            problem = "it does not exist" if not folder.exists() else _pipeline_folder_problem(folder, needed)
             if problem:
                 raise WeightsNotFoundError(
                     f"model.config='{cfg.config}' must be a diffusers pipeline folder of the checkpoint's SD version "
-                    f"(model_index.json and the config files of {', '.join(PIPELINE_FOLDERS)}; weights not needed): "
+                    f"(model_index.json and the config files of {', '.join(needed)}; weights not needed): "
                     f"{problem}.")
             return str(folder)
         repo = cfg.config
@@ -208,14 +242,18 @@ def _single_file_config(cfg: ModelConfig, path: Path, version: str, local_only: 
         ) from None
 
 
-DEFAULT_CONFIG_REPOS = {"v1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "v2": "stabilityai/stable-diffusion-2-1"}
+DEFAULT_CONFIG_REPOS = {"v1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "v2": "stabilityai/stable-diffusion-2-1",
+                        "xl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
 def load_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:
     """The diffusers pipeline of `cfg.pretrained` in `dtype`; any failure is a WeightsNotFoundError saying why and
     how to provide the weights."""
     try:
-        return _load_pipeline(cfg, dtype)
+        pipe = _load_pipeline(cfg, dtype)
+        if cfg.vae is not None:
+            pipe.vae = load_vae(cfg, dtype)
+        return pipe
     except WeightsNotFoundError:
         raise
     except (OSError, ValueError, RuntimeError, ImportError, KeyError) as exc:
@@ -231,36 +269,66 @@ def _load_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipel
 
 
 def _read_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     source = str(shipped_pipeline(cfg.pretrained) or cfg.pretrained)  # `toy`: the folder in the package
     local_only = cfg.local_files_only or _offline()
     # low_cpu_mem_usage needs accelerate: asking for it without accelerate only earns a warning
-    no_safety = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                     low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+    common = dict(torch_dtype=dtype, local_files_only=local_only, cache_dir=hub_cache(),
+                  low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     path = Path(source).expanduser()
     if source.endswith(SINGLE_FILE_SUFFIXES) or path.is_file():
         if not path.is_file():
             raise WeightsNotFoundError(_missing_weights_message(source, cfg, FileNotFoundError("no such file")))
         version = check_sd_checkpoint(path, read_checkpoint_keys(path))
+        name = "StableDiffusionXLPipeline" if version == "xl" else "StableDiffusionPipeline"
         config = _single_file_config(cfg, path, version, local_only)
-        return StableDiffusionPipeline.from_single_file(
-            str(path), config=config, torch_dtype=dtype, local_files_only=local_only, cache_dir=hub_cache(),
-            **no_safety)
+        return getattr(diffusers, name).from_single_file(str(path), config=config, **common, **_extras(name))
     if is_local_path(source):
         if not path.is_dir():
             raise WeightsNotFoundError(_missing_weights_message(source, cfg, FileNotFoundError("no such folder")))
-        problem = _pipeline_folder_problem(path)
+        problem = _pipeline_folder_problem(path, needed=())  # model_index.json first: it names the pipeline
+        if problem is None:
+            name, needed = pipeline_class(json.loads((path / "model_index.json").read_text()), source)
+            problem = _pipeline_folder_problem(path, needed)
         if problem:
             raise WeightsNotFoundError(
                 f"model.pretrained='{source}' is not a diffusers pipeline folder: {problem}. Expected model_index.json "
-                f"and {', '.join(f + '/' for f in PIPELINE_FOLDERS)} (as save_pretrained writes them); a single "
-                "checkpoint file goes directly in model.pretrained=/path/to/model.safetensors.")
+                f"and {', '.join(f + '/' for f in PIPELINE_FOLDERS)} (SDXL: also text_encoder_2/, tokenizer_2/; as "
+                "save_pretrained writes them); a single checkpoint file goes directly in "
+                "model.pretrained=/path/to/model.safetensors.")
         source = str(path)
-    return StableDiffusionPipeline.from_pretrained(
-        source, torch_dtype=dtype, revision=cfg.revision, variant=cfg.variant,
-        local_files_only=local_only, cache_dir=hub_cache(), **no_safety,
-    )
+    else:  # a hub id: its model_index.json (a small file) says which pipeline it is before any weights download
+        index = diffusers.DiffusionPipeline.load_config(source, revision=cfg.revision, local_files_only=local_only,
+                                                        cache_dir=hub_cache())
+        name, _ = pipeline_class(index, source)
+    return getattr(diffusers, name).from_pretrained(source, revision=cfg.revision, variant=cfg.variant, **common,
+                                                    **_extras(name))
+
+
+def _extras(pipeline: str) -> Dict[str, Any]:
+    """Pipeline arguments EmerDiff sets: no safety checker (SD) and no watermarker (SDXL): it never makes images."""
+    if pipeline == "StableDiffusionXLPipeline":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def load_vae(cfg: ModelConfig, dtype: torch.dtype) -> Any:
+    """`model.vae`: a VAE (hub id or diffusers folder, its own or a pipeline's vae/) replacing the checkpoint's,
+    e.g. madebyollin/sdxl-vae-fp16-fix, which does not overflow in float16 as SDXL's own VAE does."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(cfg.vae).expanduser()
+    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
+    try:
+        return AutoencoderKL.from_pretrained(cfg.vae, subfolder=subfolder, torch_dtype=dtype,
+                                             local_files_only=cfg.local_files_only or _offline(),
+                                             cache_dir=hub_cache())
+    except (OSError, ValueError) as exc:
+        raise WeightsNotFoundError(
+            f"could not load model.vae='{cfg.vae}' ({type(exc).__name__}): it must be a diffusers AutoencoderKL "
+            "(a folder with config.json and diffusion_pytorch_model.safetensors, a pipeline folder with vae/, or a "
+            "hub id in the local cache); set model.vae=null to keep the checkpoint's VAE") from None
 
 
 def _variant_hint(cfg: ModelConfig, exc: BaseException) -> str:

@@ -48,6 +48,16 @@ def tiny_components_f64():
 FLOAT64_RTOL = 1e-10
 
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path) -> Path:
+    """No network and an empty Hugging Face cache of our own."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
 def tiny_segmentor(components, **overrides):
     """An EmerDiff on the shared miniature SD; overrides are SegmentorConfig fields."""
     from emerdiff import EmerDiff, load_config

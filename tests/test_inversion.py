@@ -48,7 +48,7 @@ def test_unmodulated_replay_of_the_inversion_reproduces_the_input_latent(tiny_co
     c = tiny_components
     grid = DDPMGrid.from_scheduler(c.scheduler, 50)
     z0 = encode_image(c.vae, to_model_input(load_image(photo), 128))
-    text = c.encode_prompt("")
+    text = c.encode_prompt("").text
 
     def denoise(latents, t):
         return c.unet(latents, t, text.expand(len(latents), -1, -1)).sample
@@ -69,7 +69,7 @@ def test_a_thinned_grid_keeps_t_m_and_t_1_and_its_inversion_still_reconstructs(t
     grid = DDPMGrid.from_scheduler(c.scheduler, 50).thinned(281, 5)
     assert grid.tail(281)[0] == 281 and grid.tail(281)[-1] == 1 and len(grid.tail(281)) == 5
     z0 = encode_image(c.vae, to_model_input(load_image(photo), 128))
-    text = c.encode_prompt("")
+    text = c.encode_prompt("").text
 
     def denoise(latents, t):
         return c.unet(latents, t, text.expand(len(latents), -1, -1)).sample

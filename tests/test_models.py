@@ -38,7 +38,7 @@ def test_miniature_sd_is_reproducible_and_has_the_sd_layout(tiny_components):
     again = build_random_sd("tiny", seed=0)
     for a, b in zip(tiny_components.unet.parameters(), again.unet.parameters()):
         assert torch.equal(a, b)
-    assert tiny_components.encode_prompt("").shape == (1, 77, 32)
+    assert tiny_components.encode_prompt("").text.shape == (1, 77, 32)
     names = set(tiny_components.unet.attn_processors)
     full = set(build_random_sd("sd15", device="meta").unet.attn_processors)
     assert names == full
@@ -82,10 +82,13 @@ def _single_file(tmp_path, keys, name="model.safetensors"):
     return ModelConfig(pretrained=str(path), device="cpu", local_files_only=True)
 
 
-def test_sdxl_checkpoint_is_refused_naming_sdxl_and_the_models_that_work(tmp_path):
-    cfg = _single_file(tmp_path, ["conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
-                                  "model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.quant_conv.bias"])
-    with pytest.raises(WeightsNotFoundError, match=r"(?s)Stable Diffusion XL.*SD 1.x/2.x.*emerdiff_sd15.yaml"):
+def test_an_sdxl_checkpoint_offline_without_model_config_names_sdxls_config_repo(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    cfg = _single_file(tmp_path, ["conditioner.embedders.0.transformer.text_model.final_layer_norm.bias",
+                                  "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+                                  "model.diffusion_model.out.2.bias", "first_stage_model.quant_conv.bias"])
+    with pytest.raises(WeightsNotFoundError, match=r"(?s)needs the diffusers config.*"
+                                                   r"stabilityai/stable-diffusion-xl-base-1.0"):
         load_sd(cfg)
 
 

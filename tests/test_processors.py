@@ -38,7 +38,7 @@ def run(setup, offsets, hooks=(), observer=None, **settings):
         for name in hooks]
     params = dict(layer=LAYER, impl="reference", injection=True) | settings
     try:
-        latents = denoise_variants(model.unet, model.prompt, model.grid, inversion,
+        latents = denoise_variants(model.unet, model.conditioning(), model.grid, inversion,
                                    record if params["injection"] else None, offsets, ModulationSettings(**params), observer)
     finally:
         for h in handles:

@@ -45,8 +45,8 @@ def test_mask_embeddings_are_the_mean_feature_inside_each_mask(tiny_components, 
     out = model.segment(photo)
     rgb = load_image(photo)
     z0 = encode_image(model.vae, to_model_input(rgb, 128))
-    feats = extract_queries(model.unet, model.components.scheduler, z0, model.prompt, model.params.feature_layer,
-                            1, 1, torch.Generator().manual_seed(image_seed(rgb, 0)))
+    feats = extract_queries(model.unet, model.components.scheduler, z0, model.conditioning(),
+                            model.params.feature_layer, 1, 1, torch.Generator().manual_seed(image_seed(rgb, 0)))
     for i, mask in enumerate(out.lowres_masks):
         torch.testing.assert_close(out.mask_embeddings[i], feats.queries[mask.flatten()].mean(0))
 
