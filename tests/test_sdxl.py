@@ -135,9 +135,9 @@ def test_injection_reaches_every_attention_layer_of_every_transformer_block_at_e
     assert sorted(used) == sorted((layer, t) for layer in names for t in inversion.timesteps)
 
 
-@pytest.mark.parametrize("layer", ["up_blocks.0.attentions.2.transformer_blocks.0.attn2",
-                                   "up_blocks.0.attentions.1.transformer_blocks.2.attn2"])
-def test_fast_path_equals_reference_path_at_any_transformer_block_on_a_wide_image(tiny_sdxl, photo, layer):
+def test_fast_path_equals_reference_path_at_a_deeper_transformer_block_on_a_wide_image(tiny_sdxl, photo):
+    """The default layer (block 0) is compared by the self-check test below; here the third block of a layer."""
+    layer = "up_blocks.0.attentions.1.transformer_blocks.2.attn2"
     wide = torch.nn.functional.interpolate(load_image(photo)[None], size=(128, 192), mode="bilinear")[0]
     common = dict(modulated_layer=layer, num_masks=2, keep_diff_maps=True)
     fast = sdxl_segmentor(tiny_sdxl, impl="fast", **common).segment(wide)
