@@ -122,8 +122,10 @@ def mode_models(base: EmerDiff, modes: Sequence[str]) -> Dict[str, EmerDiff]:
 
 
 def run_sweep(models: Mapping[str, EmerDiff], images: Iterable[Mapping[str, Any]], metadata: DatasetMetadata,
-              settings: EvalConfig, dataset: str, log: Callable[[str], None] = lambda message: None) -> Sweep:
-    """Segment every image with every mode (the exact path first), alternately, and score them side by side."""
+              settings: EvalConfig, dataset: str, log: Callable[[str], None] = lambda message: None,
+              each_image: Callable[[Sweep], None] = lambda sweep: None) -> Sweep:
+    """Segment every image with every mode (the exact path first), alternately, and score them side by side;
+    `each_image` sees the results so far after every image (a long run can be stopped with its table written)."""
     if EXACT not in models:
         raise ConfigError("--approximations needs the exact mode to compare with: add 'exact'")
     order = [EXACT] + [name for name in models if name != EXACT]
@@ -166,8 +168,13 @@ def run_sweep(models: Mapping[str, EmerDiff], images: Iterable[Mapping[str, Any]
             tally.pixels += exact_labels.numel()
             _score(tally, out.labels, out, gt, metadata, settings, convention)
         log(f"image {index + 1}: " + ", ".join(f"{n} {tallies[n].same / tallies[n].pixels:.3f}" for n in order[1:]))
-    results = [_result(name, models[name].params if name in models else None, tallies[name], models)
-               for name in [*order, BILINEAR]]
+        each_image(_sweep(tallies, order, models, dataset))
+    return _sweep(tallies, order, models, dataset)
+
+
+def _sweep(tallies: Mapping[str, Tally], order: Sequence[str], models: Mapping[str, EmerDiff], dataset: str) -> Sweep:
+    """The results of the images tallied so far."""
+    results = [_result(name, tallies[name], models) for name in [*order, BILINEAR]]
     sweep = Sweep(results, tallies[EXACT].images, dataset, torch.get_num_threads())
     sweep.preset = cheapest_within_bounds(sweep.results)
     return sweep
@@ -183,7 +190,7 @@ def _score(tally: Tally, labels: torch.Tensor, out: Any, gt: np.ndarray, metadat
     tally.images += 1
 
 
-def _result(name: str, params: Optional[SegmentorConfig], tally: Tally, models: Mapping[str, EmerDiff]) -> ModeResult:
+def _result(name: str, tally: Tally, models: Mapping[str, EmerDiff]) -> ModeResult:
     n = max(tally.images, 1)
     scores = tally.metric.compute()
     settings = parse_mode(name) if name in models else {"(k-means masks upsampled bilinearly)": True}

@@ -112,16 +112,19 @@ def approximations(cfg, modes: str, output: Optional[str], command: str) -> int:
     models = mode_models(base, names)
     warm_up(base)
     images = IndexedDataset(data.split, data.shorter_side, getattr(data.split, "interpolation", "bicubic"))
-    sweep = run_sweep(models, images, metadata, OmegaConf.to_object(cfg.eval), cfg.data.dataset,
-                      log=lambda message: print(message, flush=True))
-    text = markdown(sweep, command)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "approximations.md").write_text(text)
-    (out / "approximations.json").write_text(json.dumps(record(sweep, command), indent=2))
-    figure(sweep, out / "approximations.png", f"{base.components.name}: {sweep.num_images} images of "
-                                              f"{sweep.dataset} (quality against cost; star = exact path)")
-    print(text)
+
+    def write(sweep) -> None:
+        (out / "approximations.md").write_text(markdown(sweep, command))
+        (out / "approximations.json").write_text(json.dumps(record(sweep, command), indent=2))
+        figure(sweep, out / "approximations.png", f"{base.components.name}: {sweep.num_images} images of "
+                                                  f"{sweep.dataset} (quality against cost; star = exact path)")
+
+    sweep = run_sweep(models, images, metadata, OmegaConf.to_object(cfg.eval), cfg.data.dataset,
+                      log=lambda message: print(message, flush=True), each_image=write)
+    write(sweep)
+    print(markdown(sweep, command))
     print(f"wrote {out / 'approximations.md'}, {out / 'approximations.png'}, {out / 'approximations.json'}")
     return 0
 
