@@ -27,6 +27,7 @@ ASPECTS = ("keep", "square")  # segmentor.aspect
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # model.dtype: auto, or the name of a torch dtype
 KMEANS_DEVICES = ("auto", "cpu", "gpu")  # segmentor.kmeans_device
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # segmentor.timestep_spacing: diffusers' names
+DIFFERENCE_SPACES = ("pixel", "latent")  # segmentor.difference_space
 MATCH_CRITERIA = ("iou", "overlap")  # eval.match_criterion
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed with the package
 
@@ -101,6 +102,10 @@ class SegmentorConfig:
     denoise_steps: int = setting(0, minimum=0)  # trade-off: steps from t_m on, evenly spaced; 0 = every grid step
     min_mask_fraction: float = setting(0.0, minimum=0)  # trade-off: masks below this grid share are not modulated
     decode_resolution: int = setting(0, minimum=0, multiple_of=8)  # trade-off: decoded shorter side; 0 = resolution
+    difference_space: str = setting("pixel", choices=DIFFERENCE_SPACES, before="pixel")  # approximation: latent =
+    #   distance of the final latents (4 channels), upsampled and smoothed, no VAE decode of the variants (step 9)
+    one_step_estimate: bool = setting(False, before=False)  # approximation: z0 predicted from the modulated step's
+    #   noise estimate (DDIM's x0 formula), one UNet call per variant instead of denoising every step (step 8)
     keep_diff_maps: bool = False  # return the K difference maps at the input size
     seed: int = 0  # mixed with the image content into the per-image seed
 
@@ -361,6 +366,17 @@ def read_yaml(path: PathLike) -> DictConfig:
         return OmegaConf.load(path)
     except Exception as exc:  # yaml's scanner/parser errors carry the line and column
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+
+
+def preset_settings(name: PathLike) -> Dict[str, Any]:
+    """The segmentor settings of a preset config (`fast`, or a YAML file), checked against the schema."""
+    preset = read_yaml(name)
+    unknown = set(preset) - {"segmentor"}
+    if unknown:
+        raise ConfigError(f"preset '{name}' may only hold a segmentor section, it also has {', '.join(sorted(unknown))}")
+    checked = merge(schema(), preset, f"'{name}'")
+    check_rules(checked)
+    return dict(OmegaConf.to_container(preset.get("segmentor", {})))
 
 
 def merge(cfg: DictConfig, other: Any, source: str, prefix: str = "") -> DictConfig:

@@ -24,9 +24,10 @@ def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def difference_maps(images: torch.Tensor) -> torch.Tensor:
-    """Per-pixel RGB L2 distance between each variant pair (2i: -lambda, 2i+1: +lambda) -> [K, H, W]."""
-    pairs = images.unflatten(0, (-1, 2))  # [K, 2, 3, H, W]
+def difference_maps(variants: torch.Tensor) -> torch.Tensor:
+    """Per-pixel L2 distance over the channels (RGB, or the 4 latent channels) between each variant pair
+    (2i: -lambda, 2i+1: +lambda): [2K, C, H, W] -> [K, H, W]."""
+    pairs = variants.unflatten(0, (-1, 2))  # [K, 2, C, H, W]
     return (pairs[:, 0] - pairs[:, 1]).norm(dim=1)
 
 

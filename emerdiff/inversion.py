@@ -11,7 +11,7 @@ All scheduler arithmetic is float32 whatever the UNet's dtype (float64 for a flo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from diffusers import DDIMScheduler
@@ -74,9 +74,9 @@ class DDPMGrid:
         a, a_prev = self.alpha_bar[i], self.alpha_bar_prev[i]
         return ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
 
-    def mean(self, x: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
-        """Deterministic part of the eta = 1 DDIM step (Song et al. eq. 12)."""
-        a, a_prev = self.alpha_bar[i], self.alpha_bar_prev[i]
+    def estimate(self, x: torch.Tensor, model_output: torch.Tensor, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) predicted from x_t and the UNet output at grid step i (DDIM's x0 formula, Song et al. eq. 12)."""
+        a = self.alpha_bar[i]
         if self.prediction_type == "epsilon":
             eps = model_output
             x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
@@ -85,6 +85,12 @@ class DDPMGrid:
             eps = a.sqrt() * model_output + (1 - a).sqrt() * x
         else:
             raise ValueError(f"unsupported prediction_type '{self.prediction_type}'")
+        return x0, eps
+
+    def mean(self, x: torch.Tensor, model_output: torch.Tensor, i: int) -> torch.Tensor:
+        """Deterministic part of the eta = 1 DDIM step (Song et al. eq. 12)."""
+        a_prev = self.alpha_bar_prev[i]
+        x0, eps = self.estimate(x, model_output, i)
         return a_prev.sqrt() * x0 + (1 - a_prev - self.sigma(i) ** 2).clamp_min(0).sqrt() * eps
 
     def step(self, x: torch.Tensor, model_output: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ class ModulationSettings:
     injection: bool = True
     chunk_size: int = 0  # variants per UNet batch; 0 = all
     impl: str = "fast"  # segmentor.impl (choices checked with the config)
+    one_step: bool = False  # segmentor.one_step_estimate: return the first step's x0 estimate (DDIM's formula)
 
     def batch_size(self, count: int) -> int:
         """Variants per UNet call among `count`: one on the reference path, else a chunk (0 = all)."""
@@ -115,7 +116,8 @@ def _run_chunk(
     unet: UNet2DConditionModel, conditioning: Conditioning, grid: DDPMGrid, inversion: Inversion,
     control: AttentionControl, offsets: torch.Tensor, settings: ModulationSettings, share_prefix: bool,
 ) -> torch.Tensor:
-    """Denoise one chunk of variants ([B, 1, h, w] offsets) from x_{t_m}; returns predicted x_0 latents."""
+    """Denoise one chunk of variants ([B, 1, h, w] offsets) from x_{t_m}; returns predicted x_0 latents (with
+    `settings.one_step`, the x0 estimate of the modulated step, with no further steps)."""
     steps = inversion.timesteps
     first = grid.index(steps[0])
     control.modulation = Modulation(settings.layer, offsets.to(conditioning.text.device),
@@ -131,6 +133,8 @@ def _run_chunk(
                 out = at_least_float32(unet(x.to(unet.dtype), t_in, **conditioning.unet_kwargs(x)).sample)
         else:  # batch-1 conditioning: a cross-attention layer with injection then runs once (processors.attend)
             out = at_least_float32(unet(x.expand(batch, -1, -1, -1).to(unet.dtype), t_in, **conditioning.unet_kwargs(x)).sample)
+        if settings.one_step:
+            return grid.estimate(x, out, first + j)[0].expand(batch, -1, -1, -1)
         x = grid.step(x, out, first + j, inversion.noise[j])
     return x
 

@@ -113,7 +113,8 @@ class EmerDiff(nn.Module):
         self.params = params
         self.grid = DDPMGrid.from_scheduler(components.scheduler, params.num_inference_steps, params.timestep_spacing)
         self._check(params)
-        self.grid = self.grid.thinned(params.t_modulate, params.denoise_steps)
+        # the one-step estimate needs only t_m: the inversion then runs one step too
+        self.grid = self.grid.thinned(params.t_modulate, 1 if params.one_step_estimate else params.denoise_steps)
         if params.channels_last:  # converts the shared UNet/VAE in place; results equal up to rounding
             for module in (self.unet, self.vae):
                 module.to(memory_format=torch.channels_last)
@@ -139,6 +140,10 @@ class EmerDiff(nn.Module):
                               f"{', '.join(map(str, self.grid.timesteps))}")
         if p.t_feature >= self.components.scheduler.config.num_train_timesteps:
             raise ConfigError(f"segmentor.t_feature={p.t_feature} is outside the scheduler's timesteps")
+        if p.one_step_estimate and (p.denoise_steps or p.num_modulated_steps > 1):
+            raise ConfigError("segmentor.one_step_estimate=true stops after the modulated step: it replaces "
+                              "segmentor.denoise_steps and modulates one step; set segmentor.denoise_steps=0 and "
+                              "segmentor.num_modulated_steps=1")
         check_compile_options(p.compile_backend, p.compile_mode)
         use_faiss_gpu(p.kmeans_device)  # gpu without faiss GPUs is refused before any image
 
@@ -225,8 +230,18 @@ class EmerDiff(nn.Module):
             latents = self.halving_on_oom("variants", len(offsets),
                                           partial(self.denoise, inverted.inversion, inverted.record, offsets))
         del inverted  # the injection record is the largest tensor of the run: free it before decoding
-        maps = self.decoded_maps(latents, modulated, len(clusters.centroids), size)
+        maps = self.variant_maps(latents, modulated, len(clusters.centroids), size)
         return MaskMaps(clusters, maps, (rgb.shape[1], rgb.shape[2]), seed)
+
+    def variant_maps(self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int,
+                     size: Tuple[int, int]) -> torch.Tensor:
+        """Steps 9-10 in `segmentor.difference_space`: decoded variants compared in RGB, or (an approximation, no
+        decode) their final latents compared directly."""
+        if self.params.difference_space == "pixel":
+            return self.decoded_maps(latents, modulated, num_masks, size)
+        with self.stage("assignment"):
+            # 9-10. Per-pair latent distance (4 channels), upsampled to the working size, Gaussian smoothing.
+            return self.difference_maps(latents, modulated, num_masks, size)
 
     def decoded_maps(self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int,
                      size: Tuple[int, int]) -> torch.Tensor:
@@ -310,10 +325,11 @@ class EmerDiff(nn.Module):
         return inversion, (control.record if p.attention_injection else None)
 
     def modulation_settings(self, chunk_size: int = 0) -> ModulationSettings:
-        """Step 8's settings: layer, steps, placement, injection, variants per UNet call, implementation."""
+        """Step 8's settings: layer, steps, placement, injection, variants per UNet call, implementation, one-step
+        estimate."""
         p = self.params
         return ModulationSettings(p.modulated_layer, p.num_modulated_steps, p.offset_placement,
-                                  p.attention_injection, chunk_size, p.impl)
+                                  p.attention_injection, chunk_size, p.impl, p.one_step_estimate)
 
     def denoise(self, inversion: Inversion, record: Optional[AttentionRecord], offsets: torch.Tensor,
                 chunk_size: int = 0, observer: Optional[Observer] = None) -> torch.Tensor:
@@ -334,12 +350,12 @@ class EmerDiff(nn.Module):
             latents = resize_latents(latents, size)
         return self.run_chunks(lambda part: decode_latents(self.vae, part), latents, chunk_size)
 
-    def difference_maps(self, images: torch.Tensor, modulated: torch.Tensor, num_masks: int,
+    def difference_maps(self, variants: torch.Tensor, modulated: torch.Tensor, num_masks: int,
                         size: Tuple[int, int]) -> torch.Tensor:
-        """Step 9-10: [K, h, w] smoothed pair distances at the working `size`; masks not in `modulated`
-        (a trade-off) stay zero."""
+        """Step 9-10: [K, h, w] smoothed pair distances of the variants (decoded images, or latents) at the working
+        `size`; masks not in `modulated` (a trade-off) stay zero."""
         p = self.params
-        diffs = difference.difference_maps(images)
+        diffs = difference.difference_maps(variants)
         diffs = difference.resize_maps(diffs, size)
         diffs = difference.smooth(diffs, p.gaussian_sigma)
         return torch.zeros(num_masks, *diffs.shape[1:], dtype=diffs.dtype, device=diffs.device).index_copy_(

@@ -13,7 +13,10 @@ has a figure, a threshold and a status (pass / fail / skipped with the reason):
   maps and labels);
 - ``faiss_gpu``: faiss k-means on the GPU reaches the CPU's objective (needs a GPU and faiss-gpu);
 - ``memory``: the measured CUDA peak of one image stays within the planner's estimate (CUDA only);
-- timings: seconds per stage of one image and images/s, extrapolated to the configured K.
+- timings: seconds per stage of one image and images/s, extrapolated to the configured K;
+- the approximate preset (``--cfg fast`` unless ``--preset``): the share of the image's pixels it labels as
+  the exact path does (it holds at >= 95 %), and its speed-up, on the user's weights, image and device. It is
+  a measurement, not a check: an approximation that does not hold is no bug, only a reason to stay exact.
 
 Thresholds follow docs/benchmarks.md ("Half precision"): float32 replays reproduce z0 to ~1e-5,
 float16 within 2 %, bfloat16 within 10 %.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import platform
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from .selfcheck_report import FAIL, Check, SelfCheckReport
 SMALL_K = 3  # masks of the fast-vs-reference, lambda = 0 and injection checks
 MEMORY = "measured CUDA peak of one image (GiB) within the planner's estimate"
 SCALED_STAGES = ("modulated", "decode", "assignment")  # stages whose cost grows with the number of masks
+PRESET_AGREEMENT = 0.95  # the approximate preset holds on these weights at this share of exact-path labels
 
 
 @dataclass(frozen=True)
@@ -164,11 +168,13 @@ def memory_estimate(model: EmerDiff, variants: int) -> Optional[int]:
 
 
 def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: Optional[int] = None,
-                  log: Callable[[str], None] = lambda message: None, timed: bool = True) -> SelfCheckReport:
+                  log: Callable[[str], None] = lambda message: None, timed: bool = True,
+                  preset: Optional[Mapping[str, Any]] = None, preset_name: str = "fast") -> SelfCheckReport:
     """Run every check on `model` (its device, dtype and settings) with one image; see the module docstring.
 
     ``small_k`` is the K of the fast-vs-reference, lambda = 0 and injection checks (None: SMALL_K).
     ``timed=False`` leaves out the timed whole-image run (and so the memory check, which measures it).
+    ``preset`` (segmentor settings, e.g. configs/fast.yaml's) is compared with the exact path on the image.
     """
     small_k = small_k or SMALL_K
     p = model.params
@@ -222,13 +228,31 @@ def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: 
                                   tol.objective))
 
     timing: Dict[str, Any] = {}
+    exact: Optional[TimedRun] = None
     if timed:
         log(f"timing one image at K = {p.num_masks}")
-        timing, peak = _time_one_image(model, rgb)
-        checks.append(_check_memory(model, peak, timing["measured_masks"]))
+        exact = _time_one_image(model, rgb)
+        timing = exact.timing
+        checks.append(_check_memory(model, exact.peak, timing["measured_masks"]))
     else:
         checks.append(Check.skipped("memory", MEMORY, "no timed run (timed=False)"))
-    return SelfCheckReport(environment(model), _settings(model, small_k), checks, timing)
+    approximate: Dict[str, Any] = {}
+    if preset:
+        log(f"approximate preset {preset_name} vs the exact path at K = {p.num_masks}")
+        approximate = compare_preset(model, rgb, dict(preset), preset_name, exact)
+    return SelfCheckReport(environment(model), _settings(model, small_k), checks, timing, approximate)
+
+
+def compare_preset(model: EmerDiff, rgb: torch.Tensor, preset: Dict[str, Any], name: str,
+                   exact: Optional["TimedRun"] = None) -> Dict[str, Any]:
+    """The preset's share of pixels labelled as on the exact path and its speed-up, on this image and device."""
+    exact = exact or _time_one_image(model, rgb)
+    approximate = _time_one_image(_variant(model, **preset), rgb)
+    agreement = (approximate.labels == exact.labels).float().mean().item()
+    speedup = exact.timing["total_seconds"] / max(approximate.timing["total_seconds"], 1e-12)
+    return {"name": name, "settings": preset, "agreement": agreement, "agreement_floor": PRESET_AGREEMENT,
+            "holds": agreement >= PRESET_AGREEMENT, "speedup": speedup,
+            "exact_seconds": exact.timing["total_seconds"], "preset_seconds": approximate.timing["total_seconds"]}
 
 
 def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chunk: int) -> Check:
@@ -263,12 +287,21 @@ def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chu
     return check
 
 
-def _time_one_image(model: EmerDiff, rgb: torch.Tensor):
+@dataclass
+class TimedRun:
+    """One timed whole-image run: its stage timings, CUDA peak (None elsewhere) and labels."""
+
+    timing: Dict[str, Any]
+    peak: Optional[int]
+    labels: torch.Tensor
+
+
+def _time_one_image(model: EmerDiff, rgb: torch.Tensor) -> TimedRun:
     """Segment the image once with stage timings; the CUDA peak of the whole image (None elsewhere)."""
     profiler = StageProfiler(model.device)
     with profiled(model, profiler):
         maps = model.mask_maps(rgb, image_seed(rgb, model.params.seed))
-        model.output(maps)
+        labels = model.output(maps).labels
     # the profiler resets CUDA's peak at every stage: the image's peak is the largest stage peak
     peak = max(c.peak_mem_bytes for c in profiler.stages.values()) if model.device.type == "cuda" else None
     measured = len(modulated_masks(maps.clusters.masks, model.params.min_mask_fraction))
@@ -276,10 +309,11 @@ def _time_one_image(model: EmerDiff, rgb: torch.Tensor):
     seconds = {name: cost.seconds for name, cost in profiler.stages.items()}
     scaled = {name: s * (default / measured if name in SCALED_STAGES else 1.0) for name, s in seconds.items()}
     total = sum(scaled.values())
-    return {"measured_masks": measured, "default_masks": default, "seconds": seconds,
-            "extrapolated_seconds": scaled, "total_seconds": sum(seconds.values()),
-            "extrapolated_total_seconds": total, "images_per_second": 1.0 / total if total > 0 else float("inf"),
-            "peak_mem_bytes": peak}, peak
+    timing = {"measured_masks": measured, "default_masks": default, "seconds": seconds,
+              "extrapolated_seconds": scaled, "total_seconds": sum(seconds.values()),
+              "extrapolated_total_seconds": total, "images_per_second": 1.0 / total if total > 0 else float("inf"),
+              "peak_mem_bytes": peak}
+    return TimedRun(timing, peak, labels)
 
 
 def _check_memory(model: EmerDiff, peak: Optional[int], masks: int) -> Check:

@@ -48,6 +48,7 @@ class SelfCheckReport:
     settings: Dict[str, Any]
     checks: List[Check]
     timing: Dict[str, Any] = field(default_factory=dict)
+    preset: Dict[str, Any] = field(default_factory=dict)  # the approximate preset against the exact path
 
     @property
     def failed(self) -> List[Check]:
@@ -62,7 +63,8 @@ class SelfCheckReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"passed": self.passed, "failed": [c.name for c in self.failed], "environment": self.environment,
-                "settings": self.settings, "checks": [asdict(c) for c in self.checks], "timing": self.timing}
+                "settings": self.settings, "checks": [asdict(c) for c in self.checks], "timing": self.timing,
+                "preset": self.preset}
 
     def to_markdown(self) -> str:
         env = "\n".join(f"| {k} | {v} |" for k, v in self.environment.items())
@@ -83,6 +85,10 @@ class SelfCheckReport:
                      f"| stage | s measured | s at K = {t['default_masks']} |", "|---|---|---|", stages,
                      f"| **total** | {t['total_seconds']:.3f} | {t['extrapolated_total_seconds']:.3f} |", "",
                      f"Images per second at K = {t['default_masks']}: **{t['images_per_second']:.3g}**", ""]
+        if self.preset:
+            text += [f"## Approximate preset (--cfg {self.preset['name']})", "", preset_line(self.preset), "",
+                     "The preset's bounds were measured on a miniature model trained on the toy world "
+                     "(docs/benchmarks.md); this line is the measurement on these weights and this image.", ""]
         if not self.passed:
             text += ["## What to do", "", BUG_REPORT, ""]
         return "\n".join(text)
@@ -97,6 +103,15 @@ def _fmt(value: Optional[float]) -> str:
 def _threshold(check: Check) -> str:
     """The check's bound as written in the reports, e.g. "<= 0.0001"; empty without one."""
     return "" if check.threshold is None else f"{check.compare} {_fmt(check.threshold)}"
+
+
+def preset_line(preset: Dict[str, Any]) -> str:
+    """The preset's agreement with the exact path, its speed-up and whether it holds on these weights."""
+    verdict = ("holds on these weights" if preset["holds"] else
+               "does NOT hold on these weights: segment with the exact path")
+    return (f"preset {preset['name']}: {100 * preset['agreement']:.1f} % of pixels labelled as on the exact path "
+            f"(holds at >= {100 * preset['agreement_floor']:.0f} %), {preset['speedup']:.2f}x faster "
+            f"({preset['exact_seconds']:.2f} s -> {preset['preset_seconds']:.2f} s): {verdict}")
 
 
 def write_report(report: SelfCheckReport, output: Path) -> None:
@@ -114,6 +129,8 @@ def summary(report: SelfCheckReport, output: Path) -> str:
     if t:
         lines.append(f"time per image at K = {t['default_masks']}: {t['extrapolated_total_seconds']:.2f} s "
                      f"({t['images_per_second']:.3g} images/s)")
+    if report.preset:
+        lines.append(preset_line(report.preset))
     if report.passed:
         lines.append(f"self-check passed; report in {output / 'selfcheck.md'}")
     else:

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from conftest import TINY, load_tool
 import emerdiff
 from emerdiff import EmerDiff, load_config
+from emerdiff.config import preset_settings
 from emerdiff.selfcheck import run_selfcheck
 from emerdiff.selfcheck_report import PASS, SKIPPED, Check, SelfCheckReport
 
@@ -62,7 +63,32 @@ def test_selfcheck_tool_passes_on_the_miniature_model_and_writes_every_check(tmp
     assert set(timing["seconds"]) >= {"encode", "features", "kmeans", "inversion", "modulated", "decode"}
     markdown = (out / "selfcheck.md").read_text()
     assert "all checks passed" in markdown and all(name in markdown for name in CHECKS)
-    assert "self-check passed" in capsys.readouterr().out
+    preset = report["preset"]  # the shipped approximate preset against the exact path on this image
+    assert preset["name"] == "fast" and preset["settings"] == preset_settings("fast")
+    assert 0 <= preset["agreement"] <= 1 and preset["speedup"] > 0 and preset["holds"] == (preset["agreement"] >= 0.95)
+    assert "Approximate preset (--cfg fast)" in markdown
+    printed = capsys.readouterr().out
+    assert "self-check passed" in printed and "preset fast: " in printed and "x faster" in printed
+
+
+def test_a_preset_without_approximations_labels_every_pixel_as_the_exact_path(model, photo):
+    from emerdiff.image import load_image
+    from emerdiff.selfcheck import compare_preset
+
+    preset = compare_preset(model, load_image(photo), {"chunk_size": 1}, "same")  # a run-only setting: same labels
+    assert preset["agreement"] == 1.0 and preset["holds"]
+    assert preset["exact_seconds"] > 0 and preset["preset_seconds"] > 0
+
+
+def test_the_shipped_fast_preset_holds_only_segmentor_approximations_and_a_bad_preset_is_refused(tmp_path):
+    from emerdiff.config import ConfigError, SegmentorConfig
+
+    fast = preset_settings("fast")
+    assert fast and all(value != getattr(SegmentorConfig(), key) for key, value in fast.items())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("segmentor:\n  one_step_estimate: true\nmodel:\n  dtype: float16\n")
+    with pytest.raises(ConfigError, match="may only hold a segmentor section"):
+        preset_settings(bad)
 
 
 def test_a_replay_that_does_not_reconstruct_fails_the_replay_check(model, photo, monkeypatch):
@@ -105,7 +131,7 @@ def test_a_fast_path_that_drifts_from_the_reference_fails_the_fast_vs_reference_
 
 
 def test_the_tool_exits_non_zero_naming_the_failed_check_and_what_to_report(tmp_path, monkeypatch, capsys):
-    def one_failed_check(model, image=None, small_k=2, log=print):
+    def one_failed_check(model, image=None, small_k=2, log=print, **preset):
         return SelfCheckReport({"torch": torch.__version__}, {}, [
             Check.measured("replay", "unmodulated replay reproduces z0", 0.5, 1e-4),
             Check.measured("lambda_zero", "lambda = 0 gives zero maps", 0.0, 1e-5)])

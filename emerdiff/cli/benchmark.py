@@ -11,6 +11,12 @@ the implementations alternately and keeps each stage's fastest time. FLOPs are c
 torch.utils.flop_counter.FlopCounterMode on meta-device copies of the model with the run's
 shapes (the same count as in the run, without its overhead); --cost-only skips the run and
 reports that cost model alone (any size, no weights, no data). Results: docs/benchmarks.md.
+
+    python tools/benchmark.py --cfg eval/toyworld --cfg toy --approximations all --output docs/benchmarks/approximations
+
+--approximations measures approximate modes against the exact path on the labelled split of data.*
+(emerdiff/approximations.py): FLOPs, UNet calls, decodes, CPU speed-up, label agreement, mIoU and
+Boundary IoU per mode, written as approximations.md, approximations.png and approximations.json.
 """
 
 from __future__ import annotations
@@ -41,12 +47,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cost-only", action="store_true", help="cost model on the meta device only, no run")
     parser.add_argument("--gpu", default="A100", choices=sorted(GPU_PEAK_TFLOPS), help="GPU of the time projection")
     parser.add_argument("--utilization", type=float, default=0.4, help="share of the GPU's peak assumed sustained")
-    parser.add_argument("--output", help="folder for benchmark.json")
+    parser.add_argument("--approximations", metavar="MODES",
+                        help="compare approximate modes with the exact path on the split of data.*: 'all', or "
+                             "comma-separated modes such as exact,latent,one_step,steps3,decode256,one_step+latent")
+    parser.add_argument("--output", help="folder for benchmark.json (approximations.md/.png/.json)")
     args = parse_args(parser, argv)
     arguments = argv if argv is not None else sys.argv[1:]
     command = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in arguments)
     with reported_errors():
         cfg = load_cli_config(args)
+        if args.approximations:
+            return approximations(cfg, args.approximations, args.output, command)
         impls = [i.strip() for i in args.impl.split(",") if i.strip()]
         unknown = [i for i in impls if i not in IMPLS]
         if unknown or not impls:
@@ -73,6 +84,49 @@ def main(argv: Optional[List[str]] = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "benchmark.json").write_text(json.dumps(version_record("benchmark") | record, indent=2))
         print(f"wrote {out / 'benchmark.json'}")
+    return 0
+
+
+def approximations(cfg, modes: str, output: Optional[str], command: str) -> int:
+    """--approximations: every mode on the split, side by side; the table printed, the files written to `output`."""
+    if not cfg.data.dataset:
+        raise ConfigError("--approximations measures on a labelled split: set data.dataset (e.g. --cfg eval/toyworld)")
+    if not output:
+        raise ConfigError("tell where the table and figure go: --output DIR")
+    from emerdiff.approximations import default_modes, parse_mode
+
+    names = default_modes(cfg.segmentor.resolution) if modes == "all" else [m.strip() for m in modes.split(",")
+                                                                          if m.strip()]
+    for name in names:
+        parse_mode(name)
+    from emerdiff.cli.common.evaluation import evaluation_split
+
+    metadata, data = evaluation_split(cfg)
+    from emerdiff.approximations import figure, markdown, mode_models, record, run_sweep
+    from emerdiff.evaluation.module import IndexedDataset
+    from emerdiff.segmentor import EmerDiff
+    from omegaconf import OmegaConf
+
+    from emerdiff.benchmark import warm_up
+
+    base = EmerDiff.from_config(cfg)
+    models = mode_models(base, names)
+    warm_up(base)
+    images = IndexedDataset(data.split, data.shorter_side, getattr(data.split, "interpolation", "bicubic"))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(sweep) -> None:
+        (out / "approximations.md").write_text(markdown(sweep, command))
+        (out / "approximations.json").write_text(json.dumps(record(sweep, command), indent=2))
+        figure(sweep, out / "approximations.png", f"{base.components.name}: {sweep.num_images} images of "
+                                                  f"{sweep.dataset} (quality against cost; star = exact path)")
+
+    sweep = run_sweep(models, images, metadata, OmegaConf.to_object(cfg.eval), cfg.data.dataset,
+                      log=lambda message: print(message, flush=True), each_image=write)
+    write(sweep)
+    print(markdown(sweep, command))
+    print(f"wrote {out / 'approximations.md'}, {out / 'approximations.png'}, {out / 'approximations.json'}")
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
 from emerdiff.cli.common.messages import reported_errors
+from emerdiff.config import preset_settings
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -25,15 +26,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--small-k", type=int, default=None,
                         help="masks of the fast-vs-reference, lambda = 0 and injection checks "
                              "(default: emerdiff.selfcheck.SMALL_K)")
+    parser.add_argument("--preset", default="fast",
+                        help="approximate preset compared with the exact path on the image: a shipped config or YAML "
+                             "file whose segmentor section holds the approximations (default: fast); none to skip")
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
+        preset = None if args.preset == "none" else preset_settings(args.preset)
         from emerdiff import EmerDiff
         from emerdiff.selfcheck import run_selfcheck
         from emerdiff.selfcheck_report import summary, write_report
 
         model = EmerDiff.from_config(cfg)
-        report = run_selfcheck(model, args.image, args.small_k, log=lambda m: print(f"selfcheck: {m}", flush=True))
+        report = run_selfcheck(model, args.image, args.small_k, log=lambda m: print(f"selfcheck: {m}", flush=True),
+                               preset=preset, preset_name=args.preset)
     output = Path(args.output)
     write_report(report, output)
     print(summary(report, output))
