@@ -41,3 +41,14 @@ def test_a_crop_caption_names_the_classes_covering_enough_of_it_largest_first():
     label[:4] = CLASSES.index("sky")  # 40%
     label[9, :9] = CLASSES.index("ball")  # 9%: below the 15% bound
     assert crop_caption(label, "a photo of a {}.") == "a photo of a grass and sky."
+
+
+def test_a_continued_unet_stage_starts_from_the_saved_unet_in_float32_and_its_moving_average_too():
+    from emerdiff.toy_training import UNetTraining
+
+    saved = UNetTraining(0.5, seed=3).unet.half()  # the shipped folders are fp16
+    module = UNetTraining(0.5, seed=0, init_unet=saved)
+    for (name, mine), theirs, averaged in zip(module.unet.state_dict().items(), saved.state_dict().values(),
+                                              module.ema.module.state_dict().values(), strict=True):
+        assert mine.dtype == torch.float32 and torch.equal(mine, theirs.float()), name
+        assert torch.equal(averaged, mine), name
