@@ -9,10 +9,13 @@ from .lazy import lazy_exports
 __version__ = "0.2.0"  # the one version: setup.cfg reads it, results and commands report it
 
 _EXPORTS = {
-    "ConfigError": "config", "EmerDiffConfig": "config", "load_config": "config",
+    "ConfigError": "config",
+    "EmerDiffConfig": "config",
+    "load_config": "config",
     "WeightsNotFoundError": "config",
     "ImageLoadError": "image",
-    "EmerDiff": "segmentor", "SegmentationOutput": "segmentor",
+    "EmerDiff": "segmentor",
+    "SegmentationOutput": "segmentor",
 }
 
 __all__ = sorted(_EXPORTS)

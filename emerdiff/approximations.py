@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ EXACT = "exact"
 BILINEAR = "bilinear"  # the k-means masks upsampled bilinearly: the exact run's baseline, steps 1-5 only
 BASELINE_STAGES = ("encode", "features", "kmeans")
 # token pattern -> the segmentor settings it stands for
-TOKENS: Tuple[Tuple[str, Callable[[re.Match], Dict[str, Any]]], ...] = (
+TOKENS: tuple[tuple[str, Callable[[re.Match], dict[str, Any]]], ...] = (
     (r"latent", lambda m: {"difference_space": "latent"}),
     (r"one_step", lambda m: {"one_step_estimate": True}),
     (r"steps(\d+)", lambda m: {"denoise_steps": int(m.group(1))}),
@@ -42,25 +43,38 @@ AGREEMENT_FLOOR = 0.95  # the preset's bounds: share of pixels labelled as on th
 BOUNDARY_LOSS = 1.0  # at most this many points of Boundary IoU lost
 
 
-def parse_mode(name: str) -> Dict[str, Any]:
+def parse_mode(name: str) -> dict[str, Any]:
     """The segmentor settings of mode `name` (``exact``, or tokens joined by ``+``); a bad token is a ConfigError."""
     if name == EXACT:
         return {}
-    settings: Dict[str, Any] = {}
+    settings: dict[str, Any] = {}
     for token in name.split("+"):
-        found = [(pattern, build) for pattern, build in TOKENS if re.fullmatch(pattern, token)]
+        found = [(match, build) for pattern, build in TOKENS if (match := re.fullmatch(pattern, token))]
         if not found:
-            raise ConfigError(f"--approximations: unknown mode part {token!r} in {name!r}; use exact or parts joined "
-                              "by '+': latent, one_step, steps<N>, decode<R>, sigma<S> (e.g. one_step+latent)")
-        settings.update(found[0][1](re.fullmatch(found[0][0], token)))
+            raise ConfigError(
+                f"--approximations: unknown mode part {token!r} in {name!r}; use exact or parts joined "
+                "by '+': latent, one_step, steps<N>, decode<R>, sigma<S> (e.g. one_step+latent)"
+            )
+        settings.update(found[0][1](found[0][0]))
     return settings
 
 
-def default_modes(resolution: int) -> List[str]:
+def default_modes(resolution: int) -> list[str]:
     """Every approximation alone and the combinations worth measuring, for a working `resolution`."""
     half = f"decode{resolution // 2}"
-    return [EXACT, "latent", "one_step", "steps7", "steps5", "steps3", half, f"steps7+{half}", f"steps5+{half}",
-            f"one_step+{half}", "one_step+latent"]
+    return [
+        EXACT,
+        "latent",
+        "one_step",
+        "steps7",
+        "steps5",
+        "steps3",
+        half,
+        f"steps7+{half}",
+        f"steps5+{half}",
+        f"one_step+{half}",
+        "one_step+latent",
+    ]
 
 
 @dataclass
@@ -68,7 +82,7 @@ class ModeResult:
     """One mode's figures over the split (per-image means; agreement pooled over every pixel)."""
 
     name: str
-    settings: Dict[str, Any]
+    settings: dict[str, Any]
     flops: float = 0.0  # cost model at the configured K, per image
     unet_calls: float = 0.0  # counted at run time, per image
     unet_samples: float = 0.0
@@ -102,36 +116,42 @@ class Tally:
 class Sweep:
     """Every mode's result, the exact path's first, and where and how they were measured."""
 
-    results: List[ModeResult]
+    results: list[ModeResult]
     num_images: int
     dataset: str
     threads: int
-    preset: Optional[str] = None  # the cheapest mode within the bounds
-    notes: List[str] = field(default_factory=list)
+    preset: str | None = None  # the cheapest mode within the bounds
+    notes: list[str] = field(default_factory=list)
 
     def result(self, name: str) -> ModeResult:
         return next(r for r in self.results if r.name == name)
 
 
-def mode_models(base: EmerDiff, modes: Sequence[str]) -> Dict[str, EmerDiff]:
+def mode_models(base: EmerDiff, modes: Sequence[str]) -> dict[str, EmerDiff]:
     """One segmentor per mode on `base`'s SD parts (the settings checked as any config's)."""
     params: SegmentorConfig = base.params
     return {name: EmerDiff(base.components, replace(params, **parse_mode(name))) for name in modes}
 
 
-
-
-def run_sweep(models: Mapping[str, EmerDiff], images: Iterable[Mapping[str, Any]], metadata: DatasetMetadata,
-              settings: EvalConfig, dataset: str, log: Callable[[str], None] = lambda message: None,
-              each_image: Callable[[Sweep], None] = lambda sweep: None) -> Sweep:
+def run_sweep(
+    models: Mapping[str, EmerDiff],
+    images: Iterable[Mapping[str, Any]],
+    metadata: DatasetMetadata,
+    settings: EvalConfig,
+    dataset: str,
+    log: Callable[[str], None] = lambda message: None,
+    each_image: Callable[[Sweep], None] = lambda sweep: None,
+) -> Sweep:
     """Segment every image with every mode (the exact path first), alternately, and score them side by side;
     `each_image` sees the results so far after every image (a long run can be stopped with its table written)."""
     if EXACT not in models:
         raise ConfigError("--approximations needs the exact mode to compare with: add 'exact'")
     order = [EXACT] + [name for name in models if name != EXACT]
     convention = miou_convention("hungarian", settings)
-    tallies = {name: Tally(SegmentationWithBoundary(metadata.num_classes, metadata.ignore_index, convention))
-               for name in [*order, BILINEAR]}
+    tallies = {
+        name: Tally(SegmentationWithBoundary(metadata.num_classes, metadata.ignore_index, convention))
+        for name in [*order, BILINEAR]
+    }
     # the cost model of each mode at the configured K (it takes a while on the CPU): FLOPs per image at that K
     stages = {name: image_cost(models[name], models[name].params.num_masks) for name in order}
     costs = {name: total(stages[name]) for name in order}
@@ -157,7 +177,10 @@ def run_sweep(models: Mapping[str, EmerDiff], images: Iterable[Mapping[str, Any]
             if masks == model.params.num_masks:  # the cost model's K: its calls and decodes must be these
                 tally.checked += 1
                 tally.cost_model_agrees &= (counted.unet_calls, counted.unet_samples, counted.vae_samples) == (
-                    modelled.unet_calls, modelled.unet_samples, modelled.vae_samples)
+                    modelled.unet_calls,
+                    modelled.unet_samples,
+                    modelled.vae_samples,
+                )
             if exact_labels is None:
                 exact_labels = out.labels
                 _score(tallies[BILINEAR], out.labels_bilinear, out, gt, metadata, settings, convention)
@@ -180,12 +203,28 @@ def _sweep(tallies: Mapping[str, Tally], order: Sequence[str], models: Mapping[s
     return sweep
 
 
-def _score(tally: Tally, labels: torch.Tensor, out: Any, gt: np.ndarray, metadata: DatasetMetadata,
-           settings: EvalConfig, convention: str) -> None:
+def _score(
+    tally: Tally,
+    labels: torch.Tensor,
+    out: Any,
+    gt: np.ndarray,
+    metadata: DatasetMetadata,
+    settings: EvalConfig,
+    convention: str,
+) -> None:
     """Add one image's per-image Hungarian class map to the mode's metric."""
     segments = labels.numpy()
-    classes = per_image_class_map("hungarian", segments, gt, out.mask_embeddings.numpy(), np.zeros(0),
-                                  metadata.num_classes, metadata.ignore_index, settings.match_criterion, convention)
+    classes = per_image_class_map(
+        "hungarian",
+        segments,
+        gt,
+        out.mask_embeddings.numpy(),
+        np.zeros(0),
+        metadata.num_classes,
+        metadata.ignore_index,
+        settings.match_criterion,
+        convention,
+    )
     tally.metric.update(torch.from_numpy(classes), torch.from_numpy(gt.astype(np.int64)))
     tally.images += 1
 
@@ -194,10 +233,20 @@ def _result(name: str, tally: Tally, models: Mapping[str, EmerDiff]) -> ModeResu
     n = max(tally.images, 1)
     scores = tally.metric.compute()
     settings = parse_mode(name) if name in models else {"(k-means masks upsampled bilinearly)": True}
-    return ModeResult(name, settings, tally.flops / n, tally.unet_calls / n, tally.unet_samples / n,
-                      tally.decodes / n, tally.cost_model_agrees, tally.checked, tally.seconds,
-                      tally.same / max(tally.pixels, 1),
-                      100.0 * scores.miou, 100.0 * scores.boundary_miou)
+    return ModeResult(
+        name,
+        settings,
+        tally.flops / n,
+        tally.unet_calls / n,
+        tally.unet_samples / n,
+        tally.decodes / n,
+        tally.cost_model_agrees,
+        tally.checked,
+        tally.seconds,
+        tally.same / max(tally.pixels, 1),
+        100.0 * scores.miou,
+        100.0 * scores.boundary_miou,
+    )
 
 
 def within_bounds(result: ModeResult, exact: ModeResult) -> bool:
@@ -205,7 +254,7 @@ def within_bounds(result: ModeResult, exact: ModeResult) -> bool:
     return result.agreement >= AGREEMENT_FLOOR and result.boundary_miou >= exact.boundary_miou - BOUNDARY_LOSS
 
 
-def cheapest_within_bounds(results: Sequence[ModeResult]) -> Optional[str]:
+def cheapest_within_bounds(results: Sequence[ModeResult]) -> str | None:
     """The approximate mode with the fewest FLOPs that stays within the bounds (None if none does)."""
     exact = next(r for r in results if r.name == EXACT)
     kept = [r for r in results if r.name not in (EXACT, BILINEAR) and within_bounds(r, exact)]
@@ -215,31 +264,50 @@ def cheapest_within_bounds(results: Sequence[ModeResult]) -> Optional[str]:
 def markdown(sweep: Sweep, command: str) -> str:
     """The side-by-side table with its caption: FLOPs, calls, time, agreement and quality per mode."""
     exact = sweep.result(EXACT)
-    head = ("| mode | FLOPs / image (G) | exact / mode FLOPs | UNet calls (samples) / image | VAE decodes / image | "
-            "CPU speed-up | label agreement | mIoU | Boundary IoU | within bounds |")
+    head = (
+        "| mode | FLOPs / image (G) | exact / mode FLOPs | UNet calls (samples) / image | VAE decodes / image | "
+        "CPU speed-up | label agreement | mIoU | Boundary IoU | within bounds |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sweep.results:
         timed = r.name != BILINEAR
-        bounds = "exact path" if r.name == EXACT else ("-" if r.name == BILINEAR else
-                                                        ("yes" if within_bounds(r, exact) else "no"))
+        bounds = (
+            "exact path"
+            if r.name == EXACT
+            else ("-" if r.name == BILINEAR else ("yes" if within_bounds(r, exact) else "no"))
+        )
         mark = " (cost model differs!)" if not r.cost_model_agrees else ""
         name = f"**{r.name}**" if r.name in (EXACT, sweep.preset) else r.name
         lines.append(
             f"| {name} | {r.flops / 1e9:.2f} | {exact.flops / r.flops:.2f}x | "
             f"{_per_image(r.unet_calls)} ({_per_image(r.unet_samples)}){mark} | {_per_image(r.decodes)} | "
             f"{(f'{exact.seconds / r.seconds:.2f}x' if timed else '-')} | {100 * r.agreement:.1f} % | "
-            f"{r.miou:.1f} | {r.boundary_miou:.1f} | {bounds} |")
-    preset = (f"Cheapest mode within the bounds (>= {100 * AGREEMENT_FLOOR:.0f} % agreement, <= {BOUNDARY_LOSS:g} "
-              f"point of Boundary IoU lost): **{sweep.preset}**, {exact.flops / sweep.result(sweep.preset).flops:.2f}x "
-              "fewer FLOPs than the exact path." if sweep.preset else "No approximate mode stays within the bounds.")
-    return "\n".join([
-        f"`{command}`", "",
-        f"{sweep.num_images} images of {sweep.dataset}, {sweep.threads} CPU thread(s). FLOPs per image from the cost "
-        "model at the configured K; UNet calls and VAE decodes per image counted at run time (on the images where "
-        "k-means kept K masks, equal to the cost model's unless marked); speed-up = "
-        "exact-path wall time / mode wall time in this run; agreement = share of pixels labelled as on the exact "
-        "path; mIoU and Boundary IoU under the per-image Hungarian protocol; bilinear = the exact run's k-means "
-        "masks upsampled bilinearly (cost of steps 1-5).", "", *lines, "", preset, ""])
+            f"{r.miou:.1f} | {r.boundary_miou:.1f} | {bounds} |"
+        )
+    preset = (
+        f"Cheapest mode within the bounds (>= {100 * AGREEMENT_FLOOR:.0f} % agreement, <= {BOUNDARY_LOSS:g} "
+        f"point of Boundary IoU lost): **{sweep.preset}**, {exact.flops / sweep.result(sweep.preset).flops:.2f}x "
+        "fewer FLOPs than the exact path."
+        if sweep.preset
+        else "No approximate mode stays within the bounds."
+    )
+    return "\n".join(
+        [
+            f"`{command}`",
+            "",
+            f"{sweep.num_images} images of {sweep.dataset}, {sweep.threads} CPU thread(s). FLOPs per image from the "
+            "cost model at the configured K; UNet calls and VAE decodes per image counted at run time (on the images "
+            "where k-means kept K masks, equal to the cost model's unless marked); speed-up = "
+            "exact-path wall time / mode wall time in this run; agreement = share of pixels labelled as on the exact "
+            "path; mIoU and Boundary IoU under the per-image Hungarian protocol; bilinear = the exact run's k-means "
+            "masks upsampled bilinearly (cost of steps 1-5).",
+            "",
+            *lines,
+            "",
+            preset,
+            "",
+        ]
+    )
 
 
 def _per_image(value: float) -> str:
@@ -255,17 +323,18 @@ def figure(sweep: Sweep, path: Path, title: str) -> None:
 
     exact = sweep.result(EXACT)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = ((axes[0], lambda r: 100 * r.agreement, "label agreement with the exact path (%)",
-               100 * AGREEMENT_FLOOR), (axes[1], lambda r: r.boundary_miou, "Boundary IoU (%)",
-                                        exact.boundary_miou - BOUNDARY_LOSS))
+    panels = (
+        (axes[0], lambda r: 100 * r.agreement, "label agreement with the exact path (%)", 100 * AGREEMENT_FLOOR),
+        (axes[1], lambda r: r.boundary_miou, "Boundary IoU (%)", exact.boundary_miou - BOUNDARY_LOSS),
+    )
     for ax, value, label, bound in panels:
         for r in sweep.results:
-            marker, colour = ("*", "crimson") if r.name == EXACT else (("s", "grey") if r.name == BILINEAR else
-                                                                       ("o", "tab:blue"))
+            marker, colour = (
+                ("*", "crimson") if r.name == EXACT else (("s", "grey") if r.name == BILINEAR else ("o", "tab:blue"))
+            )
             if r.name == sweep.preset:
                 colour = "tab:green"
-            ax.scatter(r.flops / 1e9, value(r), marker=marker, s=160 if r.name == EXACT else 40, color=colour,
-                       zorder=3)
+            ax.scatter(r.flops / 1e9, value(r), marker=marker, s=160 if r.name == EXACT else 40, color=colour, zorder=3)
             ax.annotate(r.name, (r.flops / 1e9, value(r)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(bound, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
@@ -279,8 +348,16 @@ def figure(sweep: Sweep, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def record(sweep: Sweep, command: str) -> Dict[str, Any]:
+def record(sweep: Sweep, command: str) -> dict[str, Any]:
     """The JSON record of the sweep."""
-    return {"command": command, "dataset": sweep.dataset, "num_images": sweep.num_images, "threads": sweep.threads,
-            "preset": sweep.preset, "results": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                                 for k, v in asdict(r).items()} for r in sweep.results]}
+    return {
+        "command": command,
+        "dataset": sweep.dataset,
+        "num_images": sweep.num_images,
+        "threads": sweep.threads,
+        "preset": sweep.preset,
+        "results": [
+            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
+            for r in sweep.results
+        ],
+    }

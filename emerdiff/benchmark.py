@@ -8,8 +8,8 @@ the machine's conditions; FLOPs and the memory estimate come from the cost model
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,10 +29,10 @@ class ImplResult:
 
     impl: str
     num_masks: int
-    model: Dict[str, StageCost]
-    measured: Optional[Dict[str, StageCost]] = None
+    model: dict[str, StageCost]
+    measured: dict[str, StageCost] | None = None
 
-    def figures(self) -> Dict[str, StageCost]:
+    def figures(self) -> dict[str, StageCost]:
         """Per stage: measured seconds, calls and memory where run, FLOPs from the cost model."""
         out = {}
         for stage in STAGES:
@@ -57,8 +57,10 @@ def build_components(cfg: DictConfig, cost_only: bool) -> SDComponents:
     if not cost_only:
         return load_sd(model)
     if not is_random_model(model):
-        raise ConfigError("--cost-only builds random weights on the meta device: set model.random_init=true "
-                          "(and model.arch) or use --cfg configs/tiny.yaml")
+        raise ConfigError(
+            "--cost-only builds random weights on the meta device: set model.random_init=true "
+            "(and model.arch) or use --cfg configs/tiny.yaml"
+        )
     components = build_random_sd("tiny" if model.pretrained == "tiny" else model.arch, device="meta")
     dtype = resolve_dtype(model.dtype, resolve_device("cuda" if model.dtype == "auto" else model.device))
     return cast_components(components, dtype)
@@ -68,13 +70,13 @@ def build_components(cfg: DictConfig, cost_only: bool) -> SDComponents:
 class Measured:
     """Stage costs of one implementation's run and the number of masks it modulated."""
 
-    stages: Dict[str, StageCost]
+    stages: dict[str, StageCost]
     num_masks: int
 
 
-def measure(models: Dict[str, EmerDiff], image: ImageInput, repeats: int) -> Dict[str, Measured]:
+def measure(models: dict[str, EmerDiff], image: ImageInput, repeats: int) -> dict[str, Measured]:
     """Segment `image` with every model, alternately `repeats` times; each stage keeps its fastest run."""
-    best: Dict[str, Measured] = {}
+    best: dict[str, Measured] = {}
     for _ in range(repeats):
         for impl, model in models.items():
             profiler = StageProfiler(model.device)
@@ -97,13 +99,14 @@ def warm_up(model: EmerDiff) -> None:
         model.vae.decode(latent)
 
 
-def run(cfg: DictConfig, impls: Sequence[str], image: Optional[str], repeats: int, cost_only: bool,
-        warmup: bool) -> Tuple[List[ImplResult], Dict[str, EmerDiff]]:
+def run(
+    cfg: DictConfig, impls: Sequence[str], image: str | None, repeats: int, cost_only: bool, warmup: bool
+) -> tuple[list[ImplResult], dict[str, EmerDiff]]:
     """Measure (unless `cost_only`) and cost-model every implementation on one set of SD components."""
     components = build_components(cfg, cost_only)
     params = section(cfg.segmentor, SegmentorConfig)
     models = {impl: EmerDiff(components, replace(params, impl=impl)) for impl in impls}
-    measured: Dict[str, Measured] = {}
+    measured: dict[str, Measured] = {}
     if not cost_only:
         if warmup:
             warm_up(next(iter(models.values())))
@@ -126,16 +129,21 @@ def largest_batch(chunk: int, count: int) -> int:
     return count if chunk <= 0 else min(chunk, count)
 
 
-def memory_estimate(model: EmerDiff, result: ImplResult) -> Dict[str, int]:
+def memory_estimate(model: EmerDiff, result: ImplResult) -> dict[str, int]:
     """Device memory of one image from the cost model: weights + the injection record + the largest stage peak."""
     plan, steps, variants = model.chunk_plan(), len(model.grid.tail(model.params.t_modulate)), 2 * result.num_masks
     record = (plan.profile or measure_memory(model)).record  # 0 without injection
     stage_peak = max(cost.peak_mem_bytes for cost in result.model.values())
     weights = weight_bytes(model)
-    return {"weights": weights, "record": record, "largest_stage_peak": stage_peak,
-            "total": weights + record + stage_peak, "batch_inversion": largest_batch(plan.inversion, steps),
-            "batch_variants": model.modulation_settings(plan.variants).batch_size(variants),
-            "batch_decode": largest_batch(plan.decode, variants)}
+    return {
+        "weights": weights,
+        "record": record,
+        "largest_stage_peak": stage_peak,
+        "total": weights + record + stage_peak,
+        "batch_inversion": largest_batch(plan.inversion, steps),
+        "batch_variants": model.modulation_settings(plan.variants).batch_size(variants),
+        "batch_decode": largest_batch(plan.decode, variants),
+    }
 
 
 def ratio_text(a: float, b: float) -> str:
@@ -146,7 +154,7 @@ def gib_text(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
-def table(results: List[ImplResult], measured: bool) -> str:
+def table(results: list[ImplResult], measured: bool) -> str:
     """Markdown table, one row per stage plus the total; each figure per implementation, then fast/reference."""
     figures = {r.impl: r.figures() for r in results}
     for figs in figures.values():
@@ -156,9 +164,11 @@ def table(results: List[ImplResult], measured: bool) -> str:
     columns = [("GFLOP", lambda c: f"{c.flops / 1e9:,.2f}", lambda c: c.flops)]
     if measured:
         columns.append(("s", lambda c: f"{c.seconds:,.2f}", lambda c: c.seconds))
-    columns += [("UNet calls (samples)", lambda c: f"{c.unet_calls} ({c.unet_samples})", None),
-                ("VAE calls (samples)", lambda c: f"{c.vae_calls} ({c.vae_samples})", None),
-                ("peak GiB", lambda c: gib_text(c.peak_mem_bytes), None)]
+    columns += [
+        ("UNet calls (samples)", lambda c: f"{c.unet_calls} ({c.unet_samples})", None),
+        ("VAE calls (samples)", lambda c: f"{c.vae_calls} ({c.vae_samples})", None),
+        ("peak GiB", lambda c: gib_text(c.peak_mem_bytes), None),
+    ]
     head = ["stage"]
     for name, _, ratio in columns:
         head += [f"{name} {impl}" for impl in impls] + (["fast/ref"] if both and ratio else [])
@@ -173,39 +183,61 @@ def table(results: List[ImplResult], measured: bool) -> str:
     return "\n".join(lines)
 
 
-def projection(results: List[ImplResult], peak_tflops: float, utilization: float) -> Dict[str, float]:
+def projection(results: list[ImplResult], peak_tflops: float, utilization: float) -> dict[str, float]:
     """Seconds per image on a GPU of `peak_tflops` (dense fp16) if it sustained `utilization` of it on these FLOPs."""
     sustained = peak_tflops * 1e12 * utilization
     return {r.impl: total(r.model).flops / sustained for r in results}
 
 
-def report(cfg: DictConfig, results: List[ImplResult], models_memory: Dict[str, Dict[str, int]], measured: bool,
-           gpu: str, peak_tflops: float, utilization: float, command: str) -> Dict[str, object]:
+def report(
+    cfg: DictConfig,
+    results: list[ImplResult],
+    models_memory: dict[str, dict[str, int]],
+    measured: bool,
+    gpu: str,
+    peak_tflops: float,
+    utilization: float,
+    command: str,
+) -> dict[str, object]:
     """The JSON record: command, settings, per-implementation totals and stages, ratios, projections."""
     impls = {}
     for r in results:
         figs = r.figures()
         tot = total(figs)
         impls[r.impl] = {
-            "flops": tot.flops, "seconds": tot.seconds if measured else None, "unet_calls": tot.unet_calls,
-            "unet_samples": tot.unet_samples, "vae_calls": tot.vae_calls, "peak_mem_bytes": tot.peak_mem_bytes,
-            "num_masks": r.num_masks, "stages": {s: c.as_dict() for s, c in figs.items()},
+            "flops": tot.flops,
+            "seconds": tot.seconds if measured else None,
+            "unet_calls": tot.unet_calls,
+            "unet_samples": tot.unet_samples,
+            "vae_calls": tot.vae_calls,
+            "peak_mem_bytes": tot.peak_mem_bytes,
+            "num_masks": r.num_masks,
+            "stages": {s: c.as_dict() for s, c in figs.items()},
             "cost_model": {s: c.as_dict() for s, c in r.model.items()},
             "memory_estimate_bytes": models_memory[r.impl],
         }
-    out = {"command": command, "measured": measured, "device": str(resolve_device(cfg.model.device)),
-           "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-           "model": OmegaConf.to_container(cfg.model), "segmentor": OmegaConf.to_container(cfg.segmentor),
-           "impls": impls,
-           "projection": {"gpu": gpu, "utilization": utilization,
-                          "seconds": projection(results, peak_tflops, utilization)}}
+    out = {
+        "command": command,
+        "measured": measured,
+        "device": str(resolve_device(cfg.model.device)),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "model": OmegaConf.to_container(cfg.model),
+        "segmentor": OmegaConf.to_container(cfg.segmentor),
+        "impls": impls,
+        "projection": {
+            "gpu": gpu,
+            "utilization": utilization,
+            "seconds": projection(results, peak_tflops, utilization),
+        },
+    }
     if {"fast", "reference"} <= impls.keys():
         fast, ref = impls["fast"], impls["reference"]
         out["ratios"] = {
             "flops": fast["flops"] / ref["flops"],
             "modulated_flops": fast["stages"]["modulated"]["flops"] / ref["stages"]["modulated"]["flops"],
             "seconds": fast["seconds"] / ref["seconds"] if measured else None,
-            "modulated_seconds": (fast["stages"]["modulated"]["seconds"] / ref["stages"]["modulated"]["seconds"]
-                                  if measured else None),
+            "modulated_seconds": (
+                fast["stages"]["modulated"]["seconds"] / ref["stages"]["modulated"]["seconds"] if measured else None
+            ),
         }
     return out

@@ -8,13 +8,14 @@ work the same way). Torch-free, so a command checks its config before torch load
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
 
 from PIL import Image
 
 # segmentor.interpolation: each name is torch's `F.interpolate` mode, the value PIL's filter of the same kind
-INTERPOLATIONS: Dict[str, Image.Resampling] = {"bicubic": Image.Resampling.BICUBIC,
-                                               "bilinear": Image.Resampling.BILINEAR}
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+}
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class MiouConvention:
     stego_extra_clusters: bool = False  # more clusters than classes: STEGO's own computation (metrics.stego_scores)
 
 
-MIOU_CONVENTIONS: Dict[str, MiouConvention] = {  # eval.miou_convention
+MIOU_CONVENTIONS: dict[str, MiouConvention] = {  # eval.miou_convention
     "detectron2": MiouConvention(union_classes=False, keep_empty_pairs=False),
     "mmseg": MiouConvention(union_classes=True, keep_empty_pairs=False),  # MaskCLIP, TCL, GroupViT
     "stego": MiouConvention(union_classes=True, keep_empty_pairs=True, stego_extra_clusters=True),  # STEGO, PiCIE
@@ -43,7 +44,7 @@ class Protocol:
     per_image: bool  # matched image by image (else over every mask of the split)
 
 
-PROTOCOLS: Dict[str, Protocol] = {  # eval.protocols, in table order
+PROTOCOLS: dict[str, Protocol] = {  # eval.protocols, in table order
     "hungarian": Protocol("per-image Hungarian", "detectron2", per_image=True),
     "majority": Protocol("per-image majority (many-to-one)", "detectron2", per_image=True),
     "dataset": Protocol("dataset-level k-means + Hungarian (Table 1)", "stego", per_image=False),  # beside STEGO
@@ -59,4 +60,4 @@ class Crop:
     square: bool  # keep the central data.size x data.size square (else the whole image)
 
 
-CROPS: Dict[str, Crop] = {"center": Crop(square=True), "none": Crop(square=False)}  # eval.crop
+CROPS: dict[str, Crop] = {"center": Crop(square=True), "none": Crop(square=False)}  # eval.crop

@@ -10,9 +10,11 @@ import torch
 try:
     import faiss
 except ImportError:  # neither extra installed: say which one to pick
-    raise ImportError("faiss is not installed: pip install 'emerdiff[cpu]' (faiss-cpu, any machine) or "
-                      "'emerdiff[gpu]' (faiss-gpu-cu12, CUDA 12 on Linux x86-64); from a checkout: "
-                      "pip install -e '.[cpu]' or '.[gpu]'") from None
+    raise ImportError(
+        "faiss is not installed: pip install 'emerdiff[cpu]' (faiss-cpu, any machine) or "
+        "'emerdiff[gpu]' (faiss-gpu-cu12, CUDA 12 on Linux x86-64); from a checkout: "
+        "pip install -e '.[cpu]' or '.[gpu]'"
+    ) from None
 
 
 @dataclass
@@ -35,12 +37,13 @@ def use_faiss_gpu(device: str) -> bool:
     if device == "auto":
         return gpus > 0
     if device == "gpu" and gpus == 0:
-        raise RuntimeError("segmentor.kmeans_device=gpu but faiss sees no GPU: install faiss-gpu "
-                           "(pip install 'emerdiff[gpu]')")
+        raise RuntimeError(
+            "segmentor.kmeans_device=gpu but faiss sees no GPU: install faiss-gpu (pip install 'emerdiff[gpu]')"
+        )
     return device == "gpu"
 
 
-def _flat_index(dim: int, gpu: bool) -> "faiss.Index":
+def _flat_index(dim: int, gpu: bool) -> faiss.Index:
     """Exact L2 index; on the GPU it lives on this process's CUDA device (one per DDP rank)."""
     if not gpu:
         return faiss.IndexFlatL2(dim)
@@ -51,8 +54,15 @@ def _flat_index(dim: int, gpu: bool) -> "faiss.Index":
     return faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim, config)
 
 
-def kmeans(points: torch.Tensor | np.ndarray, k: int, seed: int, restarts: int, iters: int, gpu: bool = False,
-           spherical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    points: torch.Tensor | np.ndarray,
+    k: int,
+    seed: int,
+    restarts: int,
+    iters: int,
+    gpu: bool = False,
+    spherical: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded faiss k-means, best of `restarts` runs, every point used; returns (assignment [N], centroids [k, C]).
 
     k is lowered to the number of distinct points when there are fewer.
@@ -72,8 +82,16 @@ def kmeans(points: torch.Tensor | np.ndarray, k: int, seed: int, restarts: int, 
     return torch.from_numpy(assignment[:, 0].astype(np.int64)), torch.from_numpy(centroids.copy())
 
 
-def cluster_grid(features: torch.Tensor, height: int, width: int, k: int, seed: int,
-                 restarts: int = 5, iters: int = 50, gpu: bool = False) -> Clusters:
+def cluster_grid(
+    features: torch.Tensor,
+    height: int,
+    width: int,
+    k: int,
+    seed: int,
+    restarts: int = 5,
+    iters: int = 50,
+    gpu: bool = False,
+) -> Clusters:
     """k-means over [h*w, C] token features; empty clusters are dropped and ids made contiguous."""
     assignment, centroids = kmeans(features, k, seed, restarts, iters, gpu)
     used = assignment.unique()  # sorted, so surviving clusters keep their relative order

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from diffusers.models.attention import FeedForward
@@ -12,21 +12,24 @@ COMPILED_REGIONS = (ResnetBlock2D, FeedForward)
 RECOMPILE_LIMIT = 128  # graphs per region class: one per distinct (channels, size, batch) of its instances
 
 
-def check_compile_options(backend: str, mode: Optional[str]) -> None:
+def check_compile_options(backend: str, mode: str | None) -> None:
     """Refuse an unknown torch.compile backend or mode, naming the config key."""
     from torch._inductor import list_mode_options  # imported here: heavy, and only needed to check the mode
 
     backends = torch._dynamo.list_backends(exclude_tags=())
     if backend not in backends:
-        raise ValueError(f"segmentor.compile_backend '{backend}' is not a torch.compile backend; "
-                         f"use inductor (or one of {', '.join(backends)})")
+        raise ValueError(
+            f"segmentor.compile_backend '{backend}' is not a torch.compile backend; "
+            f"use inductor (or one of {', '.join(backends)})"
+        )
     modes = list_mode_options()
     if mode is not None and mode not in modes:
-        raise ValueError(f"segmentor.compile_mode '{mode}' is not a torch.compile mode; use null or one of "
-                         f"{', '.join(modes)}")
+        raise ValueError(
+            f"segmentor.compile_mode '{mode}' is not a torch.compile mode; use null or one of {', '.join(modes)}"
+        )
 
 
-def compile_regions(modules: Iterable[torch.nn.Module], backend: str = "inductor", mode: Optional[str] = None) -> int:
+def compile_regions(modules: Iterable[torch.nn.Module], backend: str = "inductor", mode: str | None = None) -> int:
     """torch.compile every ResNet block and feed-forward layer in `modules`, in place; returns how many.
 
     Regional compilation, as diffusers' ``compile_repeated_blocks``, but attention stays eager:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar, Union, cast
+from typing import Any, TypeVar, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -32,16 +33,31 @@ MATCH_CRITERIA = ("iou", "overlap")  # eval.match_criterion
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed with the package
 
 
-def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
-            choices: Optional[Sequence[Any]] = None, numbers: bool = False, minimum: Optional[float] = None,
-            maximum: Optional[float] = None, multiple_of: Optional[int] = None, run_only: bool = False,
-            before: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Any = dataclasses.MISSING,
+    choices: Sequence[Any] | None = None,
+    numbers: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    multiple_of: int | None = None,
+    run_only: bool = False,
+    before: Any = dataclasses.MISSING,
+) -> Any:
     """A config field with its rules: valid `choices` (each item, for a list; with `numbers`, any number is valid
     too), a `minimum` and `maximum`, a `multiple_of` (0 allowed), whether it is `run_only` (cannot change results,
     so caches and results folders stay valid), and for a key added later the value that behaviour had `before` it
     existed (that value is left out of the result settings, so caches and folders made before the key stay valid)."""
-    rules = {"choices": tuple(choices) if choices is not None else None, "numbers": numbers, "minimum": minimum,
-             "maximum": maximum, "multiple_of": multiple_of, "run_only": run_only, "before": before}
+    rules = {
+        "choices": tuple(choices) if choices is not None else None,
+        "numbers": numbers,
+        "minimum": minimum,
+        "maximum": maximum,
+        "multiple_of": multiple_of,
+        "run_only": run_only,
+        "before": before,
+    }
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=rules)
     return field(default=default, metadata=rules)
@@ -54,15 +70,15 @@ class ModelConfig:
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     dtype: str = setting("auto", choices=DTYPES)  # auto = float16 on CUDA, float32 on CPU
     device: str = setting("auto", run_only=True)  # auto = cuda if available else cpu
-    revision: Optional[str] = None
-    variant: Optional[str] = None  # e.g. fp16 for the hub's half-precision files
-    config: Optional[str] = None  # diffusers config (hub id or folder) for single-file checkpoints
-    vae: Optional[str] = setting(None, before=None)  # VAE (hub id / folder) replacing the checkpoint's (SDXL fp16 fix)
+    revision: str | None = None
+    variant: str | None = None  # e.g. fp16 for the hub's half-precision files
+    config: str | None = None  # diffusers config (hub id or folder) for single-file checkpoints
+    vae: str | None = setting(None, before=None)  # VAE (hub id / folder) replacing the checkpoint's (SDXL fp16 fix)
     local_files_only: bool = setting(False, run_only=True)
     random_init: bool = False  # build `arch` with random weights (benchmarks, no download)
     arch: str = "sd15"  # architecture for random_init: tiny, tiny_sdxl, sd15, sd21_base, sdxl
     init_seed: int = 0  # seed of the random weights of tiny / random_init models
-    cpu_threads: Optional[int] = setting(None, minimum=1, run_only=True)  # torch CPU threads; None = OMP_NUM_THREADS,
+    cpu_threads: int | None = setting(None, minimum=1, run_only=True)  # torch CPU threads; None = OMP_NUM_THREADS,
     #   else the usable cores shared among this machine's processes of the run
 
 
@@ -72,7 +88,7 @@ class SegmentorConfig:
 
     resolution: int = setting(512, minimum=64, multiple_of=64)  # SD's working resolution: the shorter side (step 1)
     aspect: str = setting("keep", choices=ASPECTS, before="square")  # keep: shorter side at resolution; square: R x R
-    max_pixels: Optional[int] = setting(None, minimum=4096, before=None)  # aspect=keep: cap on h x w; null = 2 R^2
+    max_pixels: int | None = setting(None, minimum=4096, before=None)  # aspect=keep: cap on h x w; null = 2 R^2
     num_masks: int = setting(25, minimum=1)  # K, an upper bound: empty clusters are dropped (step 5)
     lam: float = 10.0  # lambda, modulation strength (step 8)
     t_feature: int = setting(1, minimum=0)  # timestep of the k-means feature pass (step 4)
@@ -80,7 +96,7 @@ class SegmentorConfig:
     feature_layer: str = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     t_modulate: int = 281  # t_m, first modulated step; must lie on the scheduler grid (step 6)
     num_inference_steps: int = setting(50, minimum=1)  # scheduler grid over 1000 training steps (step 6)
-    timestep_spacing: Optional[str] = setting(None, choices=TIMESTEP_SPACINGS, before=None)  # grid spacing; null =
+    timestep_spacing: str | None = setting(None, choices=TIMESTEP_SPACINGS, before=None)  # grid spacing; null =
     #   the scheduler config's (SD: leading); trailing = the Turbo models' few-step grid (999, 749, 499, 249)
     num_modulated_steps: int = setting(1, minimum=1)  # steps from t_m on that receive the offset (step 8)
     modulated_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
@@ -92,13 +108,14 @@ class SegmentorConfig:
     kmeans_iters: int = setting(50, minimum=1)
     kmeans_device: str = setting("auto", choices=KMEANS_DEVICES)  # auto = faiss GPU index when faiss sees a GPU
     chunk_size: int = setting(0, minimum=0, run_only=True)  # (mask, sign) variants per UNet batch; 0 = all at once
-    memory_budget_gb: Union[int, float, str] = setting("auto", choices=("auto",), numbers=True, minimum=0,
-                                                       run_only=True)  # GiB of activations; auto = free memory - margin
+    memory_budget_gb: int | float | str = setting(
+        "auto", choices=("auto",), numbers=True, minimum=0, run_only=True
+    )  # GiB of activations; auto = free memory - margin
     impl: str = setting("fast", choices=IMPLS)  # fast (shared prefix and attention) or reference (one variant per pass)
     channels_last: bool = setting(False, run_only=True)  # UNet/VAE convolutions in channels_last (same results)
     compile: bool = setting(False, run_only=True)  # torch.compile UNet/VAE ResNets and feed-forwards (same results)
     compile_backend: str = setting("inductor", run_only=True)  # torch.compile backend (torch._dynamo.list_backends)
-    compile_mode: Optional[str] = setting(None, run_only=True)  # torch.compile mode (max-autotune, ...); null = torch's
+    compile_mode: str | None = setting(None, run_only=True)  # torch.compile mode (max-autotune, ...); null = torch's
     denoise_steps: int = setting(0, minimum=0)  # trade-off: steps from t_m on, evenly spaced; 0 = every grid step
     min_mask_fraction: float = setting(0.0, minimum=0)  # trade-off: masks below this grid share are not modulated
     decode_resolution: int = setting(0, minimum=0, multiple_of=8)  # trade-off: decoded shorter side; 0 = resolution
@@ -114,11 +131,11 @@ class SegmentorConfig:
 class DataConfig:
     """Which images are read and how (prediction inputs and evaluation datasets)."""
 
-    input: Optional[str] = None  # prediction input: image file, folder (recursive), glob, or .txt list of paths
-    dataset: Optional[str] = None  # registered evaluation split, e.g. voc2012_val, or folder (emerdiff.data.registry)
-    root: Optional[str] = None  # dataset root in its standard layout
-    size: Optional[int] = None  # evaluation: resize the shorter side and centre-crop; null = full image
-    image_list: Optional[str] = None  # evaluation: text file of image ids restricting a COCO-Stuff split
+    input: str | None = None  # prediction input: image file, folder (recursive), glob, or .txt list of paths
+    dataset: str | None = None  # registered evaluation split, e.g. voc2012_val, or folder (emerdiff.data.registry)
+    root: str | None = None  # dataset root in its standard layout
+    size: int | None = None  # evaluation: resize the shorter side and centre-crop; null = full image
+    image_list: str | None = None  # evaluation: text file of image ids restricting a COCO-Stuff split
     reduce_zero_label: bool = False  # folder dataset: label 0 = ignore, 1..C = the classes (mmsegmentation's option)
     num_workers: int = setting(2, minimum=0)  # DataLoader workers
 
@@ -127,7 +144,7 @@ class DataConfig:
 class OutputConfig:
     """Where and how results are written."""
 
-    dir: Optional[str] = None
+    dir: str | None = None
     overwrite: bool = False  # redo images whose outputs already exist
     overlay: bool = True  # write NAME_overlay.jpg (mask colours and boundaries over the photo)
     figure: bool = False  # write NAME_figure.png: photo | k-means masks | bilinear | EmerDiff
@@ -141,21 +158,21 @@ class OutputConfig:
 class EvalConfig:
     """Unsupervised evaluation protocols (docs/evaluation.md)."""
 
-    protocols: List[str] = setting(
+    protocols: list[str] = setting(
         factory=lambda: ["hungarian", "dataset", "concept_image", "concept_dataset"], choices=PROTOCOLS
     )  # also "majority": per-image many-to-one matching
     match_criterion: str = setting("iou", choices=MATCH_CRITERIA)  # per-image Hungarian: summed IoU, or pixel "overlap"
-    dataset_clusters: Optional[int] = setting(None, minimum=1)  # dataset-level k-means clusters; null = classes
+    dataset_clusters: int | None = setting(None, minimum=1)  # dataset-level k-means clusters; null = classes
     kmeans_seed: int = 0  # dataset-level faiss k-means
     kmeans_restarts: int = setting(5, minimum=1)
     kmeans_iters: int = setting(50, minimum=1)
     kmeans_l2_normalize: bool = False  # spherical k-means on L2-normalised mask embeddings
     # the classes mIoU averages; null = each protocol's paper (docs/evaluation.md)
-    miou_convention: Optional[str] = setting(None, choices=MIOU_CONVENTIONS)
+    miou_convention: str | None = setting(None, choices=MIOU_CONVENTIONS)
     # center: the data.size x data.size central square; none: the whole image, shorter side data.size
     crop: str = setting("center", choices=CROPS, before="center")
-    paper_miou: Dict[str, Dict[str, float]] = setting(factory=dict, run_only=True)  # protocol -> method -> paper's mIoU
-    paper_note: Optional[str] = setting(None, run_only=True)  # context printed under the results table
+    paper_miou: dict[str, dict[str, float]] = setting(factory=dict, run_only=True)  # protocol -> method -> paper's mIoU
+    paper_note: str | None = setting(None, run_only=True)  # context printed under the results table
 
 
 @dataclass
@@ -167,8 +184,8 @@ class EmerDiffConfig:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    ovseg: Dict[str, Any] = field(default_factory=dict)  # the ovseg package's settings, checked by ovseg.config
-    trainer: Dict[str, Any] = field(
+    ovseg: dict[str, Any] = field(default_factory=dict)  # the ovseg package's settings, checked by ovseg.config
+    trainer: dict[str, Any] = field(
         default_factory=lambda: {"accelerator": "auto", "devices": 1, "precision": "32-true"}
     )
 
@@ -205,7 +222,7 @@ def is_random_model(model: Any) -> bool:
     return get("pretrained") == "tiny" or bool(get("random_init"))
 
 
-def result_settings(settings: Any) -> Dict[str, Any]:
+def result_settings(settings: Any) -> dict[str, Any]:
     """The fields of one config section (a dataclass) that can change results: run-only fields left out, and so
     are later keys at the value behaviour had before them (`setting(before=...)`)."""
     out = {}
@@ -215,7 +232,7 @@ def result_settings(settings: Any) -> Dict[str, Any]:
     return out
 
 
-def recorded_setting(section: type, name: str, value: Any) -> Dict[str, Any]:
+def recorded_setting(section: type, name: str, value: Any) -> dict[str, Any]:
     """``{name: value}`` as a result setting of config section `section`, or nothing when `name` is a key added
     later and `value` is the behaviour it had before (`setting(before=...)`): caches made before it stay valid."""
     before = next(f for f in dataclasses.fields(section) if f.name == name).metadata.get("before", dataclasses.MISSING)
@@ -232,13 +249,16 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 def settings_diff(old: str, new: str) -> str:
     """``section.key: before -> now`` for every setting that differs between two `fingerprint` texts."""
     before, after = json.loads(old), json.loads(new)
-    changes = [f"{section}.{key}: {before.get(section, {}).get(key)!r} -> {value!r}"
-               for section, values in after.items() for key, value in values.items()
-               if before.get(section, {}).get(key) != value]
+    changes = [
+        f"{section}.{key}: {before.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in after.items()
+        for key, value in values.items()
+        if before.get(section, {}).get(key) != value
+    ]
     return "; ".join(changes) or "unknown difference"
 
 
-def _valid_keys(node: DictConfig, prefix: str) -> List[str]:
+def _valid_keys(node: DictConfig, prefix: str) -> list[str]:
     keys = []
     for key, value in node.items_ex(resolve=False):
         full = f"{prefix}{key}"
@@ -308,8 +328,9 @@ def check_rules(node: Any, prefix: str = "") -> None:
             if bad or (isinstance(value, ListConfig) and not items):
                 got = ", ".join(map(str, bad)) if bad else "an empty list"
                 numbers = " or a number" if rules.get("numbers") else ""
-                raise ConfigError(f"{key}: {got} is not valid; choose from {', '.join(map(str, rules['choices']))}"
-                                  f"{numbers}")
+                raise ConfigError(
+                    f"{key}: {got} is not valid; choose from {', '.join(map(str, rules['choices']))}{numbers}"
+                )
         if rules.get("minimum") is not None and number and value < rules["minimum"]:
             raise ConfigError(f"{key} must be at least {rules['minimum']}, got {value}")
         if rules.get("maximum") is not None and number and value > rules["maximum"]:
@@ -318,12 +339,12 @@ def check_rules(node: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key} must be a multiple of {rules['multiple_of']}, got {value}")
 
 
-def load_config(*paths: Union[PathLike, Sequence[PathLike]], overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(*paths: PathLike | Sequence[PathLike], overrides: Sequence[str] = ()) -> DictConfig:
     """Merge YAML files (later ones win) and then ``key=value`` overrides onto the defaults, then check the rules.
 
     >>> cfg = load_config("configs/tiny.yaml", overrides=["segmentor.num_masks=8"])
     """
-    flat: List[PathLike] = []
+    flat: list[PathLike] = []
     for item in paths:
         flat.extend([item] if isinstance(item, (str, Path)) else list(item))
     cfg = schema()
@@ -338,7 +359,7 @@ def load_config(*paths: Union[PathLike, Sequence[PathLike]], overrides: Sequence
     return cfg
 
 
-def shipped_configs() -> List[str]:
+def shipped_configs() -> list[str]:
     """Short names of the configs installed with the package: tiny, emerdiff_sd15, eval/voc, ov/ade150, ..."""
     return sorted(p.relative_to(SHIPPED_CONFIGS).with_suffix("").as_posix() for p in SHIPPED_CONFIGS.rglob("*.yaml"))
 
@@ -355,8 +376,10 @@ def config_path(name: PathLike) -> Path:
     shipped = SHIPPED_CONFIGS / f"{short}.yaml"
     if not path.is_absolute() and shipped.is_file():
         return shipped
-    raise FileNotFoundError(f"config file '{name}' does not exist (looked in {path.resolve()}) and is not a shipped "
-                            f"config; shipped: {', '.join(shipped_configs())}")
+    raise FileNotFoundError(
+        f"config file '{name}' does not exist (looked in {path.resolve()}) and is not a shipped "
+        f"config; shipped: {', '.join(shipped_configs())}"
+    )
 
 
 def read_yaml(path: PathLike) -> DictConfig:
@@ -368,12 +391,14 @@ def read_yaml(path: PathLike) -> DictConfig:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
 
 
-def preset_settings(name: PathLike) -> Dict[str, Any]:
+def preset_settings(name: PathLike) -> dict[str, Any]:
     """The segmentor settings of a preset config (`fast`, or a YAML file), checked against the schema."""
     preset = read_yaml(name)
     unknown = set(preset) - {"segmentor"}
     if unknown:
-        raise ConfigError(f"preset '{name}' may only hold a segmentor section, it also has {', '.join(sorted(unknown))}")
+        raise ConfigError(
+            f"preset '{name}' may only hold a segmentor section, it also has {', '.join(sorted(unknown))}"
+        )
     checked = merge(schema(), preset, f"'{name}'")
     check_rules(checked)
     return dict(OmegaConf.to_container(preset.get("segmentor", {})))

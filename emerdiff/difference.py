@@ -8,7 +8,7 @@ interpolating an integer label map.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torchvision.transforms.functional import gaussian_blur
 from .models import at_least_float32
 
 
-def resize_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Difference maps [K, h, w] bilinearly resized to the working size (no-op when already there)."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
@@ -39,13 +39,14 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return gaussian_blur(maps[:, None], [kernel, kernel], [sigma, sigma])[:, 0]
 
 
-def _resized(maps: torch.Tensor, size: Tuple[int, int]) -> Iterable[torch.Tensor]:
+def _resized(maps: torch.Tensor, size: tuple[int, int]) -> Iterable[torch.Tensor]:
     for m in maps:
         yield F.interpolate(at_least_float32(m[None, None]), size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
-def argmax_at_size(maps: torch.Tensor, size: Tuple[int, int], keep: bool = False
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def argmax_at_size(
+    maps: torch.Tensor, size: tuple[int, int], keep: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """step 11: bilinearly resize each of K maps to `size` and take the per-pixel argmax.
 
     One map is resized at a time (memory O(H*W) unless `keep`); ties go to the lower index.
@@ -62,7 +63,7 @@ def argmax_at_size(maps: torch.Tensor, size: Tuple[int, int], keep: bool = False
     return labels, (torch.stack(kept) if keep else None)
 
 
-def bilinear_labels(lowres_labels: torch.Tensor, num_masks: int, size: Tuple[int, int]) -> torch.Tensor:
+def bilinear_labels(lowres_labels: torch.Tensor, num_masks: int, size: tuple[int, int]) -> torch.Tensor:
     """Baseline: one-hot low-res masks upsampled bilinearly to `size`, then argmax."""
     one_hot = F.one_hot(lowres_labels, num_masks).permute(2, 0, 1).float()
     return argmax_at_size(one_hot, size)[0]

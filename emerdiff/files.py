@@ -12,9 +12,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, List, Union
+from typing import BinaryIO
 
 TEMP_SUFFIX = ".emerdiff-tmp"
 LOCK_FILE = ".emerdiff.lock"  # in a folder a run writes: who holds it (PID, host, since when)
@@ -22,7 +23,7 @@ LOCK_FILE = ".emerdiff.lock"  # in a folder a run writes: who holds it (PID, hos
 FORMAT_VERSIONS = {"results": 1, "manifest": 1, "selfcheck": 1, "benchmark": 1}
 
 
-def version_record(kind: str) -> Dict[str, Union[str, int]]:
+def version_record(kind: str) -> dict[str, str | int]:
     """The fields that say which release wrote a results file of `kind` (a FORMAT_VERSIONS key) and in which layout."""
     from emerdiff import __version__
 
@@ -51,7 +52,7 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
 
 
-def read_jsonl(path: Path) -> List[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file; a line cut short by a killed process is ignored."""
     path = Path(path)
     if not path.is_file():
@@ -65,7 +66,7 @@ def read_jsonl(path: Path) -> List[dict]:
     return records
 
 
-def write_jsonl(path: Path, records: List[dict]) -> None:
+def write_jsonl(path: Path, records: list[dict]) -> None:
     """Replace `path` atomically with one JSON line per record."""
     with atomic_file(path) as handle:
         handle.write("".join(json.dumps(r) + "\n" for r in records).encode())
@@ -86,8 +87,7 @@ def folder_lock(folder: Path, on_wait: Callable[[str], None]) -> Iterator[None]:
             on_wait(handle.read().strip() or "another process")
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.truncate(0)
-        handle.write(f"PID {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        handle.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
         handle.flush()
         try:
             yield

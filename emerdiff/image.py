@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_image(path: Union[str, Path]) -> np.ndarray:
+def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to HxWx3 uint8, or raise ImageLoadError naming the problem."""
     path = Path(path)
     if not path.exists():
@@ -93,8 +92,9 @@ def load_image(image: ImageInput) -> torch.Tensor:
     return rgb.clamp(0, 1).contiguous()
 
 
-def working_size(height: int, width: int, resolution: int, aspect: str = "keep",
-                 max_pixels: Optional[int] = None) -> Tuple[int, int]:
+def working_size(
+    height: int, width: int, resolution: int, aspect: str = "keep", max_pixels: int | None = None
+) -> tuple[int, int]:
     """SD's (h, w) for an image of height x width (step 1).
 
     ``square``: resolution x resolution. ``keep``: the shorter side at `resolution`, the longer
@@ -113,31 +113,34 @@ def proportional_side(height: int, width: int, resolution: int) -> int:
     return max(resolution, round(resolution * long / short / 64) * 64)
 
 
-def longest_side(resolution: int, max_pixels: Optional[int] = None) -> int:
+def longest_side(resolution: int, max_pixels: int | None = None) -> int:
     """The longest working side `max_pixels` allows (null: twice the square's pixels), a multiple of 64."""
     cap = max_pixels or 2 * resolution * resolution
     return max(resolution, cap // resolution // 64 * 64)
 
 
-def capped_aspect_note(height: int, width: int, resolution: int, aspect: str = "keep",
-                       max_pixels: Optional[int] = None) -> Optional[str]:
+def capped_aspect_note(
+    height: int, width: int, resolution: int, aspect: str = "keep", max_pixels: int | None = None
+) -> str | None:
     """A line saying how `max_pixels` changed an image's aspect ratio for the model, or None when it did not."""
     if aspect == "square" or proportional_side(height, width, resolution) <= longest_side(resolution, max_pixels):
         return None
     size = working_size(height, width, resolution, aspect, max_pixels)
     cap = max_pixels or f"null = 2 x {resolution}^2"
-    return (f"a {width}x{height} image ({max(height, width) / min(height, width):.3g}:1) is processed at "
-            f"{size[1]}x{size[0]} ({max(size) / min(size):.3g}:1): segmentor.max_pixels ({cap}) caps the working size "
-            "(the masks still cover the whole image at its own size); raise segmentor.max_pixels to keep its aspect "
-            "ratio, at the cost of memory and time")
+    return (
+        f"a {width}x{height} image ({max(height, width) / min(height, width):.3g}:1) is processed at "
+        f"{size[1]}x{size[0]} ({max(size) / min(size):.3g}:1): segmentor.max_pixels ({cap}) caps the working size "
+        "(the masks still cover the whole image at its own size); raise segmentor.max_pixels to keep its aspect "
+        "ratio, at the cost of memory and time"
+    )
 
 
-def largest_working_size(resolution: int, aspect: str = "keep", max_pixels: Optional[int] = None) -> Tuple[int, int]:
+def largest_working_size(resolution: int, aspect: str = "keep", max_pixels: int | None = None) -> tuple[int, int]:
     """The largest (h, w) `working_size` can give: what memory is planned for."""
-    return working_size(1, 10 ** 6, resolution, aspect, max_pixels)
+    return working_size(1, 10**6, resolution, aspect, max_pixels)
 
 
-def to_model_input(rgb: torch.Tensor, size: Union[int, Tuple[int, int]], interpolation: str = "bicubic") -> torch.Tensor:
+def to_model_input(rgb: torch.Tensor, size: int | tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
     """[3, H, W] in [0, 1] -> [1, 3, h, w] in [-1, 1] at `size` (an int: square), anti-aliased (step 1)."""
     shape = (size, size) if isinstance(size, int) else (size[0], size[1])
     resized = F.interpolate(rgb[None], size=shape, mode=interpolation, antialias=True, align_corners=False)

@@ -1,10 +1,11 @@
 """Package names imported on first use (PEP 562), so light imports (a config, `--help`) skip torch and open_clip."""
 
+from collections.abc import Callable
 from importlib import import_module
-from typing import Any, Callable, Dict
+from typing import Any
 
 
-def lazy_exports(package: str, exports: Dict[str, str]) -> Callable[[str], Any]:
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
     """A module `__getattr__` for `package`: name -> the attribute of the submodule `exports[name]` names."""
 
     def __getattr__(name: str) -> Any:

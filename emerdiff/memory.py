@@ -12,9 +12,9 @@ figures are therefore upper bounds for fused SDPA kernels.
 from __future__ import annotations
 
 import weakref
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Tuple, Union
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .image import largest_working_size
 from .models import SDComponents, cast_components, freeze
 from .vae import decode_latents, decode_size
 
-GIB = 2 ** 30
+GIB = 2**30
 FALLBACK_BUDGET_GIB = 16.0  # `auto` where the device cannot say how much memory is free (meta, unknown)
 _MEMINFO = Path("/proc/meminfo")
 
@@ -60,7 +60,7 @@ class LiveBytes(TorchDispatchMode):
         self._storages.discard(key)
 
 
-def peak_bytes(fn: Callable[[], object]) -> Tuple[int, object]:
+def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
     """Peak bytes of the tensors `fn` allocates (meta tensors count by their size), and its result."""
     with LiveBytes() as live:
         result = fn()
@@ -76,8 +76,18 @@ def meta_copy(components: SDComponents) -> SDComponents:
         second = components.text_encoder_2
         text_2 = None if second is None else type(second)(second.config)
     scheduler = type(components.scheduler).from_config(components.scheduler.config)  # add_noise moves its tensors
-    copies = freeze(SDComponents(unet, vae, text, components.tokenizer, scheduler, name=f"meta:{components.name}",
-                                 text_encoder_2=text_2, tokenizer_2=components.tokenizer_2))
+    copies = freeze(
+        SDComponents(
+            unet,
+            vae,
+            text,
+            components.tokenizer,
+            scheduler,
+            name=f"meta:{components.name}",
+            text_encoder_2=text_2,
+            tokenizer_2=components.tokenizer_2,
+        )
+    )
     return cast_components(copies, components.unet.dtype)
 
 
@@ -94,7 +104,7 @@ class LinearBytes:
     per_item: int
 
     @classmethod
-    def through(cls, one: Tuple[int, int], two: Tuple[int, int]) -> "LinearBytes":
+    def through(cls, one: tuple[int, int], two: tuple[int, int]) -> LinearBytes:
         """The line through two (batch, peak bytes) measurements."""
         (n1, b1), (n2, b2) = one, two
         per_item = max(0, (b2 - b1) // (n2 - n1))
@@ -103,7 +113,7 @@ class LinearBytes:
     def max_batch(self, available: int) -> int:
         """The largest batch that fits in `available` bytes (at least 1; a huge number when free of the batch)."""
         if self.per_item == 0:
-            return 2 ** 31
+            return 2**31
         return max(1, (available - self.fixed) // self.per_item)
 
 
@@ -124,11 +134,11 @@ class ChunkPlan:
     inversion: int
     variants: int
     decode: int
-    profile: Optional[MemoryProfile] = field(default=None, compare=False)  # None without a budget
+    profile: MemoryProfile | None = field(default=None, compare=False)  # None without a budget
     budget_gib: float = field(default=0.0, compare=False)  # the activation budget it was planned for; 0 = none
 
 
-def _latent(model: nn.Module, batch: int, size: Tuple[int, int]) -> torch.Tensor:
+def _latent(model: nn.Module, batch: int, size: tuple[int, int]) -> torch.Tensor:
     channels = model.unet.config.in_channels
     return torch.zeros(batch, channels, size[0] // 8, size[1] // 8, device="meta")
 
@@ -151,14 +161,22 @@ def measure_memory(model: nn.Module) -> MemoryProfile:
         meta.grid = full.thinned(p.t_modulate, n)
         peak, (inversion, record) = peak_bytes(lambda: meta.invert(z0, torch.Generator().manual_seed(0)))
         inversion_peaks.append((n, peak))
-    record_bytes = 0 if record is None else sum(
-        t.untyped_storage().nbytes() for d in (record.query, record.key) for t in d.values())
-    variant_peaks = [(b, peak_bytes(lambda b=b: meta.denoise(inversion, record, synthetic_offsets(b, p.lam)))[0])
-                     for b in (2, 4)]
+    record_bytes = (
+        0
+        if record is None
+        else sum(t.untyped_storage().nbytes() for d in (record.query, record.key) for t in d.values())
+    )
+    variant_peaks = [
+        (b, peak_bytes(lambda b=b: meta.denoise(inversion, record, synthetic_offsets(b, p.lam)))[0]) for b in (2, 4)
+    ]
     side = decode_size(size, p.resolution, p.decode_resolution)
     decode_peaks = [(n, peak_bytes(lambda n=n: decode_latents(meta.vae, _latent(meta, n, side)))[0]) for n in (1, 2)]
-    return MemoryProfile(LinearBytes.through(*inversion_peaks), record_bytes * steps // len(inversion.timesteps),
-                         LinearBytes.through(*variant_peaks), LinearBytes.through(*decode_peaks))
+    return MemoryProfile(
+        LinearBytes.through(*inversion_peaks),
+        record_bytes * steps // len(inversion.timesteps),
+        LinearBytes.through(*variant_peaks),
+        LinearBytes.through(*decode_peaks),
+    )
 
 
 def plan_chunks(model: nn.Module, chunk_size: int, budget_gib: float) -> ChunkPlan:
@@ -172,11 +190,16 @@ def plan_chunks(model: nn.Module, chunk_size: int, budget_gib: float) -> ChunkPl
         n = line.max_batch(budget - reserved)
         return n if chunk_size <= 0 else min(n, chunk_size)
 
-    return ChunkPlan(fit(usage.inversion, usage.record), fit(usage.variants, usage.record), fit(usage.decode, 0),
-                     profile=usage, budget_gib=budget_gib)
+    return ChunkPlan(
+        fit(usage.inversion, usage.record),
+        fit(usage.variants, usage.record),
+        fit(usage.decode, 0),
+        profile=usage,
+        budget_gib=budget_gib,
+    )
 
 
-def free_bytes(device: torch.device) -> Optional[int]:
+def free_bytes(device: torch.device) -> int | None:
     """Memory this process could still use on `device`: CUDA's free memory (weights already loaded are not free),
     the CPU's MemAvailable; None where the device cannot say."""
     if device.type == "cuda":
@@ -191,7 +214,7 @@ def free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def resolve_budget(budget: Union[float, str], device: torch.device) -> float:
+def resolve_budget(budget: float | str, device: torch.device) -> float:
     """The activation budget in GiB: a number as given; `auto` = free memory less a margin of 10 % (at least
     1 GiB) for the allocator's fragmentation and other processes, or FALLBACK_BUDGET_GIB where unknown. A budget
     below one item's need still runs, one item per call."""
@@ -201,4 +224,3 @@ def resolve_budget(budget: Union[float, str], device: torch.device) -> float:
     if free is None:
         return FALLBACK_BUDGET_GIB
     return max(free - max(GIB, free // 10), 1) / GIB  # at least a byte: 0 would mean no limit at all
-

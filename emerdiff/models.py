@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -41,10 +41,10 @@ class Conditioning:
     the pooled text embedding and the added time ids, which the UNet refuses to run without."""
 
     text: torch.Tensor  # [n, 77, D] text-encoder states (SDXL: both encoders' penultimate states, concatenated)
-    pooled: Optional[torch.Tensor] = None  # [n, P] the second encoder's projected embedding; None below SDXL
+    pooled: torch.Tensor | None = None  # [n, P] the second encoder's projected embedding; None below SDXL
     pixels_per_latent: int = 8  # the VAE's downsampling: the time ids are in pixels
 
-    def expand(self, batch: int) -> "Conditioning":
+    def expand(self, batch: int) -> Conditioning:
         """The same conditioning for `batch` samples (views, no copies)."""
         pooled = None if self.pooled is None else self.pooled.expand(batch, -1)
         return replace(self, text=self.text.expand(batch, -1, -1), pooled=pooled)
@@ -56,9 +56,9 @@ class Conditioning:
         ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.pooled.dtype, device=self.pooled.device)
         return ids.expand(self.pooled.shape[0], -1)
 
-    def unet_kwargs(self, latents: torch.Tensor) -> Dict[str, Any]:
+    def unet_kwargs(self, latents: torch.Tensor) -> dict[str, Any]:
         """The keyword arguments of a ``UNet2DConditionModel`` call on `latents` (batch 1 or the latents')."""
-        kwargs: Dict[str, Any] = {"encoder_hidden_states": self.text}
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.text}
         if self.pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids(latents)}
         return kwargs
@@ -74,11 +74,11 @@ class SDComponents:
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
     name: str
-    text_encoder_2: Optional[CLIPTextModelWithProjection] = None  # SDXL, SSD-1B, SDXL-Turbo
-    tokenizer_2: Optional[CLIPTokenizer] = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL, SSD-1B, SDXL-Turbo
+    tokenizer_2: CLIPTokenizer | None = None
 
     @property
-    def modules(self) -> List[torch.nn.Module]:
+    def modules(self) -> list[torch.nn.Module]:
         """UNet, VAE and every text encoder: the modules that hold weights."""
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
@@ -93,8 +93,10 @@ class SDComponents:
         encoder's penultimate hidden states concatenated, and the second encoder's projected embedding."""
         if self.text_encoder_2 is None:
             if self.is_sdxl:
-                raise ValueError(f"'{self.name}' has an SDXL UNet (added text/time conditioning) but no second text "
-                                 "encoder: load it as an SDXL pipeline (text_encoder_2/, tokenizer_2/)")
+                raise ValueError(
+                    f"'{self.name}' has an SDXL UNet (added text/time conditioning) but no second text "
+                    "encoder: load it as an SDXL pipeline (text_encoder_2/, tokenizer_2/)"
+                )
             return Conditioning(_tokens_through(self.tokenizer, self.text_encoder, prompt)[0].to(self.unet.dtype))
         states = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
@@ -107,8 +109,9 @@ class SDComponents:
 
 def _tokens_through(tokenizer: CLIPTokenizer, encoder: torch.nn.Module, prompt: str, **kwargs: Any) -> Any:
     """The text encoder's output on the prompt padded to the tokenizer's length."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(encoder.device)
+    ids = tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(encoder.device)
     return encoder(ids, **kwargs)
 
 
@@ -117,8 +120,8 @@ def available_archs() -> list[str]:
     return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
 
 
-@lru_cache(maxsize=None)
-def arch_config(name: str) -> Dict[str, Any]:
+@cache
+def arch_config(name: str) -> dict[str, Any]:
     """The shipped architecture description (unet, vae, text_encoder(_2), scheduler configs)."""
     path = ARCH_DIR / f"{name}.json"
     if not path.is_file():
@@ -170,8 +173,18 @@ def build_random_sd(arch: str, seed: int = 0, device: str | torch.device = "cpu"
     scheduler = DDIMScheduler(**strip(spec["scheduler"]))
     tokenizer = byte_level_tokenizer(spec["text_encoder"]["max_position_embeddings"])
     tokenizer_2 = byte_level_tokenizer(second["max_position_embeddings"]) if second else None
-    return freeze(SDComponents(unet, vae, text_encoder, tokenizer, scheduler, name=f"random:{arch}",
-                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2))
+    return freeze(
+        SDComponents(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            name=f"random:{arch}",
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+    )
 
 
 def cast_components(components: SDComponents, dtype: torch.dtype) -> SDComponents:
@@ -189,7 +202,7 @@ def freeze(components: SDComponents) -> SDComponents:
     return components
 
 
-def cpu_threads(setting: Optional[int] = None, local_ranks: Optional[int] = None) -> Optional[int]:
+def cpu_threads(setting: int | None = None, local_ranks: int | None = None) -> int | None:
     """torch's CPU threads for one process: `setting` (model.cpu_threads) if given; else None (torch's own) when
     OMP_NUM_THREADS says; else the cores this process may use (os.sched_getaffinity) shared among the processes of
     this machine (`local_ranks`, else LOCAL_WORLD_SIZE, else 1), at least one each, so ranks never oversubscribe."""
@@ -201,7 +214,7 @@ def cpu_threads(setting: Optional[int] = None, local_ranks: Optional[int] = None
     return max(1, len(os.sched_getaffinity(0)) // ranks)
 
 
-def load_sd(cfg: ModelConfig, device: Optional[str] = None, local_ranks: Optional[int] = None) -> SDComponents:
+def load_sd(cfg: ModelConfig, device: str | None = None, local_ranks: int | None = None) -> SDComponents:
     """Load SD from ``cfg`` (``tiny`` / ``random_init`` build random weights) and set torch's CPU threads
     (`cpu_threads`: ``cfg.cpu_threads``, else the usable cores shared among the `local_ranks` processes)."""
     threads = cpu_threads(cfg.cpu_threads, local_ranks)
@@ -225,9 +238,20 @@ def pipeline_components(pipe: StableDiffusionPipeline, name: str) -> SDComponent
     devices = {part: getattr(pipe, part).device for part in parts if getattr(pipe, part, None) is not None}
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{part}: {device}" for part, device in devices.items())
-        raise ValueError(f"the pipeline's modules are on different devices ({where}): move it to one with "
-                         "pipe.to(device) (CPU offload is not supported)")
+        raise ValueError(
+            f"the pipeline's modules are on different devices ({where}): move it to one with "
+            "pipe.to(device) (CPU offload is not supported)"
+        )
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    return freeze(SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, name=name,
-                               text_encoder_2=getattr(pipe, "text_encoder_2", None),
-                               tokenizer_2=getattr(pipe, "tokenizer_2", None)))
+    return freeze(
+        SDComponents(
+            pipe.unet,
+            pipe.vae,
+            pipe.text_encoder,
+            pipe.tokenizer,
+            scheduler,
+            name=name,
+            text_encoder_2=getattr(pipe, "text_encoder_2", None),
+            tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        )
+    )

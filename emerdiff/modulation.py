@@ -14,9 +14,9 @@ Two implementations give the same result up to float rounding:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -24,6 +24,7 @@ from diffusers import UNet2DConditionModel
 from .inversion import DDPMGrid, Inversion
 from .models import Conditioning, at_least_float32
 from .processors import AttentionControl, AttentionRecord, Modulation, Observer, controlled
+
 
 def variant_offsets(masks: torch.Tensor, lam: float) -> torch.Tensor:
     """[K, h, w] bool -> [2K, 1, h, w] offsets: variant 2i is -lam * M_i, variant 2i+1 is +lam * M_i."""
@@ -64,10 +65,10 @@ class LayerPlace:
     attention: int  # index j of ``<block>.attentions.j``
 
     @classmethod
-    def of(cls, layer: str) -> "LayerPlace":
+    def of(cls, layer: str) -> LayerPlace:
         parts = layer.split(".")
         block = parts[:1] if parts[0] == "mid_block" else parts[:2]
-        rest = parts[len(block):]
+        rest = parts[len(block) :]
         if len(rest) < 2 or rest[0] != "attentions":
             raise ValueError(f"'{layer}' is not inside a UNet block's transformer (<block>.attentions.<j>...)")
         return cls(".".join(block), int(rest[1]))
@@ -88,7 +89,7 @@ def shared_prefix(unet: UNet2DConditionModel, layer: str, batch: int) -> Iterato
     """
     place = LayerPlace.of(layer)
     ups = [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-    after = ups[ups.index(place.block):] if place.block in ups else ups
+    after = ups[ups.index(place.block) :] if place.block in ups else ups
 
     def expand_input(module, args, kwargs):
         if args:
@@ -101,6 +102,7 @@ def shared_prefix(unet: UNet2DConditionModel, layer: str, batch: int) -> Iterato
             shared = len(skips) - 1 - place.attention if name == place.block else len(skips)
             expanded = tuple(_expand(s, batch) if i < shared else s for i, s in enumerate(skips))
             return args, {**kwargs, "res_hidden_states_tuple": expanded}
+
         return hook
 
     handles = [unet.get_submodule(place.transformer).register_forward_pre_hook(expand_input, with_kwargs=True)]
@@ -113,16 +115,26 @@ def shared_prefix(unet: UNet2DConditionModel, layer: str, batch: int) -> Iterato
 
 
 def _run_chunk(
-    unet: UNet2DConditionModel, conditioning: Conditioning, grid: DDPMGrid, inversion: Inversion,
-    control: AttentionControl, offsets: torch.Tensor, settings: ModulationSettings, share_prefix: bool,
+    unet: UNet2DConditionModel,
+    conditioning: Conditioning,
+    grid: DDPMGrid,
+    inversion: Inversion,
+    control: AttentionControl,
+    offsets: torch.Tensor,
+    settings: ModulationSettings,
+    share_prefix: bool,
 ) -> torch.Tensor:
     """Denoise one chunk of variants ([B, 1, h, w] offsets) from x_{t_m}; returns predicted x_0 latents (with
     `settings.one_step`, the x0 estimate of the modulated step, with no further steps)."""
     steps = inversion.timesteps
     first = grid.index(steps[0])
-    control.modulation = Modulation(settings.layer, offsets.to(conditioning.text.device),
-                                    frozenset(steps[:settings.num_steps]), settings.placement,
-                                    tuple(inversion.latents.shape[-2:]))
+    control.modulation = Modulation(
+        settings.layer,
+        offsets.to(conditioning.text.device),
+        frozenset(steps[: settings.num_steps]),
+        settings.placement,
+        (inversion.latents.shape[-2], inversion.latents.shape[-1]),
+    )
     batch = offsets.shape[0]
     x = inversion.latents[:1]
     for j, t in enumerate(steps):
@@ -132,7 +144,9 @@ def _run_chunk(
             with shared_prefix(unet, settings.layer, batch):
                 out = at_least_float32(unet(x.to(unet.dtype), t_in, **conditioning.unet_kwargs(x)).sample)
         else:  # batch-1 conditioning: a cross-attention layer with injection then runs once (processors.attend)
-            out = at_least_float32(unet(x.expand(batch, -1, -1, -1).to(unet.dtype), t_in, **conditioning.unet_kwargs(x)).sample)
+            out = at_least_float32(
+                unet(x.expand(batch, -1, -1, -1).to(unet.dtype), t_in, **conditioning.unet_kwargs(x)).sample
+            )
         if settings.one_step:
             return grid.estimate(x, out, first + j)[0].expand(batch, -1, -1, -1)
         x = grid.step(x, out, first + j, inversion.noise[j])
@@ -141,9 +155,14 @@ def _run_chunk(
 
 @torch.no_grad()
 def denoise_variants(
-    unet: UNet2DConditionModel, conditioning: Conditioning, grid: DDPMGrid, inversion: Inversion,
-    record: Optional[AttentionRecord], offsets: torch.Tensor, settings: ModulationSettings,
-    observer: Optional[Observer] = None,
+    unet: UNet2DConditionModel,
+    conditioning: Conditioning,
+    grid: DDPMGrid,
+    inversion: Inversion,
+    record: AttentionRecord | None,
+    offsets: torch.Tensor,
+    settings: ModulationSettings,
+    observer: Observer | None = None,
 ) -> torch.Tensor:
     """All variants' final latents [V, 4, h, w]; `record` is injected when settings.injection.
 
@@ -152,13 +171,13 @@ def denoise_variants(
     if settings.injection and record is None:
         raise ValueError("attention injection needs the record of the unmodulated run")
     fast = settings.impl == "fast"
-    control = AttentionControl(inject=record if settings.injection else None, observer=observer,
-                               stock_projections=not fast)
+    control = AttentionControl(
+        inject=record if settings.injection else None, observer=observer, stock_projections=not fast
+    )
     size = settings.batch_size(len(offsets))
-    results: List[torch.Tensor] = []
+    results: list[torch.Tensor] = []
     with controlled(unet, control):
         for s in range(0, len(offsets), size):
-            chunk = offsets[s:s + size]
-            results.append(_run_chunk(unet, conditioning, grid, inversion, control, chunk, settings,
-                                      share_prefix=fast))
+            chunk = offsets[s : s + size]
+            results.append(_run_chunk(unet, conditioning, grid, inversion, control, chunk, settings, share_prefix=fast))
     return torch.cat(results)

@@ -9,8 +9,9 @@ observer in its `observers` list, in the order they were added. `observing` adds
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import Iterator, List, Protocol, Sequence, TypeVar
+from typing import Protocol, TypeVar
 
 
 class StageObserver(Protocol):
@@ -23,7 +24,7 @@ class StageObserver(Protocol):
 class Observed(Protocol):
     """What observers are added to: an object with a list of them (`EmerDiff`)."""
 
-    observers: List[StageObserver]
+    observers: list[StageObserver]
 
 
 ObserverT = TypeVar("ObserverT", bound=StageObserver)

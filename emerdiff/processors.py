@@ -17,16 +17,16 @@ sets explicitly before each UNet call (never by counting calls). It can
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-Key = Tuple[str, int]
+Key = tuple[str, int]
 Observer = Callable[[str, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -34,8 +34,8 @@ Observer = Callable[[str, int, torch.Tensor, torch.Tensor], None]
 class AttentionRecord:
     """Q and K projections ([n, tokens, channels], n samples at that step) by (layer, timestep)."""
 
-    query: Dict[Key, torch.Tensor] = field(default_factory=dict)
-    key: Dict[Key, torch.Tensor] = field(default_factory=dict)
+    query: dict[Key, torch.Tensor] = field(default_factory=dict)
+    key: dict[Key, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,9 +44,9 @@ class Modulation:
 
     layer: str
     offsets: torch.Tensor
-    timesteps: FrozenSet[int]
+    timesteps: frozenset[int]
     placement: str = "output"  # segmentor.offset_placement (choices checked with the config)
-    latent_size: Tuple[int, int] = (0, 0)  # (h, w) of the latents; the layer's token grid has its aspect
+    latent_size: tuple[int, int] = (0, 0)  # (h, w) of the latents; the layer's token grid has its aspect
 
     def tokens(self, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
         """Offsets as [B, tokens, 1] on the layer's token grid (row-major, nearest resize)."""
@@ -57,13 +57,14 @@ class Modulation:
         return grid.flatten(2).transpose(1, 2).to(dtype)
 
 
-def token_grid(num_tokens: int, latent_size: Tuple[int, int], layer: str) -> Tuple[int, int]:
+def token_grid(num_tokens: int, latent_size: tuple[int, int], layer: str) -> tuple[int, int]:
     """(h, w) of a layer's `num_tokens` tokens: the latent grid downsampled by the UNet's integer factor."""
     height, width = latent_size
     factor = math.isqrt(height * width // num_tokens) if num_tokens else 0
     if factor < 1 or (height // factor) * (width // factor) != num_tokens:
-        raise ValueError(f"layer '{layer}' has {num_tokens} tokens, which is no downsampling of a "
-                         f"{height} x {width} latent grid")
+        raise ValueError(
+            f"layer '{layer}' has {num_tokens} tokens, which is no downsampling of a {height} x {width} latent grid"
+        )
     return height // factor, width // factor
 
 
@@ -71,13 +72,13 @@ def token_grid(num_tokens: int, latent_size: Tuple[int, int], layer: str) -> Tup
 class AttentionControl:
     """State shared by all processors; the caller sets `timesteps` before every UNet call."""
 
-    timesteps: Optional[Sequence[int]] = None  # timestep of each sample of the current call
-    record_layers: FrozenSet[str] = frozenset()  # layers whose Q/K are recorded
+    timesteps: Sequence[int] | None = None  # timestep of each sample of the current call
+    record_layers: frozenset[str] = frozenset()  # layers whose Q/K are recorded
     record: AttentionRecord = field(default_factory=AttentionRecord)
-    inject: Optional[AttentionRecord] = None  # recorded Q/K to use instead of the layer's own
+    inject: AttentionRecord | None = None  # recorded Q/K to use instead of the layer's own
     stock_projections: bool = False  # compute the layer's own Q/K even when injection replaces them (reference path)
-    modulation: Optional[Modulation] = None
-    observer: Optional[Observer] = None  # sees (layer, t, Q, K) actually used; for tests and debugging
+    modulation: Modulation | None = None
+    observer: Observer | None = None  # sees (layer, t, Q, K) actually used; for tests and debugging
 
     def current_timestep(self, layer: str) -> int:
         """The single timestep of the current call (injection and modulation need one)."""
@@ -95,14 +96,14 @@ class AttentionControl:
             self.record.query[(layer, t)] = query.index_select(0, index)
             self.record.key[(layer, t)] = key.index_select(0, index)
 
-    def injected(self, layer: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    def injected(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Recorded Q/K of the unmodulated run at this layer and step, [1, tokens, channels]."""
         t = self.current_timestep(layer)
         if (layer, t) not in self.inject.query:
             raise KeyError(f"no recorded attention for layer '{layer}' at timestep {t}: record that step first")
         return self.inject.query[(layer, t)], self.inject.key[(layer, t)]
 
-    def active_modulation(self, layer: str) -> Optional[Modulation]:
+    def active_modulation(self, layer: str) -> Modulation | None:
         mod = self.modulation
         if mod is None or mod.layer != layer or self.current_timestep(layer) not in mod.timesteps:
             return None
@@ -150,9 +151,9 @@ class EmerDiffAttnProcessor:
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        temb: Optional[torch.Tensor] = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
             raise NotImplementedError(f"layer '{self.layer}': only SD transformer attention layers are supported")
@@ -188,7 +189,7 @@ class EmerDiffAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def layer_names(unet: UNet2DConditionModel) -> List[str]:
+def layer_names(unet: UNet2DConditionModel) -> list[str]:
     """Attention layer names (module paths), in the UNet's order."""
     return [name.removesuffix(".processor") for name in unet.attn_processors]
 
@@ -202,7 +203,7 @@ def check_layer(unet: UNet2DConditionModel, layer: str, what: str) -> None:
 
 
 @contextmanager
-def use_processors(unet: UNet2DConditionModel, mapping: Dict[str, object]) -> Iterator[None]:
+def use_processors(unet: UNet2DConditionModel, mapping: dict[str, object]) -> Iterator[None]:
     """Install processors by layer name for the duration of the block, then restore the originals."""
     original = dict(unet.attn_processors)
     unknown = set(mapping) - set(original)

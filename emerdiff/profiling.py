@@ -15,10 +15,10 @@ stage); on the meta device the peak bytes of the tensors the stage allocates
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class StageCost:
     vae_samples: int = 0
     peak_mem_bytes: int = 0
 
-    def add(self, other: "StageCost", repeat: int = 1) -> None:
+    def add(self, other: StageCost, repeat: int = 1) -> None:
         """Accumulate `other` run `repeat` times (sums scale, the memory peak does not)."""
         self.seconds += other.seconds * repeat
         self.flops += other.flops * repeat
@@ -55,11 +55,11 @@ class StageCost:
         self.vae_samples += other.vae_samples * repeat
         self.peak_mem_bytes = max(self.peak_mem_bytes, other.peak_mem_bytes)
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def total(stages: Dict[str, StageCost]) -> StageCost:
+def total(stages: dict[str, StageCost]) -> StageCost:
     """The sum over stages (memory: the largest stage peak)."""
     out = StageCost()
     for cost in stages.values():
@@ -76,8 +76,9 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
 
 def flop_counter() -> FlopCounterMode:
     """FlopCounterMode that also counts the CPU's fused attention kernel (torch counts only the GPU ones)."""
-    return FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops})
+    return FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    )
 
 
 def _rss_peak_reset() -> bool:
@@ -106,9 +107,9 @@ class StageProfiler:
     def __init__(self, device: torch.device, count_flops: bool = False) -> None:
         self.device = torch.device(device)
         self.count_flops = count_flops
-        self.stages: Dict[str, StageCost] = {}
-        self._current: Optional[StageCost] = None
-        self._counter: Optional[FlopCounterMode] = None
+        self.stages: dict[str, StageCost] = {}
+        self._current: StageCost | None = None
+        self._counter: FlopCounterMode | None = None
 
     @contextmanager
     def stage(self, name: str, repeat: int = 1) -> Iterator[StageCost]:
@@ -131,20 +132,21 @@ class StageProfiler:
                 self._current, self._counter = outer, outer_counter
         self.stages.setdefault(name, StageCost()).add(cost, repeat)
 
-    def run_equal_chunks_once(self, fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor,
-                              size: int) -> torch.Tensor:
+    def run_equal_chunks_once(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor, size: int
+    ) -> torch.Tensor:
         """A `ChunkRunner` for meta-device cost models: of several equal-sized chunks only the first runs, and its
         calls and FLOPs are counted for all of them; the others' results are empty tensors of the same shape."""
         size = size if size > 0 else max(len(items), 1)
         starts = list(range(0, len(items), size))
-        results: Dict[int, torch.Tensor] = {}
+        results: dict[int, torch.Tensor] = {}
         for s in starts:
-            part = items[s:s + size]
+            part = items[s : s + size]
             if len(part) not in results:
-                repeats = sum(1 for t in starts if len(items[t:t + size]) == len(part))
+                repeats = sum(1 for t in starts if len(items[t : t + size]) == len(part))
                 with self._repeated(repeats):
                     results[len(part)] = fn(part)
-        return torch.cat([torch.empty_like(results[len(items[s:s + size])]) for s in starts])
+        return torch.cat([torch.empty_like(results[len(items[s : s + size])]) for s in starts])
 
     @contextmanager
     def _repeated(self, times: int) -> Iterator[None]:
@@ -205,6 +207,7 @@ def _batch_hook(profiler: StageProfiler, model: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         sample = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple) else output
         profiler.count_call(model, sample.shape[0])
+
     return hook
 
 
@@ -212,7 +215,7 @@ def _batch_hook(profiler: StageProfiler, model: str):
 def profiled(model: nn.Module, profiler: StageProfiler) -> Iterator[StageProfiler]:
     """`profiler` observes `model`'s stages (an `EmerDiff`) and counts its UNet/VAE calls; removed on exit."""
     targets = [(model.unet, "unet"), (model.vae.encoder, "vae"), (model.vae.decoder, "vae")]
-    handles: List = [m.register_forward_hook(_batch_hook(profiler, name), with_kwargs=True) for m, name in targets]
+    handles: list = [m.register_forward_hook(_batch_hook(profiler, name), with_kwargs=True) for m, name in targets]
     try:
         with observing(model, profiler):
             yield profiler
@@ -227,7 +230,7 @@ def synthetic_clusters(num_masks: int, height: int, width: int, channels: int) -
     return Clusters(labels, torch.zeros(num_masks, channels), torch.zeros(num_masks, channels))
 
 
-def image_cost(model: nn.Module, num_masks: int) -> Dict[str, StageCost]:
+def image_cost(model: nn.Module, num_masks: int) -> dict[str, StageCost]:
     """Per-stage cost of one image with `num_masks` modulated masks: `model`'s recipe run on a meta copy.
 
     The recipe is `EmerDiff.mask_maps` itself, with two differences: k-means (faiss, no tensors) is
@@ -237,8 +240,9 @@ def image_cost(model: nn.Module, num_masks: int) -> Dict[str, StageCost]:
     """
     meta = meta_model(model)
     meta.chunks = model.chunk_plan()
-    meta.cluster = lambda features, seed: synthetic_clusters(num_masks, features.height, features.width,
-                                                             features.queries.shape[-1])
+    meta.cluster = lambda features, seed: synthetic_clusters(
+        num_masks, features.height, features.width, features.queries.shape[-1]
+    )
     profiler = StageProfiler(torch.device("meta"), count_flops=True)
     side = meta.params.resolution
     with profiled(meta, profiler):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -48,7 +49,7 @@ class SegmentationOutput:
     lowres_masks: torch.Tensor  # [K, h, w] bool
     mask_embeddings: torch.Tensor  # [K, C] mean k-means feature of each mask
     seed: int  # per-image seed (from segmentor.seed and the image content)
-    diff_maps: Optional[torch.Tensor] = None  # [K, H, W] float, with segmentor.keep_diff_maps
+    diff_maps: torch.Tensor | None = None  # [K, H, W] float, with segmentor.keep_diff_maps
 
     @property
     def num_masks(self) -> int:
@@ -68,11 +69,11 @@ class SegmentationOutput:
 class Inverted:
     """The recipe after step 7 (`EmerDiff.inverted`): the k-means masks and the inversion the variants start from."""
 
-    size: Tuple[int, int]  # SD's working size of the image
+    size: tuple[int, int]  # SD's working size of the image
     features: QueryFeatures  # the feature layer's queries the masks were clustered from
     clusters: Clusters
     inversion: Inversion
-    record: Optional[AttentionRecord]  # the recorded Q/K, with segmentor.attention_injection
+    record: AttentionRecord | None  # the recorded Q/K, with segmentor.attention_injection
 
 
 @dataclass
@@ -81,7 +82,7 @@ class MaskMaps:
 
     clusters: Clusters
     maps: torch.Tensor  # [K, h, w] float32 at SD's working size; masks left unmodulated stay zero
-    size: Tuple[int, int]  # the input image's (H, W)
+    size: tuple[int, int]  # the input image's (H, W)
     seed: int
 
 
@@ -94,7 +95,7 @@ ChunkRunner = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, in
 def run_chunks(fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor, size: int) -> torch.Tensor:
     """`fn` over consecutive chunks of `size` items (0 = all at once), results concatenated."""
     size = size if size > 0 else max(len(items), 1)
-    return torch.cat([fn(items[s:s + size]) for s in range(0, len(items), size)])
+    return torch.cat([fn(items[s : s + size]) for s in range(0, len(items), size)])
 
 
 class EmerDiff(nn.Module):
@@ -105,6 +106,7 @@ class EmerDiff(nn.Module):
     """
 
     prompt: torch.Tensor  # [1, 77, D] the empty prompt's text-encoder states, a buffer (moves with the module)
+    pooled_prompt: torch.Tensor | None  # SDXL's pooled text embedding, a buffer; None below SDXL
 
     def __init__(self, components: SDComponents, params: SegmentorConfig) -> None:
         super().__init__()
@@ -124,9 +126,9 @@ class EmerDiff(nn.Module):
         self.register_buffer("prompt", conditioning.text, persistent=False)
         self.register_buffer("pooled_prompt", conditioning.pooled, persistent=False)  # None below SDXL
         self.pixels_per_latent = conditioning.pixels_per_latent
-        self.observers: List[StageObserver] = []  # what watches the stages (`emerdiff.observers.observing`)
+        self.observers: list[StageObserver] = []  # what watches the stages (`emerdiff.observers.observing`)
         self.run_chunks: ChunkRunner = run_chunks
-        self.chunks: Optional[ChunkPlan] = None  # planned once, on the first image (`chunk_plan`)
+        self.chunks: ChunkPlan | None = None  # planned once, on the first image (`chunk_plan`)
 
     def _check(self, p: SegmentorConfig) -> None:
         """The config's rules (also for settings built in Python), then what they cannot check alone: layer names,
@@ -135,26 +137,30 @@ class EmerDiff(nn.Module):
         check_layer(self.unet, p.feature_layer, "segmentor.feature_layer")
         check_layer(self.unet, p.modulated_layer, "segmentor.modulated_layer")
         if p.t_modulate not in self.grid.timesteps:
-            raise ConfigError(f"segmentor.t_modulate={p.t_modulate} is not on the scheduler grid of "
-                              f"segmentor.num_inference_steps={p.num_inference_steps}: choose one of "
-                              f"{', '.join(map(str, self.grid.timesteps))}")
+            raise ConfigError(
+                f"segmentor.t_modulate={p.t_modulate} is not on the scheduler grid of "
+                f"segmentor.num_inference_steps={p.num_inference_steps}: choose one of "
+                f"{', '.join(map(str, self.grid.timesteps))}"
+            )
         if p.t_feature >= self.components.scheduler.config.num_train_timesteps:
             raise ConfigError(f"segmentor.t_feature={p.t_feature} is outside the scheduler's timesteps")
         if p.one_step_estimate and (p.denoise_steps or p.num_modulated_steps > 1):
-            raise ConfigError("segmentor.one_step_estimate=true stops after the modulated step: it replaces "
-                              "segmentor.denoise_steps and modulates one step; set segmentor.denoise_steps=0 and "
-                              "segmentor.num_modulated_steps=1")
+            raise ConfigError(
+                "segmentor.one_step_estimate=true stops after the modulated step: it replaces "
+                "segmentor.denoise_steps and modulates one step; set segmentor.denoise_steps=0 and "
+                "segmentor.num_modulated_steps=1"
+            )
         check_compile_options(p.compile_backend, p.compile_mode)
         use_faiss_gpu(p.kmeans_device)  # gpu without faiss GPUs is refused before any image
 
     @classmethod
-    def from_config(cls, cfg: DictConfig | EmerDiffConfig, device: Optional[str] = None) -> "EmerDiff":
+    def from_config(cls, cfg: DictConfig | EmerDiffConfig, device: str | None = None) -> EmerDiff:
         """Load SD as `cfg.model` says and build the segmentor with `cfg.segmentor`."""
         components = load_sd(section(cfg.model, ModelConfig), device=device)
         return cls(components, section(cfg.segmentor, SegmentorConfig))
 
     @classmethod
-    def from_pipeline(cls, pipe: StableDiffusionPipeline, settings: Optional[SegmentorConfig] = None) -> "EmerDiff":
+    def from_pipeline(cls, pipe: StableDiffusionPipeline, settings: SegmentorConfig | None = None) -> EmerDiff:
         """A segmentor on a loaded diffusers ``StableDiffusionPipeline``, sharing its modules instead of copying them.
 
         It runs the pipeline's own UNet, VAE, text encoder and tokenizer, on their device and in their dtype (move
@@ -188,7 +194,7 @@ class EmerDiff(nn.Module):
             seed = image_seed(rgb, self.params.seed)
         return self.output(self.mask_maps(rgb, seed))
 
-    def segment_batch(self, images: Sequence[ImageInput]) -> List[SegmentationOutput]:
+    def segment_batch(self, images: Sequence[ImageInput]) -> list[SegmentationOutput]:
         """Segment several images; each result is what `segment` gives for that image alone."""
         return [self.segment(image) for image in images]
 
@@ -213,8 +219,9 @@ class EmerDiff(nn.Module):
         steps = len(self.grid.tail(p.t_modulate))
         with self.stage("inversion"):
             # 6-7. Exact inversion, recording Q/K for the injection.
-            inversion, record = self.halving_on_oom("inversion", steps, lambda n: self.invert(z0, generator, n),
-                                                    generator)
+            inversion, record = self.halving_on_oom(
+                "inversion", steps, lambda n: self.invert(z0, generator, n), generator
+            )
         return Inverted(size, features, clusters, inversion, record)
 
     @torch.no_grad()
@@ -227,14 +234,16 @@ class EmerDiff(nn.Module):
         offsets = variant_offsets(clusters.masks[modulated], p.lam)
         with self.stage("modulated"):
             # 8. Modulated denoising of every (mask, sign) variant.
-            latents = self.halving_on_oom("variants", len(offsets),
-                                          partial(self.denoise, inverted.inversion, inverted.record, offsets))
+            latents = self.halving_on_oom(
+                "variants", len(offsets), partial(self.denoise, inverted.inversion, inverted.record, offsets)
+            )
         del inverted  # the injection record is the largest tensor of the run: free it before decoding
         maps = self.variant_maps(latents, modulated, len(clusters.centroids), size)
         return MaskMaps(clusters, maps, (rgb.shape[1], rgb.shape[2]), seed)
 
-    def variant_maps(self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int,
-                     size: Tuple[int, int]) -> torch.Tensor:
+    def variant_maps(
+        self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int, size: tuple[int, int]
+    ) -> torch.Tensor:
         """Steps 9-10 in `segmentor.difference_space`: decoded variants compared in RGB, or (an approximation, no
         decode) their final latents compared directly."""
         if self.params.difference_space == "pixel":
@@ -243,8 +252,9 @@ class EmerDiff(nn.Module):
             # 9-10. Per-pair latent distance (4 channels), upsampled to the working size, Gaussian smoothing.
             return self.difference_maps(latents, modulated, num_masks, size)
 
-    def decoded_maps(self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int,
-                     size: Tuple[int, int]) -> torch.Tensor:
+    def decoded_maps(
+        self, latents: torch.Tensor, modulated: torch.Tensor, num_masks: int, size: tuple[int, int]
+    ) -> torch.Tensor:
         """Steps 9-10; a half-precision VAE that overflows (NaN or inf in the maps) decodes again in float32."""
         with self.stage("decode"):
             # 9. Decode every variant.
@@ -254,17 +264,21 @@ class EmerDiff(nn.Module):
             maps = self.difference_maps(images, modulated, num_masks, size)
         if not overflowed(self.vae, maps):
             return maps
-        logger.warning("non-finite difference maps from the %s VAE: decoding this image again in float32",
-                       self.vae.dtype)
+        logger.warning(
+            "non-finite difference maps from the %s VAE: decoding this image again in float32", self.vae.dtype
+        )
         with float32_vae(self.vae):
             maps = self.difference_maps(self.decode(latents, self.chunk_plan().decode), modulated, num_masks, size)
         if not torch.isfinite(maps).all():
-            raise FloatingPointError("the difference maps are not finite even with a float32 VAE decode: the "
-                                     "latents themselves overflowed; try model.dtype=float32 or bfloat16")
+            raise FloatingPointError(
+                "the difference maps are not finite even with a float32 VAE decode: the "
+                "latents themselves overflowed; try model.dtype=float32 or bfloat16"
+            )
         return maps
 
-    def halving_on_oom(self, stage: str, count: int, run: Callable[[int], T],
-                generator: Optional[torch.Generator] = None) -> T:
+    def halving_on_oom(
+        self, stage: str, count: int, run: Callable[[int], T], generator: torch.Generator | None = None
+    ) -> T:
         """`run(batch size)` with this stage's planned batch; on out-of-memory, free what it held, halve the batch
         and try again, down to one item per call, with `generator` back where it was (the same noise, so the
         same result). The smaller batch is kept for the next images."""
@@ -280,9 +294,13 @@ class EmerDiff(nn.Module):
                 if not is_out_of_memory(exc) or smaller < 1:
                     raise
             release_memory(self.device)
-            logger.warning("out of memory in the %s stage at batch %d: retrying at batch %d (kept for the next "
-                           "images)", stage, size if size > 0 else count, smaller)
-            smaller_batch: Dict[str, Any] = {stage: smaller}
+            logger.warning(
+                "out of memory in the %s stage at batch %d: retrying at batch %d (kept for the next images)",
+                stage,
+                size if size > 0 else count,
+                smaller,
+            )
+            smaller_batch: dict[str, Any] = {stage: smaller}
             self.chunks = replace(self.chunk_plan(), **smaller_batch)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -298,18 +316,34 @@ class EmerDiff(nn.Module):
     def features(self, z0: torch.Tensor, generator: torch.Generator) -> QueryFeatures:
         """Step 3-4: the feature layer's queries at t_f, averaged over the noise draws."""
         p = self.params
-        return extract_queries(self.unet, self.components.scheduler, z0, self.conditioning(), p.feature_layer,
-                               p.t_feature,
-                               p.feature_noise_draws, generator)
+        return extract_queries(
+            self.unet,
+            self.components.scheduler,
+            z0,
+            self.conditioning(),
+            p.feature_layer,
+            p.t_feature,
+            p.feature_noise_draws,
+            generator,
+        )
 
     def cluster(self, features: QueryFeatures, seed: int) -> Clusters:
         """Step 5: faiss k-means of the queries into at most K masks of the feature grid."""
         p = self.params
-        return cluster_grid(features.queries, features.height, features.width, p.num_masks, seed,
-                            p.kmeans_restarts, p.kmeans_iters, use_faiss_gpu(p.kmeans_device))
+        return cluster_grid(
+            features.queries,
+            features.height,
+            features.width,
+            p.num_masks,
+            seed,
+            p.kmeans_restarts,
+            p.kmeans_iters,
+            use_faiss_gpu(p.kmeans_device),
+        )
 
-    def invert(self, z0: torch.Tensor, generator: torch.Generator, chunk_size: int = 0
-               ) -> Tuple[Inversion, Optional[AttentionRecord]]:
+    def invert(
+        self, z0: torch.Tensor, generator: torch.Generator, chunk_size: int = 0
+    ) -> tuple[Inversion, AttentionRecord | None]:
         """Step 6-7: the inversion's latents and noise maps, and the Q/K record when injection is on."""
         p = self.params
         layers = frozenset(layer_names(self.unet)) if p.attention_injection else frozenset()
@@ -318,7 +352,9 @@ class EmerDiff(nn.Module):
         def denoise(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             control.timesteps = timesteps.tolist()
             conditioning = self.conditioning().expand(len(latents)).unet_kwargs(latents)
-            return at_least_float32(self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), **conditioning).sample)
+            return at_least_float32(
+                self.unet(latents.to(self.unet.dtype), timesteps.to(latents.device), **conditioning).sample
+            )
 
         with controlled(self.unet, control):
             inversion = ddpm_inversion(denoise, self.grid, z0, p.t_modulate, generator, chunk_size)
@@ -328,17 +364,31 @@ class EmerDiff(nn.Module):
         """Step 8's settings: layer, steps, placement, injection, variants per UNet call, implementation, one-step
         estimate."""
         p = self.params
-        return ModulationSettings(p.modulated_layer, p.num_modulated_steps, p.offset_placement,
-                                  p.attention_injection, chunk_size, p.impl, p.one_step_estimate)
+        return ModulationSettings(
+            p.modulated_layer,
+            p.num_modulated_steps,
+            p.offset_placement,
+            p.attention_injection,
+            chunk_size,
+            p.impl,
+            p.one_step_estimate,
+        )
 
-    def denoise(self, inversion: Inversion, record: Optional[AttentionRecord], offsets: torch.Tensor,
-                chunk_size: int = 0, observer: Optional[Observer] = None) -> torch.Tensor:
+    def denoise(
+        self,
+        inversion: Inversion,
+        record: AttentionRecord | None,
+        offsets: torch.Tensor,
+        chunk_size: int = 0,
+        observer: Observer | None = None,
+    ) -> torch.Tensor:
         """Step 8: final latents [V, 4, h, w] of the variants' offsets [V, 1, h, w], in chunks of UNet batches."""
         settings = self.modulation_settings(chunk_size)
 
         def chunk(part: torch.Tensor) -> torch.Tensor:
-            return denoise_variants(self.unet, self.conditioning(), self.grid, inversion, record, part, settings,
-                                    observer)
+            return denoise_variants(
+                self.unet, self.conditioning(), self.grid, inversion, record, part, settings, observer
+            )
 
         return self.run_chunks(chunk, offsets, settings.batch_size(len(offsets)))
 
@@ -350,8 +400,9 @@ class EmerDiff(nn.Module):
             latents = resize_latents(latents, size)
         return self.run_chunks(lambda part: decode_latents(self.vae, part), latents, chunk_size)
 
-    def difference_maps(self, variants: torch.Tensor, modulated: torch.Tensor, num_masks: int,
-                        size: Tuple[int, int]) -> torch.Tensor:
+    def difference_maps(
+        self, variants: torch.Tensor, modulated: torch.Tensor, num_masks: int, size: tuple[int, int]
+    ) -> torch.Tensor:
         """Step 9-10: [K, h, w] smoothed pair distances of the variants (decoded images, or latents) at the working
         `size`; masks not in `modulated` (a trade-off) stay zero."""
         p = self.params
@@ -359,7 +410,8 @@ class EmerDiff(nn.Module):
         diffs = difference.resize_maps(diffs, size)
         diffs = difference.smooth(diffs, p.gaussian_sigma)
         return torch.zeros(num_masks, *diffs.shape[1:], dtype=diffs.dtype, device=diffs.device).index_copy_(
-            0, modulated.to(diffs.device), diffs)
+            0, modulated.to(diffs.device), diffs
+        )
 
     def output(self, maps: MaskMaps) -> SegmentationOutput:
         """Step 11: every input pixel takes the mask with the largest difference; the bilinear baseline beside it."""
@@ -368,8 +420,12 @@ class EmerDiff(nn.Module):
             labels, kept = difference.argmax_at_size(maps.maps, maps.size, keep=self.params.keep_diff_maps)
             bilinear = difference.bilinear_labels(clusters.labels, len(clusters.centroids), maps.size)
             return SegmentationOutput(
-                labels=labels.cpu(), labels_bilinear=bilinear.cpu(), lowres_labels=clusters.labels,
-                lowres_masks=clusters.masks, mask_embeddings=clusters.embeddings, seed=maps.seed,
+                labels=labels.cpu(),
+                labels_bilinear=bilinear.cpu(),
+                lowres_labels=clusters.labels,
+                lowres_masks=clusters.masks,
+                mask_embeddings=clusters.embeddings,
+                seed=maps.seed,
                 diff_maps=None if kept is None else kept.cpu(),
             )
 
@@ -380,9 +436,15 @@ class EmerDiff(nn.Module):
             budget = resolve_budget(self.params.memory_budget_gb, self.device)
             self.chunks = plan_chunks(self, self.params.chunk_size, budget)
             if self.device.type != "meta":
-                logger.info("memory budget %.2f GiB (segmentor.memory_budget_gb=%s): batches of %s inversion steps, "
-                            "%s variants, %s decodes (0 = all)", budget, self.params.memory_budget_gb,
-                            self.chunks.inversion, self.chunks.variants, self.chunks.decode)
+                logger.info(
+                    "memory budget %.2f GiB (segmentor.memory_budget_gb=%s): batches of %s inversion steps, "
+                    "%s variants, %s decodes (0 = all)",
+                    budget,
+                    self.params.memory_budget_gb,
+                    self.chunks.inversion,
+                    self.chunks.variants,
+                    self.chunks.decode,
+                )
         return self.chunks
 
 
@@ -404,4 +466,3 @@ def modulated_masks(masks: torch.Tensor, min_fraction: float) -> torch.Tensor:
     keep = share >= min_fraction
     keep[share.argmax()] = True
     return keep.nonzero().flatten()
-

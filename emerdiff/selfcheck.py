@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,20 +74,27 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> Tolerance:
     return TOLERANCES[dtype]
 
 
-def environment(model: EmerDiff) -> Dict[str, Any]:
+def environment(model: EmerDiff) -> dict[str, Any]:
     """Versions and hardware a bug report needs."""
     import diffusers
     import faiss
 
     cuda = torch.cuda.is_available()
     return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-        "cuda (torch build)": torch.version.cuda, "cuda available": cuda,
-        "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else
-        (torch.cuda.get_device_name(0) if cuda else None),
-        "diffusers": diffusers.__version__, "faiss": getattr(faiss, "__version__", "unknown"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda (torch build)": torch.version.cuda,
+        "cuda available": cuda,
+        "gpu": torch.cuda.get_device_name(model.device)
+        if model.device.type == "cuda"
+        else (torch.cuda.get_device_name(0) if cuda else None),
+        "diffusers": diffusers.__version__,
+        "faiss": getattr(faiss, "__version__", "unknown"),
         "faiss gpus": faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0,
-        "model": model.components.name, "device": str(model.device), "dtype": str(model.unet.dtype).removeprefix("torch."),
+        "model": model.components.name,
+        "device": str(model.device),
+        "dtype": str(model.unet.dtype).removeprefix("torch."),
         "prediction type": model.grid.prediction_type,
     }
 
@@ -129,8 +137,7 @@ def kmeans_objective(points: torch.Tensor, assignment: torch.Tensor, centroids: 
     return ((x - centroids.float()[assignment]) ** 2).sum().item()
 
 
-def check_faiss_gpu(features: torch.Tensor, k: int, seed: int, restarts: int, iters: int,
-                    tol: float = 1e-3) -> Check:
+def check_faiss_gpu(features: torch.Tensor, k: int, seed: int, restarts: int, iters: int, tol: float = 1e-3) -> Check:
     import faiss
 
     what = "faiss GPU k-means objective == CPU (relative difference)"
@@ -138,19 +145,27 @@ def check_faiss_gpu(features: torch.Tensor, k: int, seed: int, restarts: int, it
     if not torch.cuda.is_available():
         return Check.skipped("faiss_gpu", what, "no GPU")
     if gpus == 0:
-        return Check.skipped("faiss_gpu", what, "the installed faiss has no GPU support (faiss-cpu); "
-                                               "pip install -e '.[gpu]' installs faiss-gpu-cu12")
+        return Check.skipped(
+            "faiss_gpu",
+            what,
+            "the installed faiss has no GPU support (faiss-cpu); pip install -e '.[gpu]' installs faiss-gpu-cu12",
+        )
     cpu = kmeans_objective(features, *kmeans(features, k, seed, restarts, iters, gpu=False))
     gpu = kmeans_objective(features, *kmeans(features, k, seed, restarts, iters, gpu=True))
-    return Check.measured("faiss_gpu", what, abs(gpu - cpu) / max(cpu, 1e-12), tol,
-                          detail=f"objective CPU {cpu:.6g}, GPU {gpu:.6g}, K = {k}")
+    return Check.measured(
+        "faiss_gpu",
+        what,
+        abs(gpu - cpu) / max(cpu, 1e-12),
+        tol,
+        detail=f"objective CPU {cpu:.6g}, GPU {gpu:.6g}, K = {k}",
+    )
 
 
 def weight_bytes(model: EmerDiff) -> int:
     return sum(t.numel() * t.element_size() for m in model.components.modules for t in [*m.parameters(), *m.buffers()])
 
 
-def memory_estimate(model: EmerDiff, variants: int) -> Optional[int]:
+def memory_estimate(model: EmerDiff, variants: int) -> int | None:
     """The planner's bound for one image: weights + injection record + the largest batched stage at its planned size."""
     plan = model.chunk_plan()
     profile = plan.profile
@@ -162,14 +177,23 @@ def memory_estimate(model: EmerDiff, variants: int) -> Optional[int]:
         n = count if size <= 0 else min(size, count)
         return line.fixed + line.per_item * n
 
-    stages = (at(profile.inversion, plan.inversion, steps), at(profile.variants, plan.variants, variants),
-              at(profile.decode, plan.decode, variants))
+    stages = (
+        at(profile.inversion, plan.inversion, steps),
+        at(profile.variants, plan.variants, variants),
+        at(profile.decode, plan.decode, variants),
+    )
     return weight_bytes(model) + profile.record + max(stages)
 
 
-def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: Optional[int] = None,
-                  log: Callable[[str], None] = lambda message: None, timed: bool = True,
-                  preset: Optional[Mapping[str, Any]] = None, preset_name: str = "fast") -> SelfCheckReport:
+def run_selfcheck(
+    model: EmerDiff,
+    image: ImageInput | None = None,
+    small_k: int | None = None,
+    log: Callable[[str], None] = lambda message: None,
+    timed: bool = True,
+    preset: Mapping[str, Any] | None = None,
+    preset_name: str = "fast",
+) -> SelfCheckReport:
     """Run every check on `model` (its device, dtype and settings) with one image; see the module docstring.
 
     ``small_k`` is the K of the fast-vs-reference, lambda = 0 and injection checks (None: SMALL_K).
@@ -182,7 +206,7 @@ def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: 
     tol = tolerance(dtype, device)
     rgb = load_image(default_image() if image is None else image)
     seed = image_seed(rgb, p.seed)
-    checks: List[Check] = []
+    checks: list[Check] = []
     with torch.no_grad():
         log("encoding, features, k-means, inversion")
         start = _variant(model, num_masks=small_k).inverted(rgb, seed)  # the recipe's steps 1-7 at the small K
@@ -195,9 +219,16 @@ def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: 
         zero = torch.zeros(1, 1, features.height, features.width)
         replay = model.denoise(inversion, record, zero, variants_chunk)[0]
         error = _relative(replay, inversion.clean[0])
-        checks.append(Check.measured("replay", "unmodulated replay reproduces z0 (relative error)", error, tol.replay,
-                                     detail=f"{len(inversion.timesteps)} steps from t_m = {p.t_modulate}, "
-                                            f"{str(dtype).removeprefix('torch.')}"))
+        checks.append(
+            Check.measured(
+                "replay",
+                "unmodulated replay reproduces z0 (relative error)",
+                error,
+                tol.replay,
+                detail=f"{len(inversion.timesteps)} steps from t_m = {p.t_modulate}, "
+                f"{str(dtype).removeprefix('torch.')}",
+            )
+        )
 
         log("injection")
         checks.append(_check_injection(model, inversion, record, clusters, variants_chunk))
@@ -211,24 +242,46 @@ def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: 
         map_error = ((fast_maps - reference_maps).abs().max() / scale).item()
         agreement = (fast_maps.argmax(0) == reference_maps.argmax(0)).float().mean().item()
         k_small = len(clusters.centroids)
-        checks.append(Check.measured("fast_vs_reference", "fast == reference: difference maps (max error / max)",
-                                     map_error, tol.maps, detail=f"K = {k_small}"))
-        checks.append(Check.measured("fast_vs_reference_labels", "fast == reference: share of equal labels",
-                                     agreement, tol.labels, ">=", detail=f"K = {k_small}, {size[0]} x {size[1]} px"))
+        checks.append(
+            Check.measured(
+                "fast_vs_reference",
+                "fast == reference: difference maps (max error / max)",
+                map_error,
+                tol.maps,
+                detail=f"K = {k_small}",
+            )
+        )
+        checks.append(
+            Check.measured(
+                "fast_vs_reference_labels",
+                "fast == reference: share of equal labels",
+                agreement,
+                tol.labels,
+                ">=",
+                detail=f"K = {k_small}, {size[0]} x {size[1]} px",
+            )
+        )
 
         log("lambda = 0")
         lambda_zero = _maps(fast, inversion, record, clusters, 0.0, variants_chunk, size)
-        checks.append(Check.measured("lambda_zero", "lambda = 0 gives zero difference maps (max / max at lambda)",
-                                     (lambda_zero.abs().max() / scale).item(), tol.lambda_zero,
-                                     detail=f"lambda = {p.lam} scale {scale.item():.4g}"))
+        checks.append(
+            Check.measured(
+                "lambda_zero",
+                "lambda = 0 gives zero difference maps (max / max at lambda)",
+                (lambda_zero.abs().max() / scale).item(),
+                tol.lambda_zero,
+                detail=f"lambda = {p.lam} scale {scale.item():.4g}",
+            )
+        )
         del inversion, record
 
     log("faiss k-means, GPU vs CPU")
-    checks.append(check_faiss_gpu(features.queries, p.num_masks, seed, p.kmeans_restarts, p.kmeans_iters,
-                                  tol.objective))
+    checks.append(
+        check_faiss_gpu(features.queries, p.num_masks, seed, p.kmeans_restarts, p.kmeans_iters, tol.objective)
+    )
 
-    timing: Dict[str, Any] = {}
-    exact: Optional[TimedRun] = None
+    timing: dict[str, Any] = {}
+    exact: TimedRun | None = None
     if timed:
         log(f"timing one image at K = {p.num_masks}")
         exact = _time_one_image(model, rgb)
@@ -236,28 +289,37 @@ def run_selfcheck(model: EmerDiff, image: Optional[ImageInput] = None, small_k: 
         checks.append(_check_memory(model, exact.peak, timing["measured_masks"]))
     else:
         checks.append(Check.skipped("memory", MEMORY, "no timed run (timed=False)"))
-    approximate: Dict[str, Any] = {}
+    approximate: dict[str, Any] = {}
     if preset:
         log(f"approximate preset {preset_name} vs the exact path at K = {p.num_masks}")
         approximate = compare_preset(model, rgb, dict(preset), preset_name, exact)
     return SelfCheckReport(environment(model), _settings(model, small_k), checks, timing, approximate)
 
 
-def compare_preset(model: EmerDiff, rgb: torch.Tensor, preset: Dict[str, Any], name: str,
-                   exact: Optional["TimedRun"] = None) -> Dict[str, Any]:
+def compare_preset(
+    model: EmerDiff, rgb: torch.Tensor, preset: dict[str, Any], name: str, exact: TimedRun | None = None
+) -> dict[str, Any]:
     """The preset's share of pixels labelled as on the exact path and its speed-up, on this image and device."""
     exact = exact or _time_one_image(model, rgb)
     approximate = _time_one_image(_variant(model, **preset), rgb)
     agreement = (approximate.labels == exact.labels).float().mean().item()
     speedup = exact.timing["total_seconds"] / max(approximate.timing["total_seconds"], 1e-12)
-    return {"name": name, "settings": preset, "agreement": agreement, "agreement_floor": PRESET_AGREEMENT,
-            "holds": agreement >= PRESET_AGREEMENT, "speedup": speedup,
-            "exact_seconds": exact.timing["total_seconds"], "preset_seconds": approximate.timing["total_seconds"]}
+    return {
+        "name": name,
+        "settings": preset,
+        "agreement": agreement,
+        "agreement_floor": PRESET_AGREEMENT,
+        "holds": agreement >= PRESET_AGREEMENT,
+        "speedup": speedup,
+        "exact_seconds": exact.timing["total_seconds"],
+        "preset_seconds": approximate.timing["total_seconds"],
+    }
 
 
 def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chunk: int) -> Check:
-    what = ("recorded Q/K used in every attention layer and step (share of layer x step), and injection changes the "
-            "result")
+    what = (
+        "recorded Q/K used in every attention layer and step (share of layer x step), and injection changes the result"
+    )
     if not model.params.attention_injection:
         return Check.skipped("injection", what, "segmentor.attention_injection=false")
     used: set[tuple[str, int]] = set()  # (layer, step) where an attention call used the recorded Q/K
@@ -265,8 +327,12 @@ def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chu
 
     def observe(layer: str, t: int, query: torch.Tensor, key: torch.Tensor) -> None:
         recorded = record.query.get((layer, t)), record.key.get((layer, t))
-        same = (recorded[0] is not None and query.shape == recorded[0].shape and torch.equal(query, recorded[0])
-                and torch.equal(key, recorded[1]))
+        same = (
+            recorded[0] is not None
+            and query.shape == recorded[0].shape
+            and torch.equal(query, recorded[0])
+            and torch.equal(key, recorded[1])
+        )
         (used if same else foreign).add((layer, t))
 
     offsets = variant_offsets(clusters.masks, model.params.lam)
@@ -275,10 +341,16 @@ def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chu
     share = len(used & expected) / len(expected)
     without = _variant(model, attention_injection=False).denoise(inversion, None, offsets, chunk)
     change = _relative(injected, without)
-    check = Check.measured("injection", what, share, 1.0, ">=",
-                           detail=f"{len(used & expected)} of {len(expected)} (layer, step) pairs "
-                                  f"({len(layer_names(model.unet))} layers x {len(inversion.timesteps)} steps); "
-                                  f"result changed by {change:.3g} (relative) vs no injection")
+    check = Check.measured(
+        "injection",
+        what,
+        share,
+        1.0,
+        ">=",
+        detail=f"{len(used & expected)} of {len(expected)} (layer, step) pairs "
+        f"({len(layer_names(model.unet))} layers x {len(inversion.timesteps)} steps); "
+        f"result changed by {change:.3g} (relative) vs no injection",
+    )
     if foreign - used:
         check.detail += f"; {len(foreign - used)} pairs used their own Q/K"
     if change <= 0:
@@ -291,8 +363,8 @@ def _check_injection(model: EmerDiff, inversion, record, clusters: Clusters, chu
 class TimedRun:
     """One timed whole-image run: its stage timings, CUDA peak (None elsewhere) and labels."""
 
-    timing: Dict[str, Any]
-    peak: Optional[int]
+    timing: dict[str, Any]
+    peak: int | None
     labels: torch.Tensor
 
 
@@ -309,31 +381,49 @@ def _time_one_image(model: EmerDiff, rgb: torch.Tensor) -> TimedRun:
     seconds = {name: cost.seconds for name, cost in profiler.stages.items()}
     scaled = {name: s * (default / measured if name in SCALED_STAGES else 1.0) for name, s in seconds.items()}
     total = sum(scaled.values())
-    timing = {"measured_masks": measured, "default_masks": default, "seconds": seconds,
-              "extrapolated_seconds": scaled, "total_seconds": sum(seconds.values()),
-              "extrapolated_total_seconds": total, "images_per_second": 1.0 / total if total > 0 else float("inf"),
-              "peak_mem_bytes": peak}
+    timing = {
+        "measured_masks": measured,
+        "default_masks": default,
+        "seconds": seconds,
+        "extrapolated_seconds": scaled,
+        "total_seconds": sum(seconds.values()),
+        "extrapolated_total_seconds": total,
+        "images_per_second": 1.0 / total if total > 0 else float("inf"),
+        "peak_mem_bytes": peak,
+    }
     return TimedRun(timing, peak, labels)
 
 
-def _check_memory(model: EmerDiff, peak: Optional[int], masks: int) -> Check:
+def _check_memory(model: EmerDiff, peak: int | None, masks: int) -> Check:
     what = MEMORY
     if peak is None:
         return Check.skipped("memory", what, f"CUDA only (this run is on {model.device.type})")
     estimate = memory_estimate(model, 2 * masks)
     if estimate is None:
         return Check.skipped("memory", what, "segmentor.memory_budget_gb=0: no plan, no estimate")
-    return Check.measured("memory", what, peak / GIB, estimate / GIB,
-                          detail=f"estimate = weights + injection record + largest batched stage "
-                                 f"(budget {model.chunk_plan().budget_gib:.2f} GiB, "
-                                 f"segmentor.memory_budget_gb={model.params.memory_budget_gb})")
+    return Check.measured(
+        "memory",
+        what,
+        peak / GIB,
+        estimate / GIB,
+        detail=f"estimate = weights + injection record + largest batched stage "
+        f"(budget {model.chunk_plan().budget_gib:.2f} GiB, "
+        f"segmentor.memory_budget_gb={model.params.memory_budget_gb})",
+    )
 
 
-def _settings(model: EmerDiff, small_k: int) -> Dict[str, Any]:
+def _settings(model: EmerDiff, small_k: int) -> dict[str, Any]:
     p = model.params
     plan = model.chunk_plan()
-    return {"resolution": p.resolution, "num_masks": p.num_masks, "small_k": small_k, "impl": p.impl,
-            "lam": p.lam, "t_modulate": p.t_modulate, "num_inference_steps": p.num_inference_steps,
-            "memory_budget_gb": p.memory_budget_gb, "memory_budget_chosen_gib": round(plan.budget_gib, 3),
-            "chunk_plan": {"inversion": plan.inversion,
-                                                                   "variants": plan.variants, "decode": plan.decode}}
+    return {
+        "resolution": p.resolution,
+        "num_masks": p.num_masks,
+        "small_k": small_k,
+        "impl": p.impl,
+        "lam": p.lam,
+        "t_modulate": p.t_modulate,
+        "num_inference_steps": p.num_inference_steps,
+        "memory_budget_gb": p.memory_budget_gb,
+        "memory_budget_chosen_gib": round(plan.budget_gib, 3),
+        "chunk_plan": {"inversion": plan.inversion, "variants": plan.variants, "decode": plan.decode},
+    }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 
@@ -14,9 +14,11 @@ from .files import version_record
 from .profiling import STAGES
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
-BUG_REPORT = ("Please open an issue with DIR/selfcheck.json and DIR/selfcheck.md attached, the exact command line, "
-              "the config files it used, and the output of "
-              "`pip list | grep -i -E 'torch|diffusers|faiss|transformers'`.")
+BUG_REPORT = (
+    "Please open an issue with DIR/selfcheck.json and DIR/selfcheck.md attached, the exact command line, "
+    "the config files it used, and the output of "
+    "`pip list | grep -i -E 'torch|diffusers|faiss|transformers'`."
+)
 
 
 @dataclass
@@ -26,32 +28,33 @@ class Check:
     name: str
     what: str
     status: str
-    figure: Optional[float] = None
-    threshold: Optional[float] = None
+    figure: float | None = None
+    threshold: float | None = None
     compare: str = "<="
     detail: str = ""
 
     @classmethod
-    def measured(cls, name: str, what: str, figure: float, threshold: float, compare: str = "<=",
-                 detail: str = "") -> "Check":
+    def measured(
+        cls, name: str, what: str, figure: float, threshold: float, compare: str = "<=", detail: str = ""
+    ) -> Check:
         ok = figure <= threshold if compare == "<=" else figure >= threshold
         return cls(name, what, PASS if ok and np.isfinite(figure) else FAIL, float(figure), threshold, compare, detail)
 
     @classmethod
-    def skipped(cls, name: str, what: str, reason: str) -> "Check":
+    def skipped(cls, name: str, what: str, reason: str) -> Check:
         return cls(name, what, SKIPPED, detail=f"skipped: {reason}")
 
 
 @dataclass
 class SelfCheckReport:
-    environment: Dict[str, Any]
-    settings: Dict[str, Any]
-    checks: List[Check]
-    timing: Dict[str, Any] = field(default_factory=dict)
-    preset: Dict[str, Any] = field(default_factory=dict)  # the approximate preset against the exact path
+    environment: dict[str, Any]
+    settings: dict[str, Any]
+    checks: list[Check]
+    timing: dict[str, Any] = field(default_factory=dict)
+    preset: dict[str, Any] = field(default_factory=dict)  # the approximate preset against the exact path
 
     @property
-    def failed(self) -> List[Check]:
+    def failed(self) -> list[Check]:
         return [c for c in self.checks if c.status == FAIL]
 
     @property
@@ -61,40 +64,79 @@ class SelfCheckReport:
     def check(self, name: str) -> Check:
         return next(c for c in self.checks if c.name == name)
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"passed": self.passed, "failed": [c.name for c in self.failed], "environment": self.environment,
-                "settings": self.settings, "checks": [asdict(c) for c in self.checks], "timing": self.timing,
-                "preset": self.preset}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "failed": [c.name for c in self.failed],
+            "environment": self.environment,
+            "settings": self.settings,
+            "checks": [asdict(c) for c in self.checks],
+            "timing": self.timing,
+            "preset": self.preset,
+        }
 
     def to_markdown(self) -> str:
         env = "\n".join(f"| {k} | {v} |" for k, v in self.environment.items())
         rows = "\n".join(
             f"| {c.name} | {c.what} | {_fmt(c.figure)} | {_threshold(c)} | **{c.status}** | {c.detail} |"
-            for c in self.checks)
+            for c in self.checks
+        )
         t = self.timing
-        stages = "\n".join(f"| {s} | {t['seconds'].get(s, 0):.3f} | {t['extrapolated_seconds'].get(s, 0):.3f} |"
-                           for s in STAGES) if t else ""
+        stages = (
+            "\n".join(
+                f"| {s} | {t['seconds'].get(s, 0):.3f} | {t['extrapolated_seconds'].get(s, 0):.3f} |" for s in STAGES
+            )
+            if t
+            else ""
+        )
         verdict = "all checks passed" if self.passed else f"FAILED: {', '.join(c.name for c in self.failed)}"
-        text = [f"# EmerDiff self-check: {verdict}", "", "## Environment", "", "| | |", "|---|---|", env, "",
-                "## Checks", "", "| check | what | figure | threshold | status | detail |", "|---|---|---|---|---|---|",
-                rows, ""]
+        text = [
+            f"# EmerDiff self-check: {verdict}",
+            "",
+            "## Environment",
+            "",
+            "| | |",
+            "|---|---|",
+            env,
+            "",
+            "## Checks",
+            "",
+            "| check | what | figure | threshold | status | detail |",
+            "|---|---|---|---|---|---|",
+            rows,
+            "",
+        ]
         if t:
-            text += ["## Time per image", "",
-                     f"Measured with K = {t['measured_masks']} masks; extrapolated to K = {t['default_masks']} "
-                     "(the stages that grow with the masks scaled linearly).", "",
-                     f"| stage | s measured | s at K = {t['default_masks']} |", "|---|---|---|", stages,
-                     f"| **total** | {t['total_seconds']:.3f} | {t['extrapolated_total_seconds']:.3f} |", "",
-                     f"Images per second at K = {t['default_masks']}: **{t['images_per_second']:.3g}**", ""]
+            text += [
+                "## Time per image",
+                "",
+                f"Measured with K = {t['measured_masks']} masks; extrapolated to K = {t['default_masks']} "
+                "(the stages that grow with the masks scaled linearly).",
+                "",
+                f"| stage | s measured | s at K = {t['default_masks']} |",
+                "|---|---|---|",
+                stages,
+                f"| **total** | {t['total_seconds']:.3f} | {t['extrapolated_total_seconds']:.3f} |",
+                "",
+                f"Images per second at K = {t['default_masks']}: **{t['images_per_second']:.3g}**",
+                "",
+            ]
         if self.preset:
-            text += [f"## Approximate preset (--cfg {self.preset['name']})", "", preset_line(self.preset), "",
-                     "The preset's bounds were measured on a miniature model trained on the toy world "
-                     "(docs/benchmarks.md); this line is the measurement on these weights and this image.", ""]
+            text += [
+                f"## Approximate preset (--cfg {self.preset['name']})",
+                "",
+                preset_line(self.preset),
+                "",
+                "The preset's bounds were measured on a miniature model trained on the toy world "
+                "(docs/benchmarks.md); this line is the measurement on these weights and this image.",
+                "",
+            ]
         if not self.passed:
             text += ["## What to do", "", BUG_REPORT, ""]
         return "\n".join(text)
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     if value is None:
         return ""
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
@@ -105,13 +147,16 @@ def _threshold(check: Check) -> str:
     return "" if check.threshold is None else f"{check.compare} {_fmt(check.threshold)}"
 
 
-def preset_line(preset: Dict[str, Any]) -> str:
+def preset_line(preset: dict[str, Any]) -> str:
     """The preset's agreement with the exact path, its speed-up and whether it holds on these weights."""
-    verdict = ("holds on these weights" if preset["holds"] else
-               "does NOT hold on these weights: segment with the exact path")
-    return (f"preset {preset['name']}: {100 * preset['agreement']:.1f} % of pixels labelled as on the exact path "
-            f"(holds at >= {100 * preset['agreement_floor']:.0f} %), {preset['speedup']:.2f}x faster "
-            f"({preset['exact_seconds']:.2f} s -> {preset['preset_seconds']:.2f} s): {verdict}")
+    verdict = (
+        "holds on these weights" if preset["holds"] else "does NOT hold on these weights: segment with the exact path"
+    )
+    return (
+        f"preset {preset['name']}: {100 * preset['agreement']:.1f} % of pixels labelled as on the exact path "
+        f"(holds at >= {100 * preset['agreement_floor']:.0f} %), {preset['speedup']:.2f}x faster "
+        f"({preset['exact_seconds']:.2f} s -> {preset['preset_seconds']:.2f} s): {verdict}"
+    )
 
 
 def write_report(report: SelfCheckReport, output: Path) -> None:
@@ -123,18 +168,20 @@ def write_report(report: SelfCheckReport, output: Path) -> None:
 
 def summary(report: SelfCheckReport, output: Path) -> str:
     """What the tool prints at the end: every check's line, then the verdict and, on failure, the bug-report advice."""
-    lines = [f"{c.status.upper():8} {c.name}: {_fmt(c.figure)} {_threshold(c)} {c.detail}".rstrip()
-             for c in report.checks]
+    lines = [
+        f"{c.status.upper():8} {c.name}: {_fmt(c.figure)} {_threshold(c)} {c.detail}".rstrip() for c in report.checks
+    ]
     t = report.timing
     if t:
-        lines.append(f"time per image at K = {t['default_masks']}: {t['extrapolated_total_seconds']:.2f} s "
-                     f"({t['images_per_second']:.3g} images/s)")
+        lines.append(
+            f"time per image at K = {t['default_masks']}: {t['extrapolated_total_seconds']:.2f} s "
+            f"({t['images_per_second']:.3g} images/s)"
+        )
     if report.preset:
         lines.append(preset_line(report.preset))
     if report.passed:
         lines.append(f"self-check passed; report in {output / 'selfcheck.md'}")
     else:
-        lines.append(f"self-check FAILED: {', '.join(c.name for c in report.failed)} "
-                     f"(see {output / 'selfcheck.md'}).")
+        lines.append(f"self-check FAILED: {', '.join(c.name for c in report.failed)} (see {output / 'selfcheck.md'}).")
         lines.append(BUG_REPORT.replace("DIR/", f"{output}/"))
     return "\n".join(lines)

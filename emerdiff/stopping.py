@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 
@@ -43,7 +44,7 @@ class StopOnSignal(pl.Callback):
 
     def __init__(self) -> None:
         self.interrupted = False
-        self._previous: Optional[Callable[..., Any]] = None
+        self._previous: Callable[..., Any] | None = None
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.interrupted:
@@ -98,15 +99,17 @@ class RepeatedFailures:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._last: Optional[Tuple[str, str]] = None
+        self._last: tuple[str, str] | None = None
         self._count = 0
 
-    def record(self, error: Optional[Tuple[str, str]]) -> None:
+    def record(self, error: tuple[str, str] | None) -> None:
         """One image's (error type, message), or None when it succeeded."""
         self._count = self._count + 1 if error is not None and error == self._last else int(error is not None)
         self._last = error
         if self.limit and self._count >= self.limit:
             kind, message = error
-            raise RunStopped(f"stopped: {self._count} images in a row failed with the same error ({kind}: {message}). "
-                             "That is a broken setup rather than bad images: fix it, then rerun the same command",
-                             EXIT_SOME_FAILED)
+            raise RunStopped(
+                f"stopped: {self._count} images in a row failed with the same error ({kind}: {message}). "
+                "That is a broken setup rather than bad images: fix it, then rerun the same command",
+                EXIT_SOME_FAILED,
+            )

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from emerdiff.data.toyworld import draw_arrays, train_seeds
 from emerdiff.models import SDComponents, arch_config, build_random_sd
@@ -44,10 +45,10 @@ class SceneBank:
 
     images: np.ndarray
     labels: np.ndarray
-    captions: List[str]
+    captions: list[str]
 
     @classmethod
-    def load_or_draw(cls, count: int, cache: Path) -> "SceneBank":
+    def load_or_draw(cls, count: int, cache: Path) -> SceneBank:
         """The first `count` training scenes, drawn once and kept in `cache` (an .npz file)."""
         if cache.is_file():
             data = np.load(cache)
@@ -78,7 +79,7 @@ class RandomCrops(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         size = self.images.shape[1]
         top, left = torch.randint(0, size - self.crop + 1, (2,)).tolist()
-        crop = to_pixels(self.images[index, top: top + self.crop, left: left + self.crop])
+        crop = to_pixels(self.images[index, top : top + self.crop, left : left + self.crop])
         return crop.flip(-1) if torch.rand(()) < 0.5 else crop
 
 
@@ -111,7 +112,7 @@ class VAETraining(pl.LightningModule):
         self.log_dict({"vae/loss": loss, "vae/l1": l1, "vae/edges": edges, "vae/kl": kl}, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> Dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -123,7 +124,7 @@ def encode_scenes(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> tu
     vae.eval()
     means, stds = [], []
     for start in range(0, len(images), batch):
-        posterior = vae.encode(to_pixels(images[start: start + batch])).latent_dist
+        posterior = vae.encode(to_pixels(images[start : start + batch])).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
@@ -144,15 +145,26 @@ class LatentScenes(Dataset):
 
 def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
     """Token ids [N, 77] of the captions, padded as SD pads its prompt."""
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 class UNetTraining(pl.LightningModule):
     """The UNet on SD's epsilon objective; an exponential moving average of its weights is what gets saved."""
 
-    def __init__(self, scaling_factor: float, lr: float = 1e-3, warmup_steps: int = 200, seed: int = 0,
-                 init_unet: Optional[torch.nn.Module] = None) -> None:
+    def __init__(
+        self,
+        scaling_factor: float,
+        lr: float = 1e-3,
+        warmup_steps: int = 200,
+        seed: int = 0,
+        init_unet: torch.nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["init_unet"])
         parts = build_random_sd(ARCH, seed=seed)  # UNet, the frozen random text encoder, tokenizer, scheduler
@@ -181,7 +193,7 @@ class UNetTraining(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.unet)
 
-    def configure_optimizers(self) -> Dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -194,7 +206,7 @@ def focused_timesteps(count: int, total: int, device: torch.device) -> torch.Ten
     return torch.where(torch.rand(count, device=device) < FOCUS, low, anywhere)
 
 
-def _strip(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _strip(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
@@ -203,8 +215,14 @@ def save_pipeline(parts: SDComponents, folder: Path) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     half = {name: _half_copy(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
-    pipe = StableDiffusionPipeline(**half, tokenizer=parts.tokenizer, scheduler=parts.scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **half,
+        tokenizer=parts.tokenizer,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -231,6 +249,12 @@ class SavePipeline(pl.Callback):
 
     def save(self, module: UNetTraining) -> None:
         """Write the folder with the current moving-average UNet."""
-        parts = SDComponents(module.ema.module, self.parts.vae, self.parts.text_encoder, self.parts.tokenizer,
-                             self.parts.scheduler, name="toy")
+        parts = SDComponents(
+            module.ema.module,
+            self.parts.vae,
+            self.parts.text_encoder,
+            self.parts.tokenizer,
+            self.parts.scheduler,
+            name="toy",
+        )
         save_pipeline(parts, self.folder)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +40,13 @@ def overflowed(vae: AutoencoderKL, tensor: torch.Tensor) -> bool:
     return vae.dtype != torch.float32 and tensor.device.type != "meta" and not torch.isfinite(tensor).all()
 
 
-def resize_latents(latents: torch.Tensor, size: Union[int, Tuple[int, int]]) -> torch.Tensor:
+def resize_latents(latents: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Trade-off switch: latents [V, 4, h, w] resized (bilinear, antialiased) to decode at `size` px (int: square)."""
     height, width = (size, size) if isinstance(size, int) else size
-    return F.interpolate(latents, size=(height // 8, width // 8), mode="bilinear", align_corners=False,
-                         antialias=True)
+    return F.interpolate(latents, size=(height // 8, width // 8), mode="bilinear", align_corners=False, antialias=True)
 
 
-def decode_size(size: Tuple[int, int], resolution: int, decode_resolution: int) -> Tuple[int, int]:
+def decode_size(size: tuple[int, int], resolution: int, decode_resolution: int) -> tuple[int, int]:
     """The (h, w) the variants are decoded at: the working `size`, or scaled so that its shorter side is
     `decode_resolution` (a trade-off; 0 = off), each side a multiple of 8."""
     if decode_resolution in (0, resolution):

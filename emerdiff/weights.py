@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,11 +32,15 @@ LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model."
 SDXL_PREFIX = "conditioner.embedders."
 SDXL_SECOND_ENCODER = "conditioner.embedders.1."  # SDXL base / SSD-1B / Turbo; the refiner has only embedders.0
-TRANSFORMER_WHY = ("a transformer (DiT) backbone: it has no UNet, so none of the low-resolution up-block "
-                   "cross-attention layers EmerDiff reads its features from and modulates")
+TRANSFORMER_WHY = (
+    "a transformer (DiT) backbone: it has no UNet, so none of the low-resolution up-block "
+    "cross-attention layers EmerDiff reads its features from and modulates"
+)
 TRANSFORMER_MODELS = {"joint_blocks.": "Stable Diffusion 3", "double_blocks.": "FLUX"}  # key fragment -> model
 OTHER_MODELS = {  # key fragment -> what the file is
-    "control_model.": "a ControlNet", "lora_unet_": "a LoRA adapter", "motion_modules.": "an AnimateDiff motion module",
+    "control_model.": "a ControlNet",
+    "lora_unet_": "a LoRA adapter",
+    "motion_modules.": "an AnimateDiff motion module",
 }
 PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_FOLDERS = PIPELINE_FOLDERS + ("text_encoder_2", "tokenizer_2")
@@ -61,13 +65,20 @@ def hub_cache() -> str:
 def is_local_path(source: str) -> bool:
     """A path on this machine (existing, absolute, ./ ../ ~, a checkpoint file name, or more than one '/'), not a
     hub id."""
-    return (Path(source).expanduser().exists() or source.startswith(("/", "./", "../", "~", "."))
-            or source.endswith(SINGLE_FILE_SUFFIXES) or source.count("/") > 1 or "\\" in source)
+    return (
+        Path(source).expanduser().exists()
+        or source.startswith(("/", "./", "../", "~", "."))
+        or source.endswith(SINGLE_FILE_SUFFIXES)
+        or source.count("/") > 1
+        or "\\" in source
+    )
 
 
 def _download_advice(repo: str, what: str = "") -> str:
-    return (f"  - on a machine with network access run `hf download {repo}{what}` (or let a first run with network "
-            f"download it), copy the Hugging Face cache here and point HF_HUB_CACHE (or HF_HOME) at it;\n")
+    return (
+        f"  - on a machine with network access run `hf download {repo}{what}` (or let a first run with network "
+        f"download it), copy the Hugging Face cache here and point HF_HUB_CACHE (or HF_HOME) at it;\n"
+    )
 
 
 def _missing_weights_message(source: str, cfg: ModelConfig, exc: BaseException) -> str:
@@ -88,24 +99,27 @@ def _missing_weights_message(source: str, cfg: ModelConfig, exc: BaseException) 
         head + f"Looked for a local diffusers folder '{source}' (none here) and the Hugging Face hub id '{source}' "
         f"(cache: {hub_cache()}; HF_HUB_OFFLINE={'1' if _offline() else '0'}, "
         f"local_files_only={cfg.local_files_only}).\n"
-        "To provide them, either:\n" + _download_advice(source) +
-        "  - pass a local diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/) as "
+        "To provide them, either:\n"
+        + _download_advice(source)
+        + "  - pass a local diffusers folder (with unet/, vae/, text_encoder/, tokenizer/, scheduler/) as "
         "model.pretrained=/path/to/folder;\n"
         "  - or a single checkpoint file as model.pretrained=/path/to/model.safetensors "
         "(add model.config=<diffusers folder or hub id> when offline);\n" + TINY_HINT
     )
 
 
-def read_checkpoint_keys(path: Path) -> Dict[str, torch.Tensor]:
+def read_checkpoint_keys(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a single-file checkpoint without reading their data (meta tensors / memory-mapped).
 
     An unreadable, empty or truncated file raises `WeightsNotFoundError` saying the file itself is invalid.
     """
+
     def invalid(why: str) -> WeightsNotFoundError:
         return WeightsNotFoundError(
             f"the checkpoint file '{path}' itself is invalid: {why}. It is empty, truncated or not a "
             f"{'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} file: download or copy it again "
-            "(compare its size and sha256 with the source's), or pass a diffusers folder as model.pretrained.")
+            "(compare its size and sha256 with the source's), or pass a diffusers folder as model.pretrained."
+        )
 
     if path.stat().st_size == 0:
         raise invalid("it has 0 bytes")
@@ -131,75 +145,94 @@ def read_checkpoint_keys(path: Path) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
 
-def check_sd_checkpoint(path: Path, tensors: Dict[str, torch.Tensor]) -> str:
+def check_sd_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """'v1', 'v2' or 'xl' for a full SD 1.x / 2.x / SDXL checkpoint in the original layout; else an error naming
     the fix."""
     keys = list(tensors)
     sample = ", ".join(f"'{k}'" for k in keys[:3])
-    use = ("EmerDiff needs Stable Diffusion 1.x, 2.x or XL (UNet, VAE and text encoder(s) in one file, the original "
-           "LDM/CompVis layout), e.g. v1-5-pruned-emaonly.safetensors, v2-1_512-ema-pruned.safetensors or "
-           "sd_xl_base_1.0.safetensors, or a diffusers folder / hub id (configs/emerdiff_sd15.yaml, emerdiff_sdxl.yaml)")
+    use = (
+        "EmerDiff needs Stable Diffusion 1.x, 2.x or XL (UNet, VAE and text encoder(s) in one file, the original "
+        "LDM/CompVis layout), e.g. v1-5-pruned-emaonly.safetensors, v2-1_512-ema-pruned.safetensors or "
+        "sd_xl_base_1.0.safetensors, or a diffusers folder / hub id (configs/emerdiff_sd15.yaml, emerdiff_sdxl.yaml)"
+    )
     for fragment, what in TRANSFORMER_MODELS.items():
         if any(fragment in k for k in keys):
-            raise WeightsNotFoundError(f"'{path}' looks like {what} (keys containing '{fragment}'), {TRANSFORMER_WHY}. "
-                                       f"{use}.")
+            raise WeightsNotFoundError(
+                f"'{path}' looks like {what} (keys containing '{fragment}'), {TRANSFORMER_WHY}. {use}."
+            )
     if any(k.startswith(SDXL_PREFIX) for k in keys) and not any(k.startswith(SDXL_SECOND_ENCODER) for k in keys):
-        raise WeightsNotFoundError(f"'{path}' is the Stable Diffusion XL refiner (one text encoder, "
-                                   f"{SDXL_PREFIX}0 only), which refines latents and conditions on an aesthetic "
-                                   f"score: use the SDXL base model (or SSD-1B, SDXL-Turbo). {use}.")
+        raise WeightsNotFoundError(
+            f"'{path}' is the Stable Diffusion XL refiner (one text encoder, "
+            f"{SDXL_PREFIX}0 only), which refines latents and conditions on an aesthetic "
+            f"score: use the SDXL base model (or SSD-1B, SDXL-Turbo). {use}."
+        )
     for fragment, what in OTHER_MODELS.items():
         if any(fragment in k for k in keys):
-            raise WeightsNotFoundError(f"'{path}' looks like {what} (keys containing '{fragment}'), not a Stable "
-                                       f"Diffusion 1.x/2.x checkpoint. {use}.")
+            raise WeightsNotFoundError(
+                f"'{path}' looks like {what} (keys containing '{fragment}'), not a Stable "
+                f"Diffusion 1.x/2.x checkpoint. {use}."
+            )
     if not any(k.startswith(LDM_UNET_PREFIX) for k in keys):
         if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.", "embeddings.")) for k in keys):
             raise WeightsNotFoundError(
                 f"'{path}' is one component of a diffusers folder (keys like {sample}), not a whole checkpoint in the "
                 "original layout: pass the folder that holds model_index.json (and unet/, vae/, ...) as "
-                "model.pretrained instead of the file.")
-        raise WeightsNotFoundError(f"'{path}' has none of the keys of an original-layout SD checkpoint "
-                                   f"({LDM_UNET_PREFIX}*; found {sample}). {use}.")
+                "model.pretrained instead of the file."
+            )
+        raise WeightsNotFoundError(
+            f"'{path}' has none of the keys of an original-layout SD checkpoint "
+            f"({LDM_UNET_PREFIX}*; found {sample}). {use}."
+        )
     xl = any(k.startswith(SDXL_PREFIX) for k in keys)
     parts = ((LDM_VAE_PREFIX, "VAE"), (SDXL_PREFIX if xl else LDM_TEXT_PREFIX, "text encoder"))
     missing = [(prefix, name) for prefix, name in parts if not any(k.startswith(prefix) for k in keys)]
     if missing:
-        raise WeightsNotFoundError(f"'{path}' holds the UNet but no {' and no '.join(n for _, n in missing)} (no "
-                                   f"{' / '.join(p for p, _ in missing)}* keys): use the full checkpoint, or a "
-                                   "diffusers folder as model.pretrained.")
+        raise WeightsNotFoundError(
+            f"'{path}' holds the UNet but no {' and no '.join(n for _, n in missing)} (no "
+            f"{' / '.join(p for p, _ in missing)}* keys): use the full checkpoint, or a "
+            "diffusers folder as model.pretrained."
+        )
     conv_in = tensors.get(LDM_UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != 4:
-        raise WeightsNotFoundError(f"'{path}' is an inpainting or image-conditioned UNet ({conv_in.shape[1]} input "
-                                   f"channels, EmerDiff needs 4). {use}.")
+        raise WeightsNotFoundError(
+            f"'{path}' is an inpainting or image-conditioned UNet ({conv_in.shape[1]} input "
+            f"channels, EmerDiff needs 4). {use}."
+        )
     if xl:
         return "xl"
     v2 = tensors.get(LDM_UNET_PREFIX + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight")
     return "v2" if v2 is not None and v2.shape[-1] == 1024 else "v1"
 
 
-def pipeline_class(index: Dict[str, Any], source: str) -> Tuple[str, Tuple[str, ...]]:
+def pipeline_class(index: dict[str, Any], source: str) -> tuple[str, tuple[str, ...]]:
     """The diffusers pipeline class to read a model_index.json with and the component folders it needs:
     SDXL-shaped pipelines (SDXL, SSD-1B, SDXL-Turbo) take two text encoders; transformer backbones are refused."""
     name = str(index.get("_class_name", ""))
     if "transformer" in index and "unet" not in index:
-        raise WeightsNotFoundError(f"model.pretrained='{source}' is a {name or 'transformer'} pipeline, "
-                                   f"{TRANSFORMER_WHY}: use an SD 1.x/2.x/XL model (configs/emerdiff_sd15.yaml, "
-                                   "emerdiff_sdxl.yaml, emerdiff_sd_turbo.yaml, ...)")
+        raise WeightsNotFoundError(
+            f"model.pretrained='{source}' is a {name or 'transformer'} pipeline, "
+            f"{TRANSFORMER_WHY}: use an SD 1.x/2.x/XL model (configs/emerdiff_sd15.yaml, "
+            "emerdiff_sdxl.yaml, emerdiff_sd_turbo.yaml, ...)"
+        )
     if "text_encoder_2" in index:
         if index.get("text_encoder") in (None, [None, None]):
-            raise WeightsNotFoundError(f"model.pretrained='{source}' is an SDXL refiner ({name}: no first text "
-                                       "encoder), which refines latents: use the SDXL base model (or SSD-1B, "
-                                       "SDXL-Turbo)")
+            raise WeightsNotFoundError(
+                f"model.pretrained='{source}' is an SDXL refiner ({name}: no first text "
+                "encoder), which refines latents: use the SDXL base model (or SSD-1B, "
+                "SDXL-Turbo)"
+            )
         return "StableDiffusionXLPipeline", SDXL_FOLDERS
     return "StableDiffusionPipeline", PIPELINE_FOLDERS
 
 
-def _pipeline_folder_problem(folder: Path, needed: Tuple[str, ...] = PIPELINE_FOLDERS) -> Optional[str]:
+def _pipeline_folder_problem(folder: Path, needed: tuple[str, ...] = PIPELINE_FOLDERS) -> str | None:
     """Why `folder` is not a diffusers pipeline folder (with the subfolders `needed`), or None."""
     if not (folder / "model_index.json").is_file():
         files = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else []
         single = [f for f in files if f.endswith(SINGLE_FILE_SUFFIXES)]
-        hint = (f" It holds {', '.join(single)}: pass that file as model.pretrained=" f"{folder / single[0]}"
-                if single else "")
+        hint = (
+            f" It holds {', '.join(single)}: pass that file as model.pretrained={folder / single[0]}" if single else ""
+        )
         return f"no model_index.json (found: {', '.join(files) or 'nothing'}).{hint}"
     absent = [name for name in needed if not (folder / name).is_dir()]
     if absent:
@@ -221,7 +254,8 @@ def _single_file_config(cfg: ModelConfig, path: Path, version: str, local_only: 
                 raise WeightsNotFoundError(
                     f"model.config='{cfg.config}' must be a diffusers pipeline folder of the checkpoint's SD version "
                     f"(model_index.json and the config files of {', '.join(needed)}; weights not needed): "
-                    f"{problem}.")
+                    f"{problem}."
+                )
             return str(folder)
         repo = cfg.config
     else:
@@ -242,8 +276,11 @@ def _single_file_config(cfg: ModelConfig, path: Path, version: str, local_only: 
         ) from None
 
 
-DEFAULT_CONFIG_REPOS = {"v1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "v2": "stabilityai/stable-diffusion-2-1",
-                        "xl": "stabilityai/stable-diffusion-xl-base-1.0"}
+DEFAULT_CONFIG_REPOS = {
+    "v1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "v2": "stabilityai/stable-diffusion-2-1",
+    "xl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
 
 
 def load_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:
@@ -252,13 +289,14 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeli
     try:
         pipe = _load_pipeline(cfg, dtype)
         if cfg.vae is not None:
-            pipe.vae = load_vae(cfg, dtype)
+            pipe.vae = load_vae(cfg.vae, cfg, dtype)
         return pipe
     except WeightsNotFoundError:
         raise
     except (OSError, ValueError, RuntimeError, ImportError, KeyError) as exc:
-        raise WeightsNotFoundError(_missing_weights_message(cfg.pretrained, cfg, exc) + _variant_hint(cfg, exc)
-                                   ) from exc
+        raise WeightsNotFoundError(
+            _missing_weights_message(cfg.pretrained, cfg, exc) + _variant_hint(cfg, exc)
+        ) from exc
 
 
 def _load_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:
@@ -274,8 +312,12 @@ def _read_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipel
     source = str(shipped_pipeline(cfg.pretrained) or cfg.pretrained)  # `toy`: the folder in the package
     local_only = cfg.local_files_only or _offline()
     # low_cpu_mem_usage needs accelerate: asking for it without accelerate only earns a warning
-    common = dict(torch_dtype=dtype, local_files_only=local_only, cache_dir=hub_cache(),
-                  low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+    common = dict(
+        torch_dtype=dtype,
+        local_files_only=local_only,
+        cache_dir=hub_cache(),
+        low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
+    )
     path = Path(source).expanduser()
     if source.endswith(SINGLE_FILE_SUFFIXES) or path.is_file():
         if not path.is_file():
@@ -296,44 +338,54 @@ def _read_pipeline(cfg: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipel
                 f"model.pretrained='{source}' is not a diffusers pipeline folder: {problem}. Expected model_index.json "
                 f"and {', '.join(f + '/' for f in PIPELINE_FOLDERS)} (SDXL: also text_encoder_2/, tokenizer_2/; as "
                 "save_pretrained writes them); a single checkpoint file goes directly in "
-                "model.pretrained=/path/to/model.safetensors.")
+                "model.pretrained=/path/to/model.safetensors."
+            )
         source = str(path)
     else:  # a hub id: its model_index.json (a small file) says which pipeline it is before any weights download
-        index = diffusers.DiffusionPipeline.load_config(source, revision=cfg.revision, local_files_only=local_only,
-                                                        cache_dir=hub_cache())
+        index = diffusers.DiffusionPipeline.load_config(
+            source, revision=cfg.revision, local_files_only=local_only, cache_dir=hub_cache()
+        )
         name, _ = pipeline_class(index, source)
-    return getattr(diffusers, name).from_pretrained(source, revision=cfg.revision, variant=cfg.variant, **common,
-                                                    **_extras(name))
+    return getattr(diffusers, name).from_pretrained(
+        source, revision=cfg.revision, variant=cfg.variant, **common, **_extras(name)
+    )
 
 
-def _extras(pipeline: str) -> Dict[str, Any]:
+def _extras(pipeline: str) -> dict[str, Any]:
     """Pipeline arguments EmerDiff sets: no safety checker (SD) and no watermarker (SDXL): it never makes images."""
     if pipeline == "StableDiffusionXLPipeline":
         return {"add_watermarker": False}
     return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
-def load_vae(cfg: ModelConfig, dtype: torch.dtype) -> Any:
+def load_vae(name: str, cfg: ModelConfig, dtype: torch.dtype) -> Any:
     """`model.vae`: a VAE (hub id or diffusers folder, its own or a pipeline's vae/) replacing the checkpoint's,
     e.g. madebyollin/sdxl-vae-fp16-fix, which does not overflow in float16 as SDXL's own VAE does."""
     from diffusers import AutoencoderKL
 
-    folder = Path(cfg.vae).expanduser()
+    folder = Path(name).expanduser()
     subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
     try:
-        return AutoencoderKL.from_pretrained(cfg.vae, subfolder=subfolder, torch_dtype=dtype,
-                                             local_files_only=cfg.local_files_only or _offline(),
-                                             cache_dir=hub_cache())
+        return AutoencoderKL.from_pretrained(
+            name,
+            subfolder=subfolder,
+            torch_dtype=dtype,
+            local_files_only=cfg.local_files_only or _offline(),
+            cache_dir=hub_cache(),
+        )
     except (OSError, ValueError) as exc:
         raise WeightsNotFoundError(
-            f"could not load model.vae='{cfg.vae}' ({type(exc).__name__}): it must be a diffusers AutoencoderKL "
+            f"could not load model.vae='{name}' ({type(exc).__name__}): it must be a diffusers AutoencoderKL "
             "(a folder with config.json and diffusion_pytorch_model.safetensors, a pipeline folder with vae/, or a "
-            "hub id in the local cache); set model.vae=null to keep the checkpoint's VAE") from None
+            "hub id in the local cache); set model.vae=null to keep the checkpoint's VAE"
+        ) from None
 
 
 def _variant_hint(cfg: ModelConfig, exc: BaseException) -> str:
     if cfg.variant and "variant" in str(exc):
-        return (f"\nmodel.variant='{cfg.variant}': the weights have no '{cfg.variant}' files (e.g. "
-                f"unet/diffusion_pytorch_model.{cfg.variant}.safetensors); set model.variant=null to load the "
-                "default files.")
+        return (
+            f"\nmodel.variant='{cfg.variant}': the weights have no '{cfg.variant}' files (e.g. "
+            f"unet/diffusion_pytorch_model.{cfg.variant}.safetensors); set model.variant=null to load the "
+            "default files."
+        )
     return ""

@@ -15,8 +15,8 @@ import os
 import torch
 
 from .config import OVSegConfig
-from .outputs import MaskNamer
 from .labeller import VocabularyLabellers, text_cache_folder
+from .outputs import MaskNamer
 from .vocab import SHIPPED_VOCABS, read_vocabulary
 
 KEEP_VOCABULARIES = 8  # vocabularies whose labellers (text embeddings) stay in memory
@@ -29,8 +29,13 @@ class AnyVocabulary:
     `keep` vocabularies' namers in memory.
     """
 
-    def __init__(self, settings: OVSegConfig, workdir: str | os.PathLike, device: str | torch.device = "cpu",
-                 keep: int = KEEP_VOCABULARIES) -> None:
+    def __init__(
+        self,
+        settings: OVSegConfig,
+        workdir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        keep: int = KEEP_VOCABULARIES,
+    ) -> None:
         self.labellers = VocabularyLabellers(settings, text_cache_folder(settings, workdir), device)
         self.namer = functools.lru_cache(maxsize=keep)(self.build)
 

@@ -17,10 +17,9 @@ import logging
 import os
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import open_clip
 import torch
@@ -57,6 +56,7 @@ def register_model_configs() -> None:
 @contextlib.contextmanager
 def quiet_random_weights_notice() -> Iterator[None]:
     """Drop open_clip's "No pretrained weights loaded" warning: ovseg.clip_pretrained=null asks for random weights."""
+
     def keep(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded")
 
@@ -93,14 +93,16 @@ def load_clip(
         )
     if has_schema:  # the schema names its own weights and configuration (activation included)
         model = open_clip.create_model(model_name, device=device, cache_dir=cache_dir)
-        return LoadedClip(model.eval(), open_clip.get_tokenizer(model_name), model_name, pretrained,
-                          built_with_quick_gelu(model))
+        return LoadedClip(
+            model.eval(), open_clip.get_tokenizer(model_name), model_name, pretrained, built_with_quick_gelu(model)
+        )
     path = None if pretrained is None else pretrained_weights_file(model_name, pretrained, cache_dir)
     activation = clip_activation(model_name, pretrained, path, quick_gelu)
     tag = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained) if pretrained else {}
     with quiet_random_weights_notice():
-        model = open_clip.create_model(model_name, device=device, force_preprocess_cfg=tag or None,
-                                       quick_gelu=activation)
+        model = open_clip.create_model(
+            model_name, device=device, force_preprocess_cfg=tag or None, quick_gelu=activation
+        )
     if path is not None:
         load_weights(model, model_name, pretrained, path)
     return LoadedClip(model.eval(), open_clip.get_tokenizer(model_name), model_name, pretrained, activation)
@@ -123,7 +125,10 @@ def clip_activation(model_name: str, pretrained: str | None, path: str | None, q
             f"ovseg.clip_pretrained={pretrained!r} is a checkpoint file, which does not record its activation: "
             f"building {'QuickGELU' if default else 'GELU'} as the architecture {model_name!r} says. Weights trained "
             "from OpenAI's CLIP (OpenAI, MaskCLIP, TCL) need ovseg.clip_quick_gelu=true; set it (true or false) "
-            "to silence this warning.", UserWarning, stacklevel=3)
+            "to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
     return default
 
 
@@ -179,14 +184,16 @@ def pretrained_weights_file(model_name: str, pretrained: str, cache_dir: str | N
         if isinstance(cached, str):
             return cached
     if hub_offline():
-        raise _missing_weights(model_name, pretrained, cache_dir, repo, files, "the Hugging Face hub is switched off "
-                               "(HF_HUB_OFFLINE=1)")
+        raise _missing_weights(
+            model_name, pretrained, cache_dir, repo, files, "the Hugging Face hub is switched off (HF_HUB_OFFLINE=1)"
+        )
     _reach_hub(model_name, pretrained, cache_dir, repo, files)
     try:
         return open_clip.download_pretrained(tag, cache_dir=cache_dir)
     except (RuntimeError, OSError) as error:  # open_clip's FileNotFoundError names the last hub error
-        raise _missing_weights(model_name, pretrained, cache_dir, repo, files,
-                               f"the download failed: {error}") from None
+        raise _missing_weights(
+            model_name, pretrained, cache_dir, repo, files, f"the download failed: {error}"
+        ) from None
 
 
 def _existing_checkpoint(model_name: str, pretrained: str) -> str:
@@ -225,12 +232,19 @@ def _reach_hub(model_name: str, pretrained: str, cache_dir: str | None, repo: st
     except HfHubHTTPError:
         return  # the hub answered, e.g. that the safetensors copy does not exist: open_clip's download goes on
     except Exception as error:  # any transport failure (name lookup, refused, timeout): no answer at all
-        raise _missing_weights(model_name, pretrained, cache_dir, repo, files,
-                               f"the Hugging Face hub could not be reached ({type(error).__name__}: {error})") from None
+        raise _missing_weights(
+            model_name,
+            pretrained,
+            cache_dir,
+            repo,
+            files,
+            f"the Hugging Face hub could not be reached ({type(error).__name__}: {error})",
+        ) from None
 
 
-def _missing_weights(model_name: str, pretrained: str, cache_dir: str | None, repo: str, files: list[str],
-                     why: str) -> WeightsNotFoundError:
+def _missing_weights(
+    model_name: str, pretrained: str, cache_dir: str | None, repo: str, files: list[str], why: str
+) -> WeightsNotFoundError:
     """The error for a tag whose weights are not in the cache: what was tried, why it failed, how to fix it."""
     cache = cache_dir or hub_constants.HF_HUB_CACHE
     setting = f"ovseg.clip_cache_dir={cache_dir!r}" if cache_dir else "ovseg.clip_cache_dir=null: the default"
@@ -245,5 +259,3 @@ def _missing_weights(model_name: str, pretrained: str, cache_dir: str | None, re
         "downloaded them);\n"
         "  - or set ovseg.clip_pretrained=/path/to/checkpoint.pt, a local open_clip checkpoint file."
     )
-
-

@@ -50,10 +50,16 @@ class ClipDenseEncoder(nn.Module):
     model's preprocessing. Subclasses implement `dense_window`.
     """
 
-    def __init__(self, visual: VisionTransformer, cells_per_patch: int = 1,
-                 window: int | tuple[int, int] | None = None, window_stride: int | tuple[int, int] | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 windows_per_pass: int = 16) -> None:
+    def __init__(
+        self,
+        visual: VisionTransformer,
+        cells_per_patch: int = 1,
+        window: int | tuple[int, int] | None = None,
+        window_stride: int | tuple[int, int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        windows_per_pass: int = 16,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         check_class_token_vit(visual, name)
@@ -72,11 +78,14 @@ class ClipDenseEncoder(nn.Module):
         self.windows_per_pass = windows_per_pass
         for size in (*self.window, *self.window_stride):
             if size <= 0 or size % self.stride:
-                raise ValueError(f"window and window_stride must be positive multiples of the {self.cell_name} "
-                                 f"{self.stride}")
+                raise ValueError(
+                    f"window and window_stride must be positive multiples of the {self.cell_name} {self.stride}"
+                )
         if any(step > size for step, size in zip(self.window_stride, self.window, strict=True)):
-            raise ValueError(f"window_stride {self.window_stride} must not exceed the window {self.window}: "
-                             "windows further apart than their size leave pixels no window covers")
+            raise ValueError(
+                f"window_stride {self.window_stride} must not exceed the window {self.window}: "
+                "windows further apart than their size leave pixels no window covers"
+            )
 
     @property
     def cell_name(self) -> str:
@@ -99,8 +108,10 @@ class ClipDenseEncoder(nn.Module):
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
         height, width = images.shape[-2:]
         if height % self.stride or width % self.stride:
-            raise ValueError(f"image size {height}x{width} must be a multiple of the {self.cell_name} {self.stride}; "
-                             "resize or pad first")
+            raise ValueError(
+                f"image size {height}x{width} must be a multiple of the {self.cell_name} {self.stride}; "
+                "resize or pad first"
+            )
 
     def clip_tokens(self, images: Tensor) -> Tensor:
         """Class token + patch tokens with positional embeddings for this grid (bicubically resized), after ln_pre."""
@@ -120,8 +131,11 @@ class ClipDenseEncoder(nn.Module):
         """Average ``encode(windows)`` (maps with one value per ``cell`` pixels) over overlapping windows."""
         batch, _, height, width = images.shape
         win_h, win_w = min(self.window[0], height), min(self.window[1], width)
-        origins = [(top, left) for top in window_starts(height, win_h, self.window_stride[0])
-                   for left in window_starts(width, win_w, self.window_stride[1])]
+        origins = [
+            (top, left)
+            for top in window_starts(height, win_h, self.window_stride[0])
+            for left in window_starts(width, win_w, self.window_stride[1])
+        ]
         total = count = None
         for start in range(0, len(origins), self.windows_per_pass):
             chunk = origins[start : start + self.windows_per_pass]
@@ -143,9 +157,14 @@ class MaskCLIPEncoder(ClipDenseEncoder):
     that fits in one window is encoded whole, with the positional embeddings resized to its grid.
     """
 
-    def __init__(self, visual: VisionTransformer, window: int | tuple[int, int] | None = None,
-                 window_stride: int | tuple[int, int] | None = None, keep_residual: bool = True,
-                 windows_per_pass: int = 16) -> None:
+    def __init__(
+        self,
+        visual: VisionTransformer,
+        window: int | tuple[int, int] | None = None,
+        window_stride: int | tuple[int, int] | None = None,
+        keep_residual: bool = True,
+        windows_per_pass: int = 16,
+    ) -> None:
         super().__init__(visual, 1, window, window_stride, windows_per_pass=windows_per_pass)
         self.keep_residual = keep_residual
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +32,19 @@ from torchmetrics.aggregation import SumMetric
 
 from emerdiff.config import fingerprint, is_random_model, result_settings
 from emerdiff.data import DatasetMetadata
-from emerdiff.evaluation import (CONVENTIONS_NOTE, PAPER, CachedEvaluation, ConfusionMatrixMetric, Evaluator,
-                                 PredictionCache, ResultsTable, SegmentationScores, SegmentorLoader, is_main_process,
-                                 percent_cell)
+from emerdiff.evaluation import (
+    CONVENTIONS_NOTE,
+    PAPER,
+    CachedEvaluation,
+    ConfusionMatrixMetric,
+    Evaluator,
+    PredictionCache,
+    ResultsTable,
+    SegmentationScores,
+    SegmentorLoader,
+    is_main_process,
+    percent_cell,
+)
 
 from .config import ENCODERS, OVSegConfig
 from .labeller import NamingRules, OpenVocabLabeller, check_threshold
@@ -45,7 +56,7 @@ BACKGROUND_NOTES = {
     "prompt": "the background class is named by its text prompts like any other class",
     "constant": "the background class is not embedded: a constant score (TCL's) decides it",
     "ignore": "the background class is neither named nor scored: its pixels are ignored (MaskCLIP's evaluation "
-              "\"w/o background\")",
+    '"w/o background")',
 }
 
 
@@ -54,7 +65,7 @@ def encoder_title(encoder: str) -> str:
     return ENCODERS[encoder].title if encoder in ENCODERS else encoder
 
 
-def method_titles(encoder: str, baseline: str = "cells") -> Dict[str, str]:
+def method_titles(encoder: str, baseline: str = "cells") -> dict[str, str]:
     """Table titles of the two methods with dense encoder `encoder` and the baseline's decision `baseline`."""
     name = encoder_title(encoder)
     if baseline == "tcl":
@@ -102,24 +113,32 @@ class OpenVocabResults(ResultsTable):
     """
 
     vocab: str
-    scores: Dict[str, SegmentationScores]  # method -> scores
-    settings: Dict[str, Any]  # the labels cache's settings (EmerDiff, CLIP side, vocabulary)
-    paper_miou: Dict[str, float]
-    paper_reference: Dict[str, float]
-    paper_note: Optional[str]
+    scores: dict[str, SegmentationScores]  # method -> scores
+    settings: dict[str, Any]  # the labels cache's settings (EmerDiff, CLIP side, vocabulary)
+    paper_miou: dict[str, float]
+    paper_reference: dict[str, float]
+    paper_note: str | None
 
     def to_dict(self) -> dict:
         """JSON-ready: results[method] holds miou, pixel_acc and per-class iou, in percent (null = absent)."""
         results = {method: s.in_percent(self.classes) for method, s in self.scores.items()}
         return {
-            "dataset": self.dataset, "vocab": self.vocab, "num_images": self.num_images,
-            "num_classes": len(self.classes), "results": results,
-            "paper": {"source": PAPER, "miou": self.paper_miou, "reference": self.paper_reference,
-                      "note": self.paper_note},
-            "settings": self.settings, **self.skipped_entry(),
+            "dataset": self.dataset,
+            "vocab": self.vocab,
+            "num_images": self.num_images,
+            "num_classes": len(self.classes),
+            "results": results,
+            "paper": {
+                "source": PAPER,
+                "miou": self.paper_miou,
+                "reference": self.paper_reference,
+                "note": self.paper_note,
+            },
+            "settings": self.settings,
+            **self.skipped_entry(),
         }
 
-    def logged(self) -> Dict[str, float]:
+    def logged(self) -> dict[str, float]:
         """Each method's mIoU in percent."""
         return {f"{method}/miou": 100 * s.miou for method, s in self.scores.items()}
 
@@ -132,8 +151,14 @@ class OpenVocabResults(ResultsTable):
         rows = [["method", "mIoU", "paper", "pixel acc."], ["---", "---:", "---:", "---:"]]
         for method, s in self.scores.items():
             percent = s.in_percent(self.classes)
-            rows.append([titles[method], percent_cell(percent["miou"]), percent_cell(paper.get(method)),
-                         percent_cell(percent["pixel_acc"])])
+            rows.append(
+                [
+                    titles[method],
+                    percent_cell(percent["miou"]),
+                    percent_cell(paper.get(method)),
+                    percent_cell(percent["pixel_acc"]),
+                ]
+            )
         for name, miou in reference.items():
             rows.append([f"{name} (paper only, not run here)", "–", percent_cell(miou), "–"])
         notes = [self.paper_note] if self.paper_note else []
@@ -143,7 +168,7 @@ class OpenVocabResults(ResultsTable):
         notes += self.random_weight_notes()
         return self.page(f"Open-vocabulary segmentation: {self.dataset}, vocabulary {self.vocab}", rows, notes)
 
-    def paper_rows(self, encoder: str) -> tuple[Dict[str, float], Dict[str, float]]:
+    def paper_rows(self, encoder: str) -> tuple[dict[str, float], dict[str, float]]:
         """The paper's numbers for our two rows, and its other rows (reference), for dense encoder `encoder`.
 
         `paper_miou` (method -> mIoU) holds the MaskCLIP rows; `paper_reference` names the rows of the
@@ -161,18 +186,25 @@ class OpenVocabResults(ResultsTable):
         """Which decision the baseline row is, how the background was treated, and CLIP's activation."""
         ovseg = self.settings["ovseg"]
         baseline = ovseg.get("baseline") or "cells"
-        decision = ("TCL's own decision (PAMR " + ("on" if ovseg.get("tcl_pamr", True) else "off") +
-                    f", KP weight {ovseg.get('tcl_kp_weight', 0.3)})" if baseline == "tcl"
-                    else "the argmax of per-cell cosines, upsampled bilinearly")
+        decision = (
+            "TCL's own decision (PAMR "
+            + ("on" if ovseg.get("tcl_pamr", True) else "off")
+            + f", KP weight {ovseg.get('tcl_kp_weight', 0.3)})"
+            if baseline == "tcl"
+            else "the argmax of per-cell cosines, upsampled bilinearly"
+        )
         background = BACKGROUND_NOTES[ovseg.get("background") or "prompt"]
         quick_gelu = ovseg.get("clip_quick_gelu")
-        activation = ("as the CLIP weights' tag or file says" if quick_gelu is None
-                      else "QuickGELU" if quick_gelu else "GELU")
-        return (f"Baseline row: {decision} (ovseg.baseline={baseline}). Background: {background} "
-                f"(ovseg.background={ovseg.get('background') or 'prompt'}; only for vocabularies with a background "
-                f"class). Prompts: {ovseg.get('templates')} templates. CLIP activation: {activation}.")
+        activation = (
+            "as the CLIP weights' tag or file says" if quick_gelu is None else "QuickGELU" if quick_gelu else "GELU"
+        )
+        return (
+            f"Baseline row: {decision} (ovseg.baseline={baseline}). Background: {background} "
+            f"(ovseg.background={ovseg.get('background') or 'prompt'}; only for vocabularies with a background "
+            f"class). Prompts: {ovseg.get('templates')} templates. CLIP activation: {activation}."
+        )
 
-    def random_weight_notes(self) -> List[str]:
+    def random_weight_notes(self) -> list[str]:
         """Warnings for numbers that come from random weights (miniature SD, random CLIP)."""
         model, ovseg = self.settings["model"], self.settings["ovseg"]
         notes = []
@@ -190,18 +222,28 @@ class OpenVocabEvaluator(Evaluator):
     """Both methods' named label maps against the dataset's classes, under the mIoU `convention`;
     `process` takes an `OpenVocabPrediction`, `evaluate` gives the `OpenVocabResults`."""
 
-    def __init__(self, dataset: str, metadata: DatasetMetadata, vocab: Vocabulary, settings: OVSegConfig,
-                 labels_settings: Mapping[str, Any], convention: str = PAPER_CONVENTION) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        metadata: DatasetMetadata,
+        vocab: Vocabulary,
+        settings: OVSegConfig,
+        labels_settings: Mapping[str, Any],
+        convention: str = PAPER_CONVENTION,
+    ) -> None:
         if len(vocab) != metadata.num_classes:
-            raise ValueError(f"vocabulary {settings.vocab!r} has {len(vocab)} classes but {dataset} has "
-                             f"{metadata.num_classes}: scoring compares vocabulary ids with the dataset's class ids")
+            raise ValueError(
+                f"vocabulary {settings.vocab!r} has {len(vocab)} classes but {dataset} has "
+                f"{metadata.num_classes}: scoring compares vocabulary ids with the dataset's class ids"
+            )
         super().__init__()
         self.dataset = dataset
         self.vocab = vocab
         self.settings = settings
         self.labels_settings = json.loads(fingerprint(labels_settings))  # sorted keys, as the labels cache records them
-        self.metrics = nn.ModuleDict({m: ConfusionMatrixMetric(len(vocab), metadata.ignore_index, convention)
-                                      for m in METHODS})
+        self.metrics = nn.ModuleDict(
+            {m: ConfusionMatrixMetric(len(vocab), metadata.ignore_index, convention) for m in METHODS}
+        )
         self.num_images = SumMetric()
 
     def process(self, image_index: int, named: OpenVocabPrediction) -> None:
@@ -216,16 +258,21 @@ class OpenVocabEvaluator(Evaluator):
         ignored = NamingRules.from_settings(self.settings, self.vocab.background).ignored
         return gt if ignored is None else np.where(gt == ignored, self.metrics[METHODS[0]].ignore_index, gt)
 
-    def evaluate(self) -> Optional[OpenVocabResults]:
+    def evaluate(self) -> OpenVocabResults | None:
         """Reduce across processes (every process takes part); the main one assembles the results."""
         scores = {method: self.metrics[method].compute() for method in METHODS}
         num_images = int(self.num_images.compute())
         if not is_main_process():
             return None
         return OpenVocabResults(
-            dataset=self.dataset, vocab=str(self.settings.vocab), classes=list(self.vocab.names),
-            num_images=num_images, scores=scores, settings=self.labels_settings,
-            paper_miou=dict(self.settings.paper_miou), paper_reference=dict(self.settings.paper_reference),
+            dataset=self.dataset,
+            vocab=str(self.settings.vocab),
+            classes=list(self.vocab.names),
+            num_images=num_images,
+            scores=scores,
+            settings=self.labels_settings,
+            paper_miou=dict(self.settings.paper_miou),
+            paper_reference=dict(self.settings.paper_reference),
             paper_note=self.settings.paper_note,
         )
 
@@ -239,15 +286,26 @@ class OpenVocabEvaluation(CachedEvaluation):
     OpenVocabResults on global rank 0.
     """
 
-    def __init__(self, load_segmentor: SegmentorLoader, load_labeller: LabellerLoader, masks: PredictionCache,
-                 labels: PredictionCache, dataset: str, metadata: DatasetMetadata, vocab: Vocabulary,
-                 settings: OVSegConfig, convention: str = PAPER_CONVENTION, max_repeated_failures: int = 0) -> None:
+    def __init__(
+        self,
+        load_segmentor: SegmentorLoader,
+        load_labeller: LabellerLoader,
+        masks: PredictionCache,
+        labels: PredictionCache,
+        dataset: str,
+        metadata: DatasetMetadata,
+        vocab: Vocabulary,
+        settings: OVSegConfig,
+        convention: str = PAPER_CONVENTION,
+        max_repeated_failures: int = 0,
+    ) -> None:
         evaluator = OpenVocabEvaluator(dataset, metadata, vocab, settings, json.loads(labels.settings), convention)
         check_threshold(vocab.background, settings.background_threshold)
-        super().__init__(load_segmentor, masks, labels, evaluators=[evaluator],
-                         max_repeated_failures=max_repeated_failures)
+        super().__init__(
+            load_segmentor, masks, labels, evaluators=[evaluator], max_repeated_failures=max_repeated_failures
+        )
         self.load_labeller = load_labeller
-        self.labeller: Optional[OpenVocabLabeller] = None
+        self.labeller: OpenVocabLabeller | None = None
         self.labels = labels
 
     def evaluated(self, image: np.ndarray, image_id: str, gt: np.ndarray) -> OpenVocabPrediction:
@@ -262,8 +320,13 @@ class OpenVocabEvaluation(CachedEvaluation):
         """EmerDiff's masks (cached or predicted, then cached) named by the labeller, and the baseline."""
         masks = self.prediction(image, image_id, gt)
         named = self._labeller()(image, masks.labels, num_masks=masks.num_masks)
-        return OpenVocabPrediction(gt=gt, ov_labels=named.label_map.numpy(), ov_labels_baseline=named.baseline.numpy(),
-                                   mask_classes=named.class_ids.numpy(), mask_scores=named.scores.numpy().astype(np.float32))
+        return OpenVocabPrediction(
+            gt=gt,
+            ov_labels=named.label_map.numpy(),
+            ov_labels_baseline=named.baseline.numpy(),
+            mask_classes=named.class_ids.numpy(),
+            mask_scores=named.scores.numpy().astype(np.float32),
+        )
 
     def _labeller(self) -> OpenVocabLabeller:
         """The CLIP labeller on this module's device, loaded (text embedded) on first use."""

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from emerdiff.lazy import resolve
 
-from .config import ENCODERS, TEMPLATE_SETS, OVSegConfig
 from .clip_model import LoadedClip, load_clip
+from .config import ENCODERS, TEMPLATE_SETS, OVSegConfig
 from .dense_encoder import DenseEncoder, MaskCLIPEncoder
 from .naming import MaskLabels, label_masks, maskclip_labels
 from .tcl import TCL_WINDOW, TCLEncoder, tcl_background_score, tcl_labels
@@ -56,12 +56,18 @@ class NamingRules:
     background_score: float | None = None  # background=constant: TCL's constant; None = TCL's for the PAMR setting
 
     @classmethod
-    def from_settings(cls, settings: OVSegConfig, background_id: int | None) -> "NamingRules":
+    def from_settings(cls, settings: OVSegConfig, background_id: int | None) -> NamingRules:
         """The rules of ovseg settings for a vocabulary; settings left null follow the encoder's conventions."""
         conventions = ENCODERS[settings.encoder]
-        return cls(background_id, settings.background or conventions.background, settings.background_threshold,
-                   settings.baseline or conventions.baseline, settings.tcl_pamr, settings.tcl_kp_weight,
-                   settings.tcl_background_score)
+        return cls(
+            background_id,
+            settings.background or conventions.background,
+            settings.background_threshold,
+            settings.baseline or conventions.baseline,
+            settings.tcl_pamr,
+            settings.tcl_kp_weight,
+            settings.tcl_background_score,
+        )
 
     @property
     def ignored(self) -> int | None:
@@ -143,24 +149,42 @@ class OpenVocabLabeller(nn.Module):
         self.rules = rules
 
     @torch.no_grad()
-    def forward(self, image: np.ndarray | Tensor, segments: np.ndarray | Tensor,
-                num_masks: int | None = None) -> OpenVocabOutput:
+    def forward(
+        self, image: np.ndarray | Tensor, segments: np.ndarray | Tensor, num_masks: int | None = None
+    ) -> OpenVocabOutput:
         """Name the segments ([H, W] ids below `num_masks`) of an [H, W, 3] uint8 image; compute the baseline too."""
         segments = torch.as_tensor(segments, device=self.text.device).long()
         if tuple(segments.shape) != tuple(image.shape[:2]):
             raise ValueError(f"segments {tuple(segments.shape)} and image {tuple(image.shape[:2])} differ in size")
         rules = self.rules
         dense = self.dense_embeddings(image)  # [D, h, w]
-        named = label_masks(dense, segments, self.text, num_masks=num_masks, background_id=rules.background_id,
-                            threshold=rules.mask_threshold(self.encoder), exclude=rules.excluded)
+        named = label_masks(
+            dense,
+            segments,
+            self.text,
+            num_masks=num_masks,
+            background_id=rules.background_id,
+            threshold=rules.mask_threshold(self.encoder),
+            exclude=rules.excluded,
+        )
         if rules.baseline == "tcl":
             baseline = self.tcl_decision(image)
         else:
-            baseline = maskclip_labels(dense, self.text, tuple(segments.shape), background_id=rules.background_id,
-                                       threshold=rules.mask_threshold(self.encoder), exclude=rules.excluded)
-        return OpenVocabOutput(class_ids=named.class_ids.cpu(), scores=named.scores.cpu(),
-                               label_map=named.label_map.cpu(), mask_embeddings=named.mask_embeddings.cpu(),
-                               baseline=baseline.cpu())
+            baseline = maskclip_labels(
+                dense,
+                self.text,
+                tuple(segments.shape),
+                background_id=rules.background_id,
+                threshold=rules.mask_threshold(self.encoder),
+                exclude=rules.excluded,
+            )
+        return OpenVocabOutput(
+            class_ids=named.class_ids.cpu(),
+            scores=named.scores.cpu(),
+            label_map=named.label_map.cpu(),
+            mask_embeddings=named.mask_embeddings.cpu(),
+            baseline=baseline.cpu(),
+        )
 
     def dense_embeddings(self, image: np.ndarray | Tensor) -> Tensor:
         """[D, h, w] dense embeddings of an [H, W, 3] uint8 image resized to multiples of the patch size."""
@@ -173,16 +197,24 @@ class OpenVocabLabeller(nn.Module):
         rules, (height, width) = self.rules, image.shape[:2]
         scale = TCL_WINDOW / min(height, width)
         size = tuple(patch_multiple(round(s * scale), self.encoder.stride) for s in (height, width))
-        return tcl_labels(_tcl(self.encoder), self.normalised(image, size), self.text,
-                          background_id=rules.background_id, background_score=rules.tcl_score(), pamr=rules.pamr,
-                          kp_weight=rules.kp_weight, size=(height, width))[0]
+        return tcl_labels(
+            _tcl(self.encoder),
+            self.normalised(image, size),
+            self.text,
+            background_id=rules.background_id,
+            background_score=rules.tcl_score(),
+            pamr=rules.pamr,
+            kp_weight=rules.kp_weight,
+            size=(height, width),
+        )[0]
 
     def normalised(self, image: np.ndarray | Tensor, size: tuple[int, ...]) -> Tensor:
         """[1, 3, *size] the uint8 image resized (bicubic, antialiased) and normalised with the encoder's statistics."""
         pixels = torch.as_tensor(image, device=self.text.device).permute(2, 0, 1)[None].float() / 255
         if tuple(size) != tuple(pixels.shape[-2:]):
-            pixels = F.interpolate(pixels, size=tuple(size), mode="bicubic", antialias=True,
-                                   align_corners=False).clamp(0, 1)
+            pixels = F.interpolate(pixels, size=tuple(size), mode="bicubic", antialias=True, align_corners=False).clamp(
+                0, 1
+            )
         mean = pixels.new_tensor(self.encoder.mean)[:, None, None]
         std = pixels.new_tensor(self.encoder.std)[:, None, None]
         return (pixels - mean) / std
@@ -211,24 +243,33 @@ class VocabularyLabellers:
         build_encoder = encoder_builder(settings.encoder)
         with torch.random.fork_rng(devices=[]):  # random weights (tests) are the same on every rank and run
             torch.manual_seed(settings.clip_init_seed)
-            self.clip = load_clip(settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir,
-                                  settings.clip_quick_gelu)
+            self.clip = load_clip(
+                settings.clip_model, settings.clip_pretrained, device, settings.clip_cache_dir, settings.clip_quick_gelu
+            )
         self.encoder = build_encoder(self.clip, settings)
 
     def labeller(self, vocab: Vocabulary) -> OpenVocabLabeller:
         """The labeller of `vocab`: its class texts embedded once (or read from the cache), the shared image encoder."""
         settings, clip = self.settings, self.clip
         check_threshold(vocab.background, settings.background_threshold)
-        text = cached_text_embeddings(clip.model, clip.tokenizer, vocab.synonyms, self.templates,
-                                      cache_dir=self.cache_dir, model_name=clip.model_name, pretrained=clip.pretrained,
-                                      init_seed=settings.clip_init_seed, average=self.text_average)
+        text = cached_text_embeddings(
+            clip.model,
+            clip.tokenizer,
+            vocab.synonyms,
+            self.templates,
+            cache_dir=self.cache_dir,
+            model_name=clip.model_name,
+            pretrained=clip.pretrained,
+            init_seed=settings.clip_init_seed,
+            average=self.text_average,
+        )
         labeller = OpenVocabLabeller(self.encoder, text, NamingRules.from_settings(settings, vocab.background))
         return labeller.to(self.device).eval()
 
 
-def build_labeller(settings: OVSegConfig, vocab: Vocabulary, cache_dir: str | os.PathLike,
-                   device: str | torch.device = "cpu") -> OpenVocabLabeller:
+def build_labeller(
+    settings: OVSegConfig, vocab: Vocabulary, cache_dir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> OpenVocabLabeller:
     """Load CLIP as `settings` say, embed the vocabulary once (cached on disk), keep only the dense image encoder."""
     check_threshold(vocab.background, settings.background_threshold)  # before the slow part
     return VocabularyLabellers(settings, cache_dir, device).labeller(vocab)
-

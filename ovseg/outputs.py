@@ -14,9 +14,10 @@ The class of each mask is the labeller's `MaskLabels`, the one type for it acros
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,27 +49,32 @@ class NamedMasks:
     def names(self) -> MaskNames:
         """Each mask's class as the results folder keeps it."""
         masks = self.masks
-        return MaskNames(self.class_names, masks.class_ids.numpy(), masks.scores.float().numpy(),
-                         masks.label_map.numpy())
+        return MaskNames(
+            self.class_names, masks.class_ids.numpy(), masks.scores.float().numpy(), masks.label_map.numpy()
+        )
 
-    def arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
         """The npz entries of named masks (`emerdiff.predict.names`)."""
         return self.names().arrays()
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "NamedMasks":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> NamedMasks:
         """The names saved in an image's NAME.npz, to draw its pictures again (mask embeddings are not saved)."""
         names = MaskNames.from_arrays(arrays)
         class_ids = torch.from_numpy(names.mask_classes)
-        masks = MaskLabels(class_ids, torch.from_numpy(names.mask_scores), torch.from_numpy(names.pixel_classes),
-                           mask_embeddings=torch.zeros(len(class_ids), 0))
+        masks = MaskLabels(
+            class_ids,
+            torch.from_numpy(names.mask_scores),
+            torch.from_numpy(names.pixel_classes),
+            mask_embeddings=torch.zeros(len(class_ids), 0),
+        )
         return cls(names.class_names, masks)
 
     def figure_classes(self) -> render.NamedLabels:
         """Every pixel's vocabulary id and the class names: the figure's class panel and legend."""
         return render.NamedLabels(self.masks.label_map.numpy(), self.class_names)
 
-    def record(self) -> Dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         """The manifest field "masks": each mask's class name (None: no pixel) and score."""
         masks = self.masks
         return {"masks": mask_records(self.class_names, masks.class_ids.tolist(), masks.scores.float().tolist())}
@@ -77,14 +83,17 @@ class NamedMasks:
         """NAME_ov.png (vocabulary ids) and NAME_ov_overlay.jpg (class colours with a legend of names)."""
         labels = self.masks.label_map.numpy()
         store.save_picture(name, LABELS_FILE, render.label_image(labels, len(self.class_names)))
-        store.save_picture(name, OVERLAY_FILE,
-                           render.legend_overlay(photo, labels, self.class_names, store.options.overlay_alpha))
+        store.save_picture(
+            name, OVERLAY_FILE, render.legend_overlay(photo, labels, self.class_names, store.options.overlay_alpha)
+        )
 
 
-def mask_records(class_names: Sequence[str], class_ids: Sequence[int], scores: Sequence[float]) -> List[dict]:
+def mask_records(class_names: Sequence[str], class_ids: Sequence[int], scores: Sequence[float]) -> list[dict]:
     """Per mask ``{"class": name or None, "score": rounded cosine or None}``, as in the manifest."""
-    return [{"class": class_names[c] if c >= 0 else None, "score": None if np.isnan(s) else round(float(s), 4)}
-            for c, s in zip(class_ids, scores, strict=True)]
+    return [
+        {"class": class_names[c] if c >= 0 else None, "score": None if np.isnan(s) else round(float(s), 4)}
+        for c, s in zip(class_ids, scores, strict=True)
+    ]
 
 
 class MaskNamer(nn.Module):

@@ -20,8 +20,9 @@ def kp_branch(clip_cosine: Tensor) -> Tensor:
     return torch.sigmoid((clip_cosine - KP_OFFSET) * KP_SCALE)
 
 
-def pamr_refine(image: Tensor, masks: Tensor, iterations: int = PAMR_ITERATIONS,
-                dilations: Sequence[int] = PAMR_DILATIONS) -> Tensor:
+def pamr_refine(
+    image: Tensor, masks: Tensor, iterations: int = PAMR_ITERATIONS, dilations: Sequence[int] = PAMR_DILATIONS
+) -> Tensor:
     """Pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), as TCL applies it.
 
     ``image`` [B, K, H, W] and ``masks`` [B, C, H, W] at the same size. For every pixel and each of

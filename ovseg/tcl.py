@@ -215,8 +215,14 @@ class TCLEncoder(ClipDenseEncoder):
     A window whose sides are not multiples of the patch is zero-padded (centred) and cropped back.
     """
 
-    def __init__(self, visual: VisionTransformer, masker: TCLMasker, window: int | tuple[int, int] = TCL_WINDOW,
-                 window_stride: int | tuple[int, int] | None = None, windows_per_pass: int = 8) -> None:
+    def __init__(
+        self,
+        visual: VisionTransformer,
+        masker: TCLMasker,
+        window: int | tuple[int, int] = TCL_WINDOW,
+        window_stride: int | tuple[int, int] | None = None,
+        windows_per_pass: int = 8,
+    ) -> None:
         super().__init__(visual, UPSAMPLING, window, window_stride, IMAGENET_MEAN, IMAGENET_STD, windows_per_pass)
         self.masker = masker
 
@@ -284,9 +290,17 @@ class TCLEncoder(ClipDenseEncoder):
 
 
 @torch.no_grad()
-def tcl_labels(encoder: TCLEncoder, images: Tensor, text: Tensor, *, background_id: int | None = None,
-               background_score: float | None = None, pamr: bool = False, kp_weight: float = 0.0,
-               size: tuple[int, int] | None = None) -> Tensor:
+def tcl_labels(
+    encoder: TCLEncoder,
+    images: Tensor,
+    text: Tensor,
+    *,
+    background_id: int | None = None,
+    background_score: float | None = None,
+    pamr: bool = False,
+    kp_weight: float = 0.0,
+    size: tuple[int, int] | None = None,
+) -> Tensor:
     """TCL's own per-pixel decision [B, H, W]: the class of largest grounding mask (``grounding_masks``).
 
     As in TCL's evaluation of datasets with a background class, ``background_score`` (TCL: 0.4 with

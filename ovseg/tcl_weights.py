@@ -66,11 +66,16 @@ def load_tcl_masker(visual: VisionTransformer, masker_state: Mapping[str, Tensor
     """A TCLMasker for ``visual`` with ``masker_state`` loaded strictly (missing / unexpected / misshapen keys fail)."""
     masker = TCLMasker(visual, checkpoint_freeze(masker_state))
     expected = {k: tuple(v.shape) for k, v in masker.state_dict().items()}
-    wrong = [f"{k}: {tuple(v.shape)} vs {expected[k]}" for k, v in masker_state.items()
-             if k in expected and tuple(v.shape) != expected[k]]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {expected[k]}"
+        for k, v in masker_state.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
     if wrong:
-        raise ValueError(f"TCL checkpoint shapes do not fit this CLIP ({visual.output_dim}-d, "
-                         f"width {visual.conv1.out_channels}): {wrong[:4]}")
+        raise ValueError(
+            f"TCL checkpoint shapes do not fit this CLIP ({visual.output_dim}-d, "
+            f"width {visual.conv1.out_channels}): {wrong[:4]}"
+        )
     dtype = visual.conv1.weight.dtype
     masker.load_state_dict({k: v.to(dtype) for k, v in masker_state.items()}, strict=True)
     return masker.to(visual.conv1.weight.device)
@@ -110,8 +115,10 @@ def tcl_encoder(clip, settings) -> TCLEncoder:
     to get it. ``ovseg.window`` / ``window_stride`` default to TCL's 448 / half a window.
     """
     if not settings.keep_residual:
-        raise ValueError("ovseg.keep_residual=false is MaskCLIP's variant; TCL's masker was trained with the residual "
-                         "and MLP of its last block kept (leave ovseg.keep_residual: true with ovseg.encoder=tcl)")
+        raise ValueError(
+            "ovseg.keep_residual=false is MaskCLIP's variant; TCL's masker was trained with the residual "
+            "and MLP of its last block kept (leave ovseg.keep_residual: true with ovseg.encoder=tcl)"
+        )
     path = settings.tcl_checkpoint
     visual = clip.model.visual
     if path:

@@ -56,8 +56,9 @@ def text_embeddings(
     device = next(model.parameters()).device
     encoded = torch.cat(
         [
-            model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device), normalize=average == "normalised")
-            .float()
+            model.encode_text(
+                tokenizer(prompts[i : i + batch_size]).to(device), normalize=average == "normalised"
+            ).float()
             for i in range(0, len(prompts), batch_size)
         ]
     )

@@ -9,8 +9,9 @@ first. Small crops teach patches their class names, which MaskCLIP's dense read-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -39,8 +40,15 @@ def crop_caption(label: np.ndarray, template: str) -> str:
 class CaptionedCrops(Dataset):
     """Random crops of the scenes with their captions, as (normalised image [3, S, S], caption)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, captions: Sequence[str], size: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        captions: Sequence[str],
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         self.images, self.labels, self.captions, self.size = images, labels, captions, size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
@@ -52,14 +60,15 @@ class CaptionedCrops(Dataset):
         full = self.images.shape[1]
         side = full if torch.rand(()) < 0.25 else int(torch.randint(full // 4, full + 1, ()))
         top, left = torch.randint(0, full - side + 1, (2,)).tolist()
-        image = torch.as_tensor(self.images[index, top: top + side, left: left + side]).permute(2, 0, 1).float()
-        image = F.interpolate(image[None] / 255.0, size=(self.size, self.size), mode="bilinear",
-                              align_corners=False, antialias=True)[0]
+        image = torch.as_tensor(self.images[index, top : top + side, left : left + side]).permute(2, 0, 1).float()
+        image = F.interpolate(
+            image[None] / 255.0, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+        )[0]
         if side == full:
             caption = self.captions[index]
         else:
             template = MASKCLIP_TEMPLATES[int(torch.randint(len(MASKCLIP_TEMPLATES), ()))]
-            caption = crop_caption(self.labels[index, top: top + side, left: left + side], template)
+            caption = crop_caption(self.labels[index, top : top + side, left : left + side], template)
         return (image - self.mean) / self.std, caption
 
 
@@ -75,7 +84,7 @@ class ClipTraining(pl.LightningModule):
         self.tokenizer = open_clip.get_tokenizer(MODEL)
         self.loss = open_clip.ClipLoss()
 
-    def training_step(self, batch: tuple[torch.Tensor, List[str]], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, list[str]], batch_idx: int) -> torch.Tensor:
         images, captions = batch
         out = self.model(images, self.tokenizer(list(captions)))
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
@@ -86,20 +95,27 @@ class ClipTraining(pl.LightningModule):
         with torch.no_grad():  # CLIP clamps its temperature at 100
             self.model.logit_scale.clamp_(0, math.log(100))
 
-    def configure_optimizers(self) -> Dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         warm = self.hparams.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def train_toy_clip(scenes: Any, path: Path, make_trainer: Callable[[int, list], pl.Trainer], steps: int,
-                   batch_size: int = 64) -> None:
+def train_toy_clip(
+    scenes: Any, path: Path, make_trainer: Callable[[int, list], pl.Trainer], steps: int, batch_size: int = 64
+) -> None:
     """Train `toyworld-clip` on the scenes (images, labels, captions) for `steps` steps; weights to `path`."""
     module = ClipTraining()
     preprocess = module.model.visual.preprocess_cfg
-    crops = CaptionedCrops(scenes.images, scenes.labels, scenes.captions, module.model.visual.image_size[0],
-                           preprocess["mean"], preprocess["std"])
+    crops = CaptionedCrops(
+        scenes.images,
+        scenes.labels,
+        scenes.captions,
+        module.model.visual.image_size[0],
+        preprocess["mean"],
+        preprocess["std"],
+    )
     loader = DataLoader(crops, batch_size=batch_size, shuffle=True, drop_last=True)
     make_trainer(steps, []).fit(module, loader)
     save_file({k: v.half().contiguous() for k, v in module.model.state_dict().items()}, str(path))

@@ -25,7 +25,6 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
 from emerdiff.cli.common.messages import reported_errors
@@ -33,11 +32,20 @@ from emerdiff.config import IMPLS, ConfigError
 from emerdiff.files import version_record
 
 # Dense fp16/bf16 tensor-core peak of named GPUs, TFLOP/s (vendor data sheets, no sparsity).
-GPU_PEAK_TFLOPS = {"H100-SXM": 989.0, "A100": 312.0, "L40S": 362.0, "RTX4090": 165.0, "A10": 125.0,
-                   "L4": 121.0, "V100": 125.0, "RTX3090": 71.0, "T4": 65.0}
+GPU_PEAK_TFLOPS = {
+    "H100-SXM": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "RTX4090": 165.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "RTX3090": 71.0,
+    "T4": 65.0,
+}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the command line, benchmark, print the table and write --output/benchmark.json."""
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--impl", default="fast,reference", help="comma-separated: fast, reference")
@@ -47,9 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--cost-only", action="store_true", help="cost model on the meta device only, no run")
     parser.add_argument("--gpu", default="A100", choices=sorted(GPU_PEAK_TFLOPS), help="GPU of the time projection")
     parser.add_argument("--utilization", type=float, default=0.4, help="share of the GPU's peak assumed sustained")
-    parser.add_argument("--approximations", metavar="MODES",
-                        help="compare approximate modes with the exact path on the split of data.*: 'all', or "
-                             "comma-separated modes such as exact,latent,one_step,steps3,decode256,one_step+latent")
+    parser.add_argument(
+        "--approximations",
+        metavar="MODES",
+        help="compare approximate modes with the exact path on the split of data.*: 'all', or "
+        "comma-separated modes such as exact,latent,one_step,steps3,decode256,one_step+latent",
+    )
     parser.add_argument("--output", help="folder for benchmark.json (approximations.md/.png/.json)")
     args = parse_args(parser, argv)
     arguments = argv if argv is not None else sys.argv[1:]
@@ -69,16 +80,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     memory = {r.impl: memory_estimate(models[r.impl], r) for r in results}
     print(f"# {command}")
     print(table(results, measured))
-    record = report(cfg, results, memory, measured, args.gpu, GPU_PEAK_TFLOPS[args.gpu], args.utilization,
-                    command)
+    record = report(cfg, results, memory, measured, args.gpu, GPU_PEAK_TFLOPS[args.gpu], args.utilization, command)
     for impl, seconds in record["projection"]["seconds"].items():
-        print(f"projected {impl}: {seconds:.3g} s/image on {args.gpu} at {args.utilization:.0%} of "
-              f"{GPU_PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s")
+        print(
+            f"projected {impl}: {seconds:.3g} s/image on {args.gpu} at {args.utilization:.0%} of "
+            f"{GPU_PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s"
+        )
     for impl, mem in memory.items():
-        print(f"memory estimate {impl}: {gib_text(mem['total'])} GiB = weights {gib_text(mem['weights'])} + record "
-              f"{gib_text(mem['record'])} + largest stage {gib_text(mem['largest_stage_peak'])} (meta-device tensors; "
-              f"largest batches: inversion {mem['batch_inversion']}, variants {mem['batch_variants']}, "
-              f"decode {mem['batch_decode']})")
+        print(
+            f"memory estimate {impl}: {gib_text(mem['total'])} GiB = weights {gib_text(mem['weights'])} + record "
+            f"{gib_text(mem['record'])} + largest stage {gib_text(mem['largest_stage_peak'])} (meta-device tensors; "
+            f"largest batches: inversion {mem['batch_inversion']}, variants {mem['batch_variants']}, "
+            f"decode {mem['batch_decode']})"
+        )
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def approximations(cfg, modes: str, output: Optional[str], command: str) -> int:
+def approximations(cfg, modes: str, output: str | None, command: str) -> int:
     """--approximations: every mode on the split, side by side; the table printed, the files written to `output`."""
     if not cfg.data.dataset:
         raise ConfigError("--approximations measures on a labelled split: set data.dataset (e.g. --cfg eval/toyworld)")
@@ -95,19 +109,22 @@ def approximations(cfg, modes: str, output: Optional[str], command: str) -> int:
         raise ConfigError("tell where the table and figure go: --output DIR")
     from emerdiff.approximations import default_modes, parse_mode
 
-    names = default_modes(cfg.segmentor.resolution) if modes == "all" else [m.strip() for m in modes.split(",")
-                                                                          if m.strip()]
+    names = (
+        default_modes(cfg.segmentor.resolution)
+        if modes == "all"
+        else [m.strip() for m in modes.split(",") if m.strip()]
+    )
     for name in names:
         parse_mode(name)
     from emerdiff.cli.common.evaluation import evaluation_split
 
     metadata, data = evaluation_split(cfg)
-    from emerdiff.approximations import figure, markdown, mode_models, record, run_sweep
-    from emerdiff.evaluation.module import IndexedDataset
-    from emerdiff.segmentor import EmerDiff
     from omegaconf import OmegaConf
 
+    from emerdiff.approximations import figure, markdown, mode_models, record, run_sweep
     from emerdiff.benchmark import warm_up
+    from emerdiff.evaluation.module import IndexedDataset
+    from emerdiff.segmentor import EmerDiff
 
     base = EmerDiff.from_config(cfg)
     models = mode_models(base, names)
@@ -119,11 +136,22 @@ def approximations(cfg, modes: str, output: Optional[str], command: str) -> int:
     def write(sweep) -> None:
         (out / "approximations.md").write_text(markdown(sweep, command))
         (out / "approximations.json").write_text(json.dumps(record(sweep, command), indent=2))
-        figure(sweep, out / "approximations.png", f"{base.components.name}: {sweep.num_images} images of "
-                                                  f"{sweep.dataset} (quality against cost; star = exact path)")
+        figure(
+            sweep,
+            out / "approximations.png",
+            f"{base.components.name}: {sweep.num_images} images of "
+            f"{sweep.dataset} (quality against cost; star = exact path)",
+        )
 
-    sweep = run_sweep(models, images, metadata, OmegaConf.to_object(cfg.eval), cfg.data.dataset,
-                      log=lambda message: print(message, flush=True), each_image=write)
+    sweep = run_sweep(
+        models,
+        images,
+        metadata,
+        OmegaConf.to_object(cfg.eval),
+        cfg.data.dataset,
+        log=lambda message: print(message, flush=True),
+        each_image=write,
+    )
     write(sweep)
     print(markdown(sweep, command))
     print(f"wrote {out / 'approximations.md'}, {out / 'approximations.png'}, {out / 'approximations.json'}")

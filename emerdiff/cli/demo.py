@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # Gradio loads only after the arguments are parsed
     from emerdiff.app.demo.page import ModelNotes
 
 
-def page_notes(cfg: DictConfig) -> "ModelNotes":
+def page_notes(cfg: DictConfig) -> ModelNotes:
     """What the page says about the configured model and the samples it offers: random weights (scikit-image's
     photos), the toy world's miniature model (toy-world scenes, the toyworld vocabulary), or real weights."""
     from emerdiff.app.demo.page import ModelNotes
@@ -37,22 +37,24 @@ def page_notes(cfg: DictConfig) -> "ModelNotes":
     return ModelNotes.toy(toy_notice) if toy_notice else ModelNotes()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load the model once, serve the page until interrupted."""
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--no-names", action="store_true", help="no vocabulary field: skip loading CLIP")
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
         try:
+            import gradio  # noqa: F401  (the optional extra)
+
             from emerdiff.app.demo.page import serve
             from emerdiff.app.demo.segmenter import DemoSegmenter
-            import gradio  # noqa: F401  (the optional extra)
         except ImportError as exc:
-            raise ConfigError(f"the demo needs Gradio ({exc}): pip install -e \".[demo]\"") from None
+            raise ConfigError(f'the demo needs Gradio ({exc}): pip install -e ".[demo]"') from None
         notes = page_notes(cfg)
         if notes.notice:
             print(notes.notice)

@@ -19,12 +19,18 @@ from __future__ import annotations
 import re
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
-                                           load_cli_config, output_lock, parse_args)
+from emerdiff.cli.common.arguments import (
+    add_output_arguments,
+    apply_output_arguments,
+    base_parser,
+    load_cli_config,
+    output_lock,
+    parse_args,
+)
 from emerdiff.cli.common.evaluation import evaluation_split, mask_prediction_settings, run_evaluation
 from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
 from emerdiff.cli.common.naming import naming_settings
@@ -37,13 +43,16 @@ if TYPE_CHECKING:  # torch, Lightning and open_clip load once the arguments are 
     from ovseg import Vocabulary
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the command line and evaluate; user errors exit with status 2 and a message."""
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--vocab", help="shipped vocabulary name, .txt file or 'cat,dog,grass' (ovseg.vocab)")
     add_output_arguments(parser, "segment and label every image again")
-    parser.add_argument("--relabel", action="store_true",
-                        help="name every image again (e.g. with another vocabulary), reusing EmerDiff's cached masks")
+    parser.add_argument(
+        "--relabel",
+        action="store_true",
+        help="name every image again (e.g. with another vocabulary), reusing EmerDiff's cached masks",
+    )
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
@@ -56,12 +65,13 @@ def evaluate(cfg: DictConfig, relabel: bool = False) -> int:
     """Score plain MaskCLIP and MaskCLIP + EmerDiff on `data.dataset` with the classes of `ovseg.vocab`; `relabel`
     names every image again on the cached masks."""
     if not cfg.data.dataset or not cfg.data.root or not cfg.output.dir or not cfg.ovseg.vocab:
-        raise ConfigError("tell which vocabulary and split, where it is and where results go: "
-                          "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR")
+        raise ConfigError(
+            "tell which vocabulary and split, where it is and where results go: "
+            "--vocab NAME --cfg configs/ov/DATASET.yaml data.root=PATH --output DIR"
+        )
     from emerdiff.evaluation import CACHE_DIR, PredictionCache, SaveResults
     from emerdiff.stopping import StopOnSignal
-    from ovseg.evaluation import (OV_DIR, PAPER_CONVENTION, OpenVocabEvaluation, OpenVocabPrediction,
-                                  open_vocab_settings)
+    from ovseg.evaluation import OV_DIR, PAPER_CONVENTION, OpenVocabEvaluation, OpenVocabPrediction, open_vocab_settings
     from ovseg.labeller import build_labeller, text_cache_folder
 
     out = Path(cfg.output.dir)
@@ -70,19 +80,36 @@ def evaluate(cfg: DictConfig, relabel: bool = False) -> int:
     metadata, data = evaluation_split(cfg)
     prediction = mask_prediction_settings(cfg)
     masks = PredictionCache(out / CACHE_DIR, prediction, overwrite=cfg.output.overwrite)
-    labels = PredictionCache(results_dir / "cache", open_vocab_settings(prediction, settings, vocab),
-                             overwrite=cfg.output.overwrite or relabel, record=OpenVocabPrediction)
+    labels = PredictionCache(
+        results_dir / "cache",
+        open_vocab_settings(prediction, settings, vocab),
+        overwrite=cfg.output.overwrite or relabel,
+        record=OpenVocabPrediction,
+    )
     text_dir = text_cache_folder(settings, results_dir)
     try:
-        module = OpenVocabEvaluation(partial(build_segmentor, cfg), partial(build_labeller, settings, vocab, text_dir),
-                                     masks, labels, cfg.data.dataset, metadata, vocab, settings,
-                                     convention=cfg.eval.miou_convention or PAPER_CONVENTION,
-                                     max_repeated_failures=cfg.output.max_repeated_failures)
+        module = OpenVocabEvaluation(
+            partial(build_segmentor, cfg),
+            partial(build_labeller, settings, vocab, text_dir),
+            masks,
+            labels,
+            cfg.data.dataset,
+            metadata,
+            vocab,
+            settings,
+            convention=cfg.eval.miou_convention or PAPER_CONVENTION,
+            max_repeated_failures=cfg.output.max_repeated_failures,
+        )
     except ValueError as exc:  # vocabulary and split disagree on the classes
         raise ConfigError(str(exc)) from None
     callbacks = [SaveResults(results_dir), StopOnSignal(), *progress_bar(cfg.trainer)]
-    trainer = build_trainer(cfg.trainer, callbacks=callbacks,
-                            enable_checkpointing=False, use_distributed_sampler=False, default_root_dir=str(out))
+    trainer = build_trainer(
+        cfg.trainer,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(out),
+    )
     with output_lock(out, trainer.is_global_zero):  # OUTPUT, whose masks cache tools/eval.py shares
         check_caches(masks, labels)
         if trainer.is_global_zero:
@@ -96,12 +123,16 @@ def check_caches(masks: PredictionCache, labels: PredictionCache) -> None:
     on the vocabulary or the naming, so other labels only need --relabel, which keeps them."""
     stale_masks, stale_labels = masks.other_settings(), labels.other_settings()
     if stale_masks:
-        raise ConfigError(f"{masks.folder} holds EmerDiff masks made with other settings ({stale_masks}): choose "
-                          "another --output, or pass --overwrite to segment and name every image again")
+        raise ConfigError(
+            f"{masks.folder} holds EmerDiff masks made with other settings ({stale_masks}): choose "
+            "another --output, or pass --overwrite to segment and name every image again"
+        )
     if stale_labels:
-        raise ConfigError(f"{labels.folder} holds labels named with other settings ({stale_labels}): pass --relabel "
-                          f"to name the images again on the EmerDiff masks cached in {masks.folder} (no segmentation), "
-                          "or choose another --output")
+        raise ConfigError(
+            f"{labels.folder} holds labels named with other settings ({stale_labels}): pass --relabel "
+            f"to name the images again on the EmerDiff masks cached in {masks.folder} (no segmentation), "
+            "or choose another --output"
+        )
 
 
 def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labels: PredictionCache) -> None:
@@ -110,24 +141,33 @@ def announce(cfg: DictConfig, data: EvaluationData, masks: PredictionCache, labe
     if notice:
         print(notice)
     if cfg.ovseg.clip_pretrained is None:
-        print(f"note: ovseg.clip_pretrained=null builds CLIP {cfg.ovseg.clip_model} with random weights: its class "
-              "names carry no meaning.")
+        print(
+            f"note: ovseg.clip_pretrained=null builds CLIP {cfg.ovseg.clip_model} with random weights: its class "
+            "names carry no meaning."
+        )
     ids = data.image_ids()
     named, segmented = labels.count(ids), masks.count(ids)
-    print(f"{plural(len(ids), 'image')} in {cfg.data.dataset}, vocabulary {cfg.ovseg.vocab}: {named} labelled in "
-          f"{labels.folder}, {segmented} with EmerDiff masks in {masks.folder}")
+    print(
+        f"{plural(len(ids), 'image')} in {cfg.data.dataset}, vocabulary {cfg.ovseg.vocab}: {named} labelled in "
+        f"{labels.folder}, {segmented} with EmerDiff masks in {masks.folder}"
+    )
 
 
 def warn_if_names_differ(vocab: Vocabulary, metadata: DatasetMetadata) -> None:
     """Scores compare ids, so a vocabulary listing other names than the dataset's classes is worth a warning."""
     from pytorch_lightning.utilities import rank_zero_warn
 
-    differ = [(i, ours, theirs) for i, (ours, theirs) in enumerate(zip(vocab.names, metadata.classes, strict=False))
-              if _plain(ours) != _plain(theirs)]
+    differ = [
+        (i, ours, theirs)
+        for i, (ours, theirs) in enumerate(zip(vocab.names, metadata.classes, strict=False))
+        if _plain(ours) != _plain(theirs)
+    ]
     if differ:
         examples = ", ".join(f"{i}: {ours!r} vs {theirs!r}" for i, ours, theirs in differ[:3])
-        rank_zero_warn(f"{len(differ)} vocabulary names differ from {metadata.name}'s class names at the same id "
-                       f"({examples}); mIoU compares ids, so check that the vocabulary is in the dataset's id order")
+        rank_zero_warn(
+            f"{len(differ)} vocabulary names differ from {metadata.name}'s class names at the same id "
+            f"({examples}); mIoU compares ids, so check that the vocabulary is in the dataset's id order"
+        )
 
 
 def _plain(name: str) -> str:

@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from emerdiff.cli.common.arguments import (add_output_arguments, apply_output_arguments, base_parser,
-                                           load_cli_config, output_lock, parse_args)
+from emerdiff.cli.common.arguments import (
+    add_output_arguments,
+    apply_output_arguments,
+    base_parser,
+    load_cli_config,
+    output_lock,
+    parse_args,
+)
 from emerdiff.cli.common.messages import plural, random_model_notice, reported_errors
 from emerdiff.cli.common.naming import naming_settings, saved_names, vocabulary_of
 from emerdiff.cli.common.trainer import build_segmentor, build_trainer, progress_bar
@@ -34,15 +41,21 @@ if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so 
     from emerdiff.predict import ExtrasStep, OutputStore, SourceImage
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the prediction; user errors exit with status 2 and a message."""
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--input", help="image file, folder (recursive), glob pattern or .txt list (data.input)")
     add_output_arguments(parser, "redo images that are done")
     parser.add_argument("--figure", action="store_true", help="also write NAME_figure.png (output.figure=true)")
-    parser.add_argument("--export", action="append", choices=FORMATS, default=[], metavar="{coco,masks}",
-                        help="also write DIR/coco.json (coco) or DIR/NAME_masks/NN.png (masks) of every done image; "
-                             "repeatable (tools/export.py does the same for a finished folder)")
+    parser.add_argument(
+        "--export",
+        action="append",
+        choices=FORMATS,
+        default=[],
+        metavar="{coco,masks}",
+        help="also write DIR/coco.json (coco) or DIR/NAME_masks/NN.png (masks) of every done image; "
+        "repeatable (tools/export.py does the same for a finished folder)",
+    )
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
@@ -66,14 +79,20 @@ def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
     naming = naming_settings(cfg) if cfg.ovseg.vocab else None  # checked before anything loads or is written
     store = OutputStore(out, OutputOptions.from_config(cfg.output, extra_files=named_files() if naming else ()))
     callbacks = [PredictionWriter(store, cfg.output.max_repeated_failures), StopOnSignal(), *progress_bar(cfg.trainer)]
-    trainer = build_trainer(cfg.trainer, callbacks=callbacks, enable_checkpointing=False,
-                            use_distributed_sampler=True, default_root_dir=str(out))
+    trainer = build_trainer(
+        cfg.trainer,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        use_distributed_sampler=True,
+        default_root_dir=str(out),
+    )
     with output_lock(out, trainer.is_global_zero):
         return segment_pending(cfg, store, naming, trainer, exports)
 
 
-def segment_pending(cfg: DictConfig, store: "OutputStore", naming: Optional[tuple], trainer: "pl.Trainer",
-                    exports: Sequence[str]) -> int:
+def segment_pending(
+    cfg: DictConfig, store: OutputStore, naming: tuple | None, trainer: pl.Trainer, exports: Sequence[str]
+) -> int:
     """The run once it holds the output folder: what is done there decides what is left to segment."""
     from emerdiff.predict import EmerDiffPredictor, PredictImages, find_images
     from emerdiff.stopping import EXIT_SOME_FAILED, RunStopped
@@ -97,8 +116,11 @@ def segment_pending(cfg: DictConfig, store: "OutputStore", naming: Optional[tupl
         try:
             trainer.predict(module, datamodule=PredictImages(pending, cfg.data.num_workers), return_predictions=False)
         except RunStopped as stop:  # finished images are saved and merged; a rerun continues with the rest
-            print(f"{stop}: {len(store.manifest())} of {plural(len(images), 'image')} done; rerun the same command "
-                  "to continue", file=sys.stderr)
+            print(
+                f"{stop}: {len(store.manifest())} of {plural(len(images), 'image')} done; rerun the same command "
+                "to continue",
+                file=sys.stderr,
+            )
             return stop.exit_code
         if trainer.is_global_zero:
             print(summary(store, pending, len(images) - len(pending), time.perf_counter() - start))
@@ -116,14 +138,14 @@ def named_files() -> tuple:
     return NAMED_FILES
 
 
-def redraw_missing(store: "OutputStore", cfg: DictConfig) -> None:
+def redraw_missing(store: OutputStore, cfg: DictConfig) -> None:
     """Draw the pictures finished images lack (e.g. --figure after the run) from their npz, without the model."""
     drawn, _ = store.redraw_finished(saved_names(cfg))  # an unreadable photo: segmented again, and fails there
     if drawn:
         print(f"drew the missing pictures of {plural(drawn, 'finished image')} from their saved arrays")
 
 
-def build_namer(naming: Optional[tuple], out: Path) -> Optional["ExtrasStep"]:
+def build_namer(naming: tuple | None, out: Path) -> ExtrasStep | None:
     """With ovseg.vocab, the CLIP labeller that names every mask; text embeddings cached under the output."""
     if naming is None:
         return None
@@ -139,17 +161,25 @@ def check_same_settings(saved: Path, cfg: DictConfig) -> None:
     before_cfg = load_config(saved)
     named = bool(vocabulary_of(before_cfg)) and bool(vocabulary_of(cfg))  # else only the vocabulary can differ
     before, now = result_values(before_cfg, named), result_values(cfg, named)
-    changed = [f"{k}: {before.get(k)} -> {now.get(k)}" for k in sorted(before.keys() | now.keys())
-               if before.get(k) != now.get(k)]
+    changed = [
+        f"{k}: {before.get(k)} -> {now.get(k)}"
+        for k in sorted(before.keys() | now.keys())
+        if before.get(k) != now.get(k)
+    ]
     if changed:
-        raise ConfigError(f"'{saved.parent}' holds results made with other settings ({'; '.join(changed)}); "
-                          "choose another --output, or pass --overwrite to redo every image")
+        raise ConfigError(
+            f"'{saved.parent}' holds results made with other settings ({'; '.join(changed)}); "
+            "choose another --output, or pass --overwrite to redo every image"
+        )
 
 
-def result_values(cfg: DictConfig, named: bool) -> Dict[str, object]:
+def result_values(cfg: DictConfig, named: bool) -> dict[str, object]:
     """``section.key -> value`` of the settings results depend on; all of the ovseg section only if `named`."""
-    values = {f"{section}.{k}": v for section in ("model", "segmentor")
-              for k, v in result_settings(OmegaConf.to_object(cfg[section])).items()}
+    values = {
+        f"{section}.{k}": v
+        for section in ("model", "segmentor")
+        for k, v in result_settings(OmegaConf.to_object(cfg[section])).items()
+    }
     if not named:
         return values | {"ovseg.vocab": vocabulary_of(cfg)}
     from ovseg.config import ovseg_settings  # masks are named: ovseg is in use
@@ -157,24 +187,27 @@ def result_values(cfg: DictConfig, named: bool) -> Dict[str, object]:
     return values | {f"ovseg.{k}": v for k, v in result_settings(ovseg_settings(cfg)).items()}
 
 
-def announce(cfg: DictConfig, images: List["SourceImage"], pending: List["SourceImage"]) -> None:
+def announce(cfg: DictConfig, images: list[SourceImage], pending: list[SourceImage]) -> None:
     """What the run will do, before it starts."""
     notice = random_model_notice(cfg)
     if notice:
         print(notice)
     done = len(images) - len(pending)
-    print(f"{plural(len(images), 'image')} in {cfg.data.input}: {done} already done in {cfg.output.dir}, "
-          f"{len(pending)} to segment"
-          + (" (--overwrite redoes all)" if done else ""))
+    print(
+        f"{plural(len(images), 'image')} in {cfg.data.input}: {done} already done in {cfg.output.dir}, "
+        f"{len(pending)} to segment" + (" (--overwrite redoes all)" if done else "")
+    )
 
 
-def summary(store: "OutputStore", pending: List["SourceImage"], skipped: int, seconds: float) -> str:
+def summary(store: OutputStore, pending: list[SourceImage], skipped: int, seconds: float) -> str:
     """One line: images segmented, failures, images skipped as done, time, where the results are."""
     manifest, failures = store.manifest(), store.failures()
     segmented = sum(image.name in manifest for image in pending)
     failed = f"{len(failures)} failed (listed in {store.root / FAILURES})" if failures else "0 failed"
-    return (f"done: {segmented} segmented, {failed}, {skipped} already done before; "
-            f"{seconds:.1f} s ({segmented / seconds:.2f} images/s). Results in {store.root}/")
+    return (
+        f"done: {segmented} segmented, {failed}, {skipped} already done before; "
+        f"{seconds:.1f} s ({segmented / seconds:.2f} images/s). Results in {store.root}/"
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """Write scikit-image's sample photos into a folder (some in subfolders), to try the tools on real images.
 
-    python tools/sample_images.py outputs/photos
+python tools/sample_images.py outputs/photos
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 from PIL import Image
 from skimage import data
@@ -21,7 +20,7 @@ SAMPLES = {
 }
 
 
-def write_samples(folder: Path) -> List[Path]:
+def write_samples(folder: Path) -> list[Path]:
     """Save every sample photo under `folder`; returns the files written."""
     written = []
     for name, load in SAMPLES.items():
@@ -32,7 +31,7 @@ def write_samples(folder: Path) -> List[Path]:
     return written
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the folder argument and write the photos."""
     parser = command_parser(__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path, help="where the photos go (created if missing)")

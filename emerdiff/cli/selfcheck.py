@@ -12,23 +12,28 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
 from emerdiff.cli.common.messages import reported_errors
 from emerdiff.config import preset_settings
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--image", help="photo to check with (default: scikit-image's astronaut)")
     parser.add_argument("--output", required=True, help="folder for selfcheck.json and selfcheck.md")
-    parser.add_argument("--small-k", type=int, default=None,
-                        help="masks of the fast-vs-reference, lambda = 0 and injection checks "
-                             "(default: emerdiff.selfcheck.SMALL_K)")
-    parser.add_argument("--preset", default="fast",
-                        help="approximate preset compared with the exact path on the image: a shipped config or YAML "
-                             "file whose segmentor section holds the approximations (default: fast); none to skip")
+    parser.add_argument(
+        "--small-k",
+        type=int,
+        default=None,
+        help="masks of the fast-vs-reference, lambda = 0 and injection checks (default: emerdiff.selfcheck.SMALL_K)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="fast",
+        help="approximate preset compared with the exact path on the image: a shipped config or YAML "
+        "file whose segmentor section holds the approximations (default: fast); none to skip",
+    )
     args = parse_args(parser, argv)
     with reported_errors():
         cfg = load_cli_config(args)
@@ -38,8 +43,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from emerdiff.selfcheck_report import summary, write_report
 
         model = EmerDiff.from_config(cfg)
-        report = run_selfcheck(model, args.image, args.small_k, log=lambda m: print(f"selfcheck: {m}", flush=True),
-                               preset=preset, preset_name=args.preset)
+        report = run_selfcheck(
+            model,
+            args.image,
+            args.small_k,
+            log=lambda m: print(f"selfcheck: {m}", flush=True),
+            preset=preset,
+            preset_name=args.preset,
+        )
     output = Path(args.output)
     write_report(report, output)
     print(summary(report, output))

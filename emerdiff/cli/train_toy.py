@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING
 
 from emerdiff.cli.common.arguments import command_parser
 from emerdiff.cli.common.messages import reported_errors
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # torch and the models load only after the arguments are pars
 STAGES = ("vae", "unet", "control", "clip")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the stages not yet done."""
     parser = command_parser(__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="folder for the models, logs and scene cache")
@@ -38,12 +39,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE steps, batch 16 of 64 px crops")
     parser.add_argument("--unet-steps", type=int, default=1750, help="UNet steps, batch 32")
     parser.add_argument("--clip-steps", type=int, default=400, help="CLIP steps, batch 64")
-    parser.add_argument("--unet-from", type=Path, default=None,
-                        help="pipeline folder whose UNet starts the unet stage (continue a stopped or shorter run)")
+    parser.add_argument(
+        "--unet-from",
+        type=Path,
+        default=None,
+        help="pipeline folder whose UNet starts the unet stage (continue a stopped or shorter run)",
+    )
     parser.add_argument("--save-every", type=int, default=500, help="UNet steps between saved pipeline folders")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the training")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (on a CPU shared with other work, 1 is much faster than 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (on a CPU shared with other work, 1 is much faster than 2)",
+    )
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
     args = parser.parse_args(argv)
     with reported_errors():
@@ -61,10 +70,13 @@ def train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scenes = SceneBank.load_or_draw(args.scenes, out / f"scenes_{args.scenes}.npz")
     log_path = out / "training.json"
-    times: Dict[str, float] = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    stages: Dict[str, Callable[[], None]] = {
-        "vae": lambda: train_vae(args, scenes), "unet": lambda: train_unet(args, scenes),
-        "control": lambda: save_control(args), "clip": lambda: train_clip(args, scenes)}
+    times: dict[str, float] = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    stages: dict[str, Callable[[], None]] = {
+        "vae": lambda: train_vae(args, scenes),
+        "unet": lambda: train_unet(args, scenes),
+        "control": lambda: save_control(args),
+        "clip": lambda: train_clip(args, scenes),
+    }
     outputs = {"vae": out / "vae", "unet": out / "sd", "control": out / "control", "clip": out / "clip.safetensors"}
     for stage in args.stages:
         if f"{stage}_minutes" in times:
@@ -78,18 +90,27 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def trainer(args: argparse.Namespace, stage: str, steps: int, callbacks: list) -> "pl.Trainer":
+def trainer(args: argparse.Namespace, stage: str, steps: int, callbacks: list) -> pl.Trainer:
     """A seeded CPU Trainer of `steps` steps logging its losses to OUTPUT/logs/STAGE/metrics.csv."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
     pl.seed_everything(args.seed, verbose=False)
-    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(args.output, "logs", stage),
-                      log_every_n_steps=10, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, callbacks=callbacks, default_root_dir=str(args.output))
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(args.output, "logs", stage),
+        log_every_n_steps=10,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+        default_root_dir=str(args.output),
+    )
 
 
-def train_vae(args: argparse.Namespace, scenes: "SceneBank") -> None:
+def train_vae(args: argparse.Namespace, scenes: SceneBank) -> None:
     """Stage vae: AutoencoderKL on crops, then its scaling factor (1 / std of the scenes' latents), saved."""
     from torch.utils.data import DataLoader
 
@@ -101,12 +122,14 @@ def train_vae(args: argparse.Namespace, scenes: "SceneBank") -> None:
     mean, std = encode_scenes(module.vae, scenes.images[:1000])
     samples = mean + std * __import__("torch").randn_like(std)
     module.vae.register_to_config(scaling_factor=float(1.0 / samples.std()))
-    print(f"vae: latent channel std {[round(float(s), 3) for s in samples.std(dim=(0, 2, 3))]}, "
-          f"scaling factor {module.vae.config.scaling_factor:.4f}")
+    print(
+        f"vae: latent channel std {[round(float(s), 3) for s in samples.std(dim=(0, 2, 3))]}, "
+        f"scaling factor {module.vae.config.scaling_factor:.4f}"
+    )
     module.vae.save_pretrained(args.output / "vae")
 
 
-def train_unet(args: argparse.Namespace, scenes: "SceneBank") -> None:
+def train_unet(args: argparse.Namespace, scenes: SceneBank) -> None:
     """Stage unet: the UNet on the encoded scenes; OUTPUT/sd/ is rewritten every --save-every steps."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.data import DataLoader
@@ -126,15 +149,15 @@ def train_unet(args: argparse.Namespace, scenes: "SceneBank") -> None:
     trainer(args, "unet", args.unet_steps, [save]).fit(module, loader)
 
 
-def freeze_vae(vae: "AutoencoderKL") -> "AutoencoderKL":
+def freeze_vae(vae: AutoencoderKL) -> AutoencoderKL:
     """The trained VAE in eval mode without gradients."""
     return vae.eval().requires_grad_(False)
 
 
 def save_control(args: argparse.Namespace) -> None:
     """Stage control: OUTPUT/sd/ with its UNet replaced by the same architecture's random initial weights."""
-    from emerdiff.models import build_random_sd, load_sd
     from emerdiff.config import ModelConfig
+    from emerdiff.models import build_random_sd, load_sd
     from emerdiff.toy_training import ARCH, save_pipeline
 
     trained = load_sd(ModelConfig(pretrained=str(args.output / "sd"), dtype="float32", device="cpu"))
@@ -142,12 +165,16 @@ def save_control(args: argparse.Namespace) -> None:
     save_pipeline(trained, args.output / "control")
 
 
-def train_clip(args: argparse.Namespace, scenes: "SceneBank") -> None:
+def train_clip(args: argparse.Namespace, scenes: SceneBank) -> None:
     """Stage clip: the tiny open_clip model, contrastive on scene crops and the crops' captions."""
     from ovseg.training import train_toy_clip
 
-    train_toy_clip(scenes, args.output / "clip.safetensors", lambda steps, callbacks: trainer(
-        args, "clip", steps, callbacks), args.clip_steps)
+    train_toy_clip(
+        scenes,
+        args.output / "clip.safetensors",
+        lambda steps, callbacks: trainer(args, "clip", steps, callbacks),
+        args.clip_steps,
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the masks and names are the saved ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 from emerdiff.cli.common.arguments import base_parser, parse_args
 from emerdiff.cli.common.messages import plural, reported_errors
@@ -20,10 +19,12 @@ from emerdiff.config import ConfigError, load_config
 from emerdiff.predict.layout import CONFIG
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the command line and draw the figures; user errors exit with status 2 and a message."""
-    parser = base_parser(__doc__.split("\n")[0],
-                         overrides_help="output.* overrides (the drawing's settings), e.g. output.overlay_alpha=0.6")
+    parser = base_parser(
+        __doc__.split("\n")[0],
+        overrides_help="output.* overrides (the drawing's settings), e.g. output.overlay_alpha=0.6",
+    )
     parser.add_argument("--output", required=True, type=Path, help="results folder of tools/predict.py")
     args = parse_args(parser, argv)
     with reported_errors():
@@ -32,8 +33,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(f"'{args.output}' is not a results folder of tools/predict.py (no config.yaml)")
         other = [o for o in args.overrides if not o.startswith("output.")]
         if other:
-            raise ConfigError(f"{', '.join(other)}: figures are drawn from the saved masks, so only output.* keys "
-                              "apply here; to segment with other settings, run tools/predict.py into a new --output")
+            raise ConfigError(
+                f"{', '.join(other)}: figures are drawn from the saved masks, so only output.* keys "
+                "apply here; to segment with other settings, run tools/predict.py into a new --output"
+            )
         cfg = load_config([saved, *args.cfg], overrides=args.overrides)
         from emerdiff.predict import OutputOptions, OutputStore  # torch loads once the arguments are checked
 

@@ -116,9 +116,7 @@ class SegmentationDataset(Dataset):
         with Image.open(sample.label_path) as label_file:
             raw = label_file.copy()  # P, L and I;16 images keep their raw values
         if image.size != raw.size:
-            raise ValueError(
-                f"{sample.label_path}: label size {raw.size} differs from image size {image.size}"
-            )
+            raise ValueError(f"{sample.label_path}: label size {raw.size} differs from image size {image.size}")
         if self.size is not None:
             image = resize_and_center_crop(image, self.size, _RESAMPLE[self.interpolation])
             raw = resize_and_center_crop(raw, self.size, Image.Resampling.NEAREST)
@@ -341,6 +339,4 @@ class VOC2012(SegmentationDataset):
 
     def _find_samples(self) -> list[Sample]:
         ids = self._read_id_list(self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt")
-        return self._samples_from_ids(
-            ids, self.root / "JPEGImages", ".jpg", self.root / "SegmentationClass", ".png"
-        )
+        return self._samples_from_ids(ids, self.root / "JPEGImages", ".jpg", self.root / "SegmentationClass", ".png")

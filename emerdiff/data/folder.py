@@ -51,9 +51,7 @@ class LabelledFolder(SegmentationDataset):
         super().__init__(root, split, size, interpolation)
         self.folder_metadata = self._read_metadata()
         offset = int(reduce_zero_label)
-        self._lookup = lookup_table(
-            {offset + c: c for c in range(self.folder_metadata.num_classes)}, self.IGNORE_INDEX
-        )
+        self._lookup = lookup_table({offset + c: c for c in range(self.folder_metadata.num_classes)}, self.IGNORE_INDEX)
 
     @classmethod
     def metadata(cls, root: str | Path | None = None, **options: Any) -> DatasetMetadata:
@@ -84,12 +82,16 @@ class LabelledFolder(SegmentationDataset):
             raise DatasetNotFoundError(self._layout_message(empty))
         most = self.IGNORE_INDEX - int(self.reduce_zero_label)
         if len(names) > most:
-            raise DatasetNotFoundError(self._layout_message(
-                f"{str(path)!r} names {len(names)} classes, more than the {most} that label values below 255 "
-                "(the ignore label) can hold"
-            ))
+            raise DatasetNotFoundError(
+                self._layout_message(
+                    f"{str(path)!r} names {len(names)} classes, more than the {most} that label values below 255 "
+                    "(the ignore label) can hold"
+                )
+            )
         return DatasetMetadata(
-            name=self.root.resolve().name, classes=names, ignore_index=self.IGNORE_INDEX,
+            name=self.root.resolve().name,
+            classes=names,
+            ignore_index=self.IGNORE_INDEX,
             palette=self._classcolours(len(names)),
         )
 
@@ -100,7 +102,7 @@ class LabelledFolder(SegmentationDataset):
             palette = label.getpalette() if label.mode == "P" else None
         if palette is None or len(palette) < 3 * (first + num_classes):
             return colours(voc_colormap(num_classes))
-        return colours(np.reshape(palette, (-1, 3))[first: first + num_classes])
+        return colours(np.reshape(palette, (-1, 3))[first : first + num_classes])
 
     def _label_lookup(self) -> np.ndarray:
         return self._lookup
@@ -113,8 +115,11 @@ class LabelledFolder(SegmentationDataset):
         if unknown:
             count, classes_file = self.folder_metadata.num_classes, self.root / self.CLASSES_FILE
             values = f"1..{count} (the classes), 0" if self.reduce_zero_label else f"0..{count - 1}"
-            hint = ("; labels that number the classes from 1 with 0 = unlabelled need data.reduce_zero_label=true"
-                    if not self.reduce_zero_label and unknown[-1] == count else "")
+            hint = (
+                "; labels that number the classes from 1 with 0 = unlabelled need data.reduce_zero_label=true"
+                if not self.reduce_zero_label and unknown[-1] == count
+                else ""
+            )
             raise LabelError(
                 f"{path}: label value {unknown[-1]} is not a class: {classes_file} names {count} classes, so labels "
                 f"hold {values} or 255 (ignored). Fix the label or name the missing classes in {classes_file}{hint}"

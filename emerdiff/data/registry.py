@@ -9,10 +9,11 @@ folder (`LabelledFolder`): its metadata comes from its root, not from the packag
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from emerdiff.data.datasets import (
     ADE20K150,

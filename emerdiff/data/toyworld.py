@@ -13,9 +13,9 @@ validation split the seeds from `VAL_SEED_START` on, so no validation scene is e
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -29,16 +29,33 @@ THINGS = ("ball", "box", "tree", "house", "pole")
 CLASSES = STUFF + THINGS
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 IGNORE_INDEX = 255
-PALETTE = ((120, 170, 230), (150, 80, 60), (60, 150, 50), (220, 200, 130), (40, 90, 170),
-           (230, 40, 40), (160, 110, 50), (20, 90, 30), (240, 160, 200), (90, 90, 90))
+PALETTE = (
+    (120, 170, 230),
+    (150, 80, 60),
+    (60, 150, 50),
+    (220, 200, 130),
+    (40, 90, 170),
+    (230, 40, 40),
+    (160, 110, 50),
+    (20, 90, 30),
+    (240, 160, 200),
+    (90, 90, 90),
+)
 VAL_SEED_START = 1_000_000
 VAL_SIZE = 256
 GENERATOR_VERSION = 1
 
 THING_COLOURS = {  # name -> RGB; things share colours, so a thing's class is its shape, not its colour
-    "red": (200, 40, 35), "yellow": (235, 205, 40), "white": (235, 235, 230), "orange": (235, 130, 30),
-    "purple": (130, 60, 160), "blue": (40, 70, 200), "brown": (120, 75, 40), "grey": (130, 130, 135),
-    "black": (30, 30, 35), "pink": (230, 140, 170),
+    "red": (200, 40, 35),
+    "yellow": (235, 205, 40),
+    "white": (235, 235, 230),
+    "orange": (235, 130, 30),
+    "purple": (130, 60, 160),
+    "blue": (40, 70, 200),
+    "brown": (120, 75, 40),
+    "grey": (130, 130, 135),
+    "black": (30, 30, 35),
+    "pink": (230, 140, 170),
 }
 THING_PALETTES = {
     "ball": ("red", "yellow", "white", "orange", "purple", "blue", "pink"),
@@ -93,8 +110,12 @@ class Canvas:
     def wavy_line(self, height: float, amplitude: float) -> np.ndarray:
         """A horizon-like curve, [W]: `height` plus two random sines."""
         x = np.arange(self.size, dtype=np.float32)
-        waves = [amplitude * self.rng.uniform(0.3, 1.0) * np.sin(x * self.rng.uniform(0.02, 0.12) +
-                                                                 self.rng.uniform(0, 2 * np.pi)) for _ in range(2)]
+        waves = [
+            amplitude
+            * self.rng.uniform(0.3, 1.0)
+            * np.sin(x * self.rng.uniform(0.02, 0.12) + self.rng.uniform(0, 2 * np.pi))
+            for _ in range(2)
+        ]
         return height + waves[0] + waves[1]
 
 
@@ -136,7 +157,12 @@ def _water(c: Canvas) -> np.ndarray:
 
 
 STUFF_TEXTURES: dict[str, Callable[[Canvas], np.ndarray]] = {
-    "sky": _sky, "wall": _wall, "grass": _grass, "sand": _sand, "water": _water}
+    "sky": _sky,
+    "wall": _wall,
+    "grass": _grass,
+    "sand": _sand,
+    "water": _water,
+}
 
 
 def _thing_colour(c: Canvas, thing: str) -> tuple[str, np.ndarray]:
@@ -188,8 +214,11 @@ def _house(c: Canvas, x: float, base: float, scale: float) -> None:
     c.paint(body, c.shade(rgb, c.noise(12, 6)), "house")
     roof_h, eave = h * c.rng.uniform(0.5, 1.0), w * c.rng.uniform(0.55, 0.7)
     roof_base = base - h
-    roof = (c.y < roof_base) & (c.y >= roof_base - roof_h) & (
-        np.abs(c.x - x) <= (c.y - roof_base + roof_h) / roof_h * eave)
+    roof = (
+        (c.y < roof_base)
+        & (c.y >= roof_base - roof_h)
+        & (np.abs(c.x - x) <= (c.y - roof_base + roof_h) / roof_h * eave)
+    )
     c.paint(roof, c.jitter(((150, 40, 30), (80, 50, 40), (60, 60, 70))[c.rng.integers(3)], 10), "house")
     side = max(2.0, w / 6)
     for dx in (-w / 4, w / 4):  # two small windows: house pixels of another colour
@@ -209,7 +238,12 @@ def _pole(c: Canvas, x: float, base: float, scale: float) -> None:
 
 
 DRAW_THING: dict[str, Callable[[Canvas, float, float, float], None]] = {
-    "ball": _ball, "box": _box, "tree": _tree, "house": _house, "pole": _pole}
+    "ball": _ball,
+    "box": _box,
+    "tree": _tree,
+    "house": _house,
+    "pole": _pole,
+}
 
 
 def _ground(c: Canvas, horizon: np.ndarray) -> None:
@@ -283,8 +317,10 @@ class ToyWorld(SegmentationDataset):
     """
 
     DEFAULT_SPLIT = "val"
-    LAYOUT = ("  (drawn on first use)\n  images/<id>.png   labels/<id>.png (8-bit class ids)   captions.json\n"
-              "  toyworld.json   (generator version and scene count)")
+    LAYOUT = (
+        "  (drawn on first use)\n  images/<id>.png   labels/<id>.png (8-bit class ids)   captions.json\n"
+        "  toyworld.json   (generator version and scene count)"
+    )
 
     def __init__(
         self,

@@ -15,8 +15,8 @@ images of the split; pixels whose ground truth is ignored are not counted. d is
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,8 +40,9 @@ def boundary_bands(masks: torch.Tensor, dilation: int) -> torch.Tensor:
     return masks & (eroded[:, 0, 1:-1, 1:-1] < 0.5)
 
 
-def boundary_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int,
-                    dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def boundary_counts(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int, dilation: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per class: |G_d & P_d|, |G_d | P_d| and |G_d| of one [H, W] class map against its ground truth."""
     classes = torch.arange(num_classes, device=target.device)[:, None, None]
     valid = (target != ignore_index)[None]
@@ -61,16 +62,21 @@ class BoundaryScores(SegmentationScores):
         return {**super().to_dict(prefix, class_names), f"{prefix}bIoU": self.boundary_miou}
 
     def in_percent(self, class_names: Sequence[str]) -> dict:
-        return {**super().in_percent(class_names), "boundary_miou": None if math.isnan(self.boundary_miou) else 100.0 * self.boundary_miou,
-                "boundary_dilation_ratio": DILATION_RATIO}
+        return {
+            **super().in_percent(class_names),
+            "boundary_miou": None if math.isnan(self.boundary_miou) else 100.0 * self.boundary_miou,
+            "boundary_dilation_ratio": DILATION_RATIO,
+        }
 
 
-def boundary_scores(intersection: torch.Tensor, union: torch.Tensor, gt_band: torch.Tensor,
-                    convention: str) -> tuple[float, torch.Tensor]:
+def boundary_scores(
+    intersection: torch.Tensor, union: torch.Tensor, gt_band: torch.Tensor, convention: str
+) -> tuple[float, torch.Tensor]:
     """Mean and per-class Boundary IoU; the classes averaged follow the mIoU `convention`."""
     averaged = union > 0 if MIOU_CONVENTIONS[convention].union_classes else gt_band > 0
-    iou = torch.where(averaged, intersection.double() / union.clamp(min=1), torch.full_like(union, float("nan"),
-                                                                                             dtype=torch.float64))
+    iou = torch.where(
+        averaged, intersection.double() / union.clamp(min=1), torch.full_like(union, float("nan"), dtype=torch.float64)
+    )
     return (iou[averaged].mean().item() if averaged.any() else float("nan")), iou
 
 
@@ -96,6 +102,7 @@ class SegmentationWithBoundary(ConfusionMatrixMetric):
     def compute(self) -> BoundaryScores:
         """mIoU, pixel accuracy, per-class IoU and Boundary IoU of everything counted so far."""
         scores = super().compute()
-        mean, per_class = boundary_scores(self.boundary_intersection, self.boundary_union, self.boundary_gt,
-                                          self.convention)
+        mean, per_class = boundary_scores(
+            self.boundary_intersection, self.boundary_union, self.boundary_gt, self.convention
+        )
         return BoundaryScores(scores.miou, scores.pixel_acc, scores.iou, scores.convention, mean, per_class)

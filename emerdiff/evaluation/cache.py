@@ -11,14 +11,22 @@ tools/ov_eval.py when their model, segmentor and data settings agree.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import (EvalConfig, ModelConfig, SegmentorConfig, fingerprint, recorded_setting, result_settings,
-                      settings_diff)
+from ..config import (
+    EvalConfig,
+    ModelConfig,
+    SegmentorConfig,
+    fingerprint,
+    recorded_setting,
+    result_settings,
+    settings_diff,
+)
 from ..files import atomic_file, remove_temporary_files
 from ..predict.render import resize_nearest
 
@@ -32,8 +40,9 @@ class StaleCacheError(RuntimeError):
     """A cached prediction was made with other settings or another ground truth than this run's."""
 
 
-def prediction_settings(model: ModelConfig, segmentor: SegmentorConfig, dataset: str, size: Optional[int],
-                        crop: str = "center") -> dict:
+def prediction_settings(
+    model: ModelConfig, segmentor: SegmentorConfig, dataset: str, size: int | None, crop: str = "center"
+) -> dict:
     """The settings a cached prediction depends on; settings that cannot change the result are left out, and so is
     `crop` (`eval.crop`, a key added later) at the behaviour before it existed."""
     segmentor_settings = result_settings(segmentor)
@@ -54,13 +63,18 @@ class CachedPrediction:
     mask_embeddings: np.ndarray  # [K, C] float32
 
     @classmethod
-    def from_output(cls, output: SegmentationOutput, gt: np.ndarray) -> "CachedPrediction":
+    def from_output(cls, output: SegmentationOutput, gt: np.ndarray) -> CachedPrediction:
         """Keep the fields the protocols need from a segmentor output."""
         if tuple(output.labels.shape) != gt.shape:
             raise ValueError(f"prediction {tuple(output.labels.shape)} and ground truth {gt.shape} differ in size")
         arrays = output.to_numpy()
-        return cls(gt=gt.astype(np.int64), **{name: arrays[name] for name in
-                   ("labels", "labels_bilinear", "lowres_labels", "lowres_masks", "mask_embeddings")})
+        return cls(
+            gt=gt.astype(np.int64),
+            **{
+                name: arrays[name]
+                for name in ("labels", "labels_bilinear", "lowres_labels", "lowres_masks", "mask_embeddings")
+            },
+        )
 
     @property
     def num_masks(self) -> int:
@@ -81,8 +95,13 @@ class PredictionCache:
     own record type in its own folder).
     """
 
-    def __init__(self, folder: Path, settings: Mapping[str, Any], overwrite: bool = False,
-                 record: Callable[..., Any] = CachedPrediction) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        settings: Mapping[str, Any],
+        overwrite: bool = False,
+        record: Callable[..., Any] = CachedPrediction,
+    ) -> None:
         self.folder = Path(folder)
         self.settings = fingerprint(settings)
         self.overwrite = overwrite
@@ -91,7 +110,7 @@ class PredictionCache:
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.npz"
 
-    def load(self, image_id: str, gt: np.ndarray) -> Optional[Any]:
+    def load(self, image_id: str, gt: np.ndarray) -> Any | None:
         """The cached prediction, or None if there is none (or output.overwrite asks to redo it)."""
         path = self.path(image_id)
         if self.overwrite or not path.is_file():
@@ -100,12 +119,16 @@ class PredictionCache:
             arrays = {name: stored[name] for name in stored.files}
         settings = str(arrays.pop("settings"))
         if settings != self.settings:
-            raise StaleCacheError(f"{path} was predicted with other settings: {settings_diff(settings, self.settings)}."
-                                  " Use another output folder, or output.overwrite=true to predict again.")
+            raise StaleCacheError(
+                f"{path} was predicted with other settings: {settings_diff(settings, self.settings)}."
+                " Use another output folder, or output.overwrite=true to predict again."
+            )
         prediction = self.record(**arrays)
         if not np.array_equal(prediction.gt, gt):
-            raise StaleCacheError(f"{path} holds another ground truth than the dataset's label of '{image_id}'."
-                                  " Use another output folder, or output.overwrite=true to predict again.")
+            raise StaleCacheError(
+                f"{path} holds another ground truth than the dataset's label of '{image_id}'."
+                " Use another output folder, or output.overwrite=true to predict again."
+            )
         return prediction
 
     def save(self, image_id: str, prediction: Any) -> None:
@@ -113,7 +136,7 @@ class PredictionCache:
         with atomic_file(self.path(image_id)) as handle:
             np.savez_compressed(handle, settings=np.array(self.settings), **asdict(prediction))
 
-    def other_settings(self) -> Optional[str]:
+    def other_settings(self) -> str | None:
         """``section.key: before -> now`` for the first entry made with other settings than this run's, or None when
         every entry agrees (or output.overwrite redoes them): a run can refuse a stale cache before it starts."""
         if self.overwrite:

@@ -14,8 +14,9 @@ labels and on the bilinear upsampling of the same low-resolution masks (`emerdif
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,12 +25,19 @@ from torchmetrics import Metric
 from ..choices import PROTOCOLS
 from ..config import EvalConfig, fingerprint
 from ..data import DatasetMetadata
-from .cache import CachedPrediction
 from .boundary import SegmentationWithBoundary
+from .cache import CachedPrediction
 from .protocols import overlap_matrix
 from .report import EvaluationResults, ResultsTable
-from .scoring import (METHODS, PER_IMAGE_PROTOCOLS, MaskRecords, check_settings, dataset_protocol_scores,
-                      miou_convention, per_image_class_map)
+from .scoring import (
+    METHODS,
+    PER_IMAGE_PROTOCOLS,
+    MaskRecords,
+    check_settings,
+    dataset_protocol_scores,
+    miou_convention,
+    per_image_class_map,
+)
 
 
 def is_main_process() -> bool:
@@ -51,13 +59,13 @@ class Evaluator(nn.Module):
         """Add one image's prediction (`image_index`: its place in the split, so records can be put in order)."""
         raise NotImplementedError
 
-    def evaluate(self) -> Optional[ResultsTable]:
+    def evaluate(self) -> ResultsTable | None:
         """The results of everything processed since `reset`, on the main process (None elsewhere); every process
         must call it."""
         raise NotImplementedError
 
 
-def evaluate_all(evaluator: Evaluator, predictions: Iterable[Any]) -> Optional[ResultsTable]:
+def evaluate_all(evaluator: Evaluator, predictions: Iterable[Any]) -> ResultsTable | None:
     """Score `predictions` (one per image, in split order) from a clean state: the evaluation loop without a model."""
     evaluator.reset()
     for index, prediction in enumerate(predictions):
@@ -72,8 +80,9 @@ class UnsupervisedEvaluator(Evaluator):
     text reads back (`emerdiff.config.fingerprint`), as the prediction cache records it.
     """
 
-    def __init__(self, dataset: str, metadata: DatasetMetadata, settings: EvalConfig,
-                 prediction_settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self, dataset: str, metadata: DatasetMetadata, settings: EvalConfig, prediction_settings: Mapping[str, Any]
+    ) -> None:
         check_settings(settings)
         super().__init__()
         self.dataset = dataset
@@ -81,12 +90,19 @@ class UnsupervisedEvaluator(Evaluator):
         self.settings = settings
         self.prediction_settings = json.loads(fingerprint(prediction_settings))
         self.per_image = [p for p in settings.protocols if p in PER_IMAGE_PROTOCOLS]
-        self.metrics = nn.ModuleDict({
-            method: nn.ModuleDict({p: SegmentationWithBoundary(metadata.num_classes, metadata.ignore_index,
-                                                            miou_convention(p, settings))
-                                   for p in self.per_image})
-            for method in METHODS
-        })
+        self.metrics = nn.ModuleDict(
+            {
+                method: nn.ModuleDict(
+                    {
+                        p: SegmentationWithBoundary(
+                            metadata.num_classes, metadata.ignore_index, miou_convention(p, settings)
+                        )
+                        for p in self.per_image
+                    }
+                )
+                for method in METHODS
+            }
+        )
         self.masks = MaskRecords(METHODS)
 
     def process(self, image_index: int, prediction: CachedPrediction) -> None:
@@ -96,33 +112,57 @@ class UnsupervisedEvaluator(Evaluator):
         histograms = {}
         for method in METHODS:
             segments = prediction.segments(method)
-            histograms[method] = overlap_matrix(segments, prediction.gt, meta.num_classes,
-                                                num_segments=prediction.num_masks, ignore_index=meta.ignore_index)
+            histograms[method] = overlap_matrix(
+                segments,
+                prediction.gt,
+                meta.num_classes,
+                num_segments=prediction.num_masks,
+                ignore_index=meta.ignore_index,
+            )
             for protocol in self.per_image:
-                classes = per_image_class_map(protocol, segments, prediction.gt, prediction.mask_embeddings,
-                                              histograms[method], meta.num_classes, meta.ignore_index,
-                                              self.settings.match_criterion, miou_convention(protocol, self.settings))
+                classes = per_image_class_map(
+                    protocol,
+                    segments,
+                    prediction.gt,
+                    prediction.mask_embeddings,
+                    histograms[method],
+                    meta.num_classes,
+                    meta.ignore_index,
+                    self.settings.match_criterion,
+                    miou_convention(protocol, self.settings),
+                )
                 self.metrics[method][protocol].update(torch.from_numpy(classes), gt)
-        self.masks.update(image_index, torch.from_numpy(prediction.mask_embeddings),
-                          {m: torch.from_numpy(h) for m, h in histograms.items()})
+        self.masks.update(
+            image_index,
+            torch.from_numpy(prediction.mask_embeddings),
+            {m: torch.from_numpy(h) for m, h in histograms.items()},
+        )
 
-    def evaluate(self) -> Optional[EvaluationResults]:
+    def evaluate(self) -> EvaluationResults | None:
         """Reduce across processes (every process takes part), then the main one runs the dataset-wide protocols."""
-        scores = {m: {p: metric.compute() for p, metric in by_protocol.items()}
-                  for m, by_protocol in self.metrics.items()}
+        scores = {
+            m: {p: metric.compute() for p, metric in by_protocol.items()} for m, by_protocol in self.metrics.items()
+        }
         masks = self.masks.compute()
         if not is_main_process():
             return None
-        dataset_scores = dataset_protocol_scores(masks, self.settings.protocols, self.metadata.num_classes,
-                                                 self.settings)
+        dataset_scores = dataset_protocol_scores(
+            masks, self.settings.protocols, self.metadata.num_classes, self.settings
+        )
         for method in METHODS:
             scores[method].update(dataset_scores.scores[method])
         ordered = {m: {p: scores[m][p] for p in PROTOCOLS if p in scores[m]} for m in METHODS}
-        protocol_settings: Dict[str, Any] = {k: v for k, v in asdict(self.settings).items()
-                                             if not k.startswith("paper")}
+        protocol_settings: dict[str, Any] = {
+            k: v for k, v in asdict(self.settings).items() if not k.startswith("paper")
+        }
         protocol_settings["dataset_clusters_used"] = dataset_scores.num_clusters
         return EvaluationResults(
-            dataset=self.dataset, classes=list(self.metadata.classes), num_images=masks.num_images, scores=ordered,
-            protocol_settings=protocol_settings, prediction_settings=self.prediction_settings,
-            paper_miou=dict(self.settings.paper_miou), paper_note=self.settings.paper_note,
+            dataset=self.dataset,
+            classes=list(self.metadata.classes),
+            num_images=masks.num_images,
+            scores=ordered,
+            protocol_settings=protocol_settings,
+            prediction_settings=self.prediction_settings,
+            paper_miou=dict(self.settings.paper_miou),
+            paper_note=self.settings.paper_note,
         )

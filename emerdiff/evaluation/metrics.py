@@ -22,8 +22,8 @@ with differ:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -60,8 +60,12 @@ class SegmentationScores:
 
     def in_percent(self, class_names: Sequence[str]) -> dict:
         """JSON-ready miou, pixel_acc and per-class iou by name, in percent; None where a score is NaN (absent)."""
-        return {"miou": _percent(self.miou), "pixel_acc": _percent(self.pixel_acc), "miou_convention": self.convention,
-                "iou": {name: _percent(float(v)) for name, v in zip(class_names, self.iou, strict=False)}}
+        return {
+            "miou": _percent(self.miou),
+            "pixel_acc": _percent(self.pixel_acc),
+            "miou_convention": self.convention,
+            "iou": {name: _percent(float(v)) for name, v in zip(class_names, self.iou, strict=False)},
+        }
 
 
 def check_convention(convention: str) -> None:

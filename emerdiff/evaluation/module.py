@@ -14,9 +14,10 @@ twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -51,16 +52,22 @@ class CachedEvaluation(pl.LightningModule):
     evaluator on global rank 0 (empty elsewhere).
     """
 
-    def __init__(self, load_segmentor: SegmentorLoader, cache: PredictionCache, *more_caches: PredictionCache,
-                 evaluators: Sequence[Evaluator] = (), max_repeated_failures: int = 0) -> None:
+    def __init__(
+        self,
+        load_segmentor: SegmentorLoader,
+        cache: PredictionCache,
+        *more_caches: PredictionCache,
+        evaluators: Sequence[Evaluator] = (),
+        max_repeated_failures: int = 0,
+    ) -> None:
         super().__init__()
         self.load_segmentor = load_segmentor
-        self.segmentor: Optional[nn.Module] = None
+        self.segmentor: nn.Module | None = None
         self.cache = cache
         self.caches = (cache, *more_caches)
         self.evaluators = nn.ModuleList(evaluators)
-        self.results: List[ResultsTable] = []
-        self.skipped: List[Dict[str, str]] = []  # this rank's images whose prediction failed
+        self.results: list[ResultsTable] = []
+        self.skipped: list[dict[str, str]] = []  # this rank's images whose prediction failed
         self.repeated = RepeatedFailures(max_repeated_failures)
 
     def on_test_epoch_start(self) -> None:
@@ -93,7 +100,7 @@ class CachedEvaluation(pl.LightningModule):
         """What the evaluators get of one image: EmerDiff's prediction."""
         return self.prediction(image, image_id, gt)
 
-    def guarded(self, image_id: str, compute: Callable[[], T]) -> Optional[T]:
+    def guarded(self, image_id: str, compute: Callable[[], T]) -> T | None:
         """`compute()`, or None when it fails for this image: the image is recorded as skipped and the run goes on.
 
         A user's mistake (a setting, missing weights) or a stale cache is no image's fault: it ends the run.
@@ -114,10 +121,10 @@ class CachedEvaluation(pl.LightningModule):
         self.skipped.append({"id": image_id, "type": type(exc).__name__, "error": str(exc)})
         self.repeated.record((type(exc).__name__, str(exc)))
 
-    def all_skipped(self) -> List[Dict[str, str]]:
+    def all_skipped(self) -> list[dict[str, str]]:
         """Every rank's skipped images, sorted by id; every rank must call it (it gathers across processes)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: List[Any] = [None] * torch.distributed.get_world_size()
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(parts, self.skipped)
         else:
             parts = [self.skipped]
@@ -139,8 +146,9 @@ class CachedEvaluation(pl.LightningModule):
 
     def _segmentor(self) -> nn.Module:
         """The segmentor on this module's device, loaded on first use."""
-        return self._loaded("segmentor", lambda: self.load_segmentor(self.trainer).eval().requires_grad_(False)
-                            .to(self.device))
+        return self._loaded(
+            "segmentor", lambda: self.load_segmentor(self.trainer).eval().requires_grad_(False).to(self.device)
+        )
 
     def _loaded(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
         """``self.<name>``, built by `build` on first use (outside inference mode, so weights are normal tensors)."""
@@ -158,7 +166,7 @@ class IndexedDataset(Dataset):
     `interpolation`, label with nearest neighbour).
     """
 
-    def __init__(self, dataset: Dataset, shorter_side: Optional[int] = None, interpolation: str = "bicubic") -> None:
+    def __init__(self, dataset: Dataset, shorter_side: int | None = None, interpolation: str = "bicubic") -> None:
         self.dataset = dataset
         self.shorter_side = shorter_side
         self.interpolation = interpolation
@@ -169,13 +177,15 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = {**self.dataset[index], "index": index}
         if self.shorter_side is not None:
-            item["image"], item["label"] = resize_keeping_ratio(item["image"], item["label"], self.shorter_side,
-                                                                self.interpolation)
+            item["image"], item["label"] = resize_keeping_ratio(
+                item["image"], item["label"], self.shorter_side, self.interpolation
+            )
         return item
 
 
-def resize_keeping_ratio(image: np.ndarray, label: np.ndarray, shorter_side: int,
-                         interpolation: str = "bicubic") -> Tuple[np.ndarray, np.ndarray]:
+def resize_keeping_ratio(
+    image: np.ndarray, label: np.ndarray, shorter_side: int, interpolation: str = "bicubic"
+) -> tuple[np.ndarray, np.ndarray]:
     """[H, W, 3] image and [H, W] label resized to shorter side `shorter_side`, the longer one in proportion."""
     height, width = label.shape
     scale = shorter_side / min(height, width)
@@ -185,7 +195,7 @@ def resize_keeping_ratio(image: np.ndarray, label: np.ndarray, shorter_side: int
     return resized, np.asarray(classes).astype(label.dtype)
 
 
-def only_item(batch: List[dict]) -> dict:
+def only_item(batch: list[dict]) -> dict:
     """Collate of batch size 1 that keeps numpy arrays (full-size images differ in shape)."""
     return batch[0]
 
@@ -199,8 +209,16 @@ class EvaluationData(pl.LightningDataModule):
     Lightning's UnrepeatedDistributedSampler shards the split, so Lightning injects no sampler of its own.
     """
 
-    def __init__(self, dataset: str, root: str, size: Optional[int] = None, image_list: Optional[str] = None,
-                 num_workers: int = 2, crop: str = "center", reduce_zero_label: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: str,
+        root: str,
+        size: int | None = None,
+        image_list: str | None = None,
+        num_workers: int = 2,
+        crop: str = "center",
+        reduce_zero_label: bool = False,
+    ) -> None:
         super().__init__()
         if crop not in CROPS:
             raise ValueError(f"eval.crop must be one of {', '.join(CROPS)}, got {crop!r}")
@@ -211,7 +229,7 @@ class EvaluationData(pl.LightningDataModule):
         self.split = build_dataset(dataset, root, **options)
         self.num_workers = num_workers
 
-    def image_ids(self) -> List[str]:
+    def image_ids(self) -> list[str]:
         """The split's image ids in dataset order (the cache file names)."""
         return [sample.id for sample in self.split.samples]
 

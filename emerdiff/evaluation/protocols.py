@@ -179,8 +179,15 @@ def cluster_and_match(
     return match_clusters(clusters, histograms, k)
 
 
-def cluster_masks(embeddings: ArrayLike, num_clusters: int, *, seed: int = 0, restarts: int = 5, iters: int = 50,
-                  l2_normalize: bool = False) -> np.ndarray:
+def cluster_masks(
+    embeddings: ArrayLike,
+    num_clusters: int,
+    *,
+    seed: int = 0,
+    restarts: int = 5,
+    iters: int = 50,
+    l2_normalize: bool = False,
+) -> np.ndarray:
     """(N,) int64 k-means cluster of each mask embedding: faiss, seeded, best of `restarts` runs of `iters` iterations,
     no subsampling, on the raw embeddings or on L2-normalised ones with spherical centroids if `l2_normalize`."""
     x = np.ascontiguousarray(_to_numpy(embeddings), dtype=np.float32)
@@ -192,8 +199,9 @@ def cluster_masks(embeddings: ArrayLike, num_clusters: int, *, seed: int = 0, re
     return assignment.numpy()
 
 
-def match_clusters(cluster_of_mask: np.ndarray, class_histograms: ArrayLike, num_clusters: int,
-                   keep_empty_pairs: bool = False) -> DatasetMatching:
+def match_clusters(
+    cluster_of_mask: np.ndarray, class_histograms: ArrayLike, num_clusters: int, keep_empty_pairs: bool = False
+) -> DatasetMatching:
     """Match clusters one-to-one to classes (Hungarian) on their summed (N, C) class histograms.
 
     A cluster paired with a class it shares no pixel with stays UNMATCHED, unless `keep_empty_pairs`

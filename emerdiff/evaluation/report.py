@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 from ..choices import PROTOCOLS
 from ..config import fingerprint, is_random_model, settings_diff
@@ -24,15 +25,19 @@ from .metrics import SegmentationScores
 
 PAPER = "Namekata et al., EmerDiff, ICLR 2024"
 METHOD_TITLES = {"emerdiff": "EmerDiff", "bilinear": "bilinear", "nearest": "k-means nearest"}
-CONVENTIONS_NOTE = ("mIoU conventions: detectron2 averages the classes present in the ground truth; mmseg every class "
-                    "with a non-empty union (a predicted but absent class scores 0); stego as mmseg, after a Hungarian "
-                    "matching that gives every cluster a class, zero-overlap pairs included (docs/evaluation.md).")
+CONVENTIONS_NOTE = (
+    "mIoU conventions: detectron2 averages the classes present in the ground truth; mmseg every class "
+    "with a non-empty union (a predicted but absent class scores 0); stego as mmseg, after a Hungarian "
+    "matching that gives every cluster a class, zero-overlap pairs included (docs/evaluation.md)."
+)
 
-BOUNDARY_NOTE = ("Boundary IoU (Cheng et al., CVPR 2021): IoU of the bands within d = 2% of the image diagonal of each "
-                 "class's contour, averaged over classes as mIoU; per-image protocols only (docs/evaluation.md).")
+BOUNDARY_NOTE = (
+    "Boundary IoU (Cheng et al., CVPR 2021): IoU of the bands within d = 2% of the image diagonal of each "
+    "class's contour, averaged over classes as mIoU; per-image protocols only (docs/evaluation.md)."
+)
 
 
-def percent_cell(value: Optional[float]) -> str:
+def percent_cell(value: float | None) -> str:
     """A table cell of a number already in percent: one decimal, "–" for None or NaN (no score)."""
     return "–" if value is None or math.isnan(value) else f"{value:.1f}"
 
@@ -42,9 +47,9 @@ class ResultsTable:
     """What every evaluation's results hold and how their markdown page is laid out."""
 
     dataset: str
-    classes: List[str]  # class names in id order
+    classes: list[str]  # class names in id order
     num_images: int  # images scored
-    skipped: List[Dict[str, str]] = field(default_factory=list, kw_only=True)  # images whose prediction failed
+    skipped: list[dict[str, str]] = field(default_factory=list, kw_only=True)  # images whose prediction failed
 
     def to_dict(self) -> dict:
         """JSON-ready numbers (results.json)."""
@@ -58,26 +63,33 @@ class ResultsTable:
         """The results page (results.md)."""
         raise NotImplementedError
 
-    def logged(self) -> Dict[str, float]:
+    def logged(self) -> dict[str, float]:
         """The numbers a Lightning logger records after the run (none by default)."""
         return {}
 
-    def merged_with(self, previous: Mapping[str, Any]) -> Tuple["ResultsTable", Optional[str]]:
+    def merged_with(self, previous: Mapping[str, Any]) -> tuple[ResultsTable, str | None]:
         """These results with what `previous` (the folder's results.json) holds that still stands, and a line
         saying what was dropped (None: nothing). By default nothing stands: a rerun replaces every number."""
         return self, None
 
     def page(self, title: str, rows: Sequence[Sequence[str]], notes: Sequence[str]) -> str:
         """``# title``, the counts, the table (header row, alignment row, rows) and the notes as a list."""
-        lines = [f"# {title}", "",
-                 f"{self.num_images} images, {len(self.classes)} classes; all numbers in percent. "
-                 f"\"paper\": the mIoU reported by {PAPER}, where it reports one.", ""]
+        lines = [
+            f"# {title}",
+            "",
+            f"{self.num_images} images, {len(self.classes)} classes; all numbers in percent. "
+            f'"paper": the mIoU reported by {PAPER}, where it reports one.',
+            "",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         if self.skipped:
-            notes = [*notes, f"Scored over {self.num_images} images: {len(self.skipped)} failed and are left out "
-                             f"(listed under \"skipped\" in results.json): "
-                             + ", ".join(f"{r['id']} ({r['type']})" for r in self.skipped[:10])
-                             + (", ..." if len(self.skipped) > 10 else "")]
+            notes = [
+                *notes,
+                f"Scored over {self.num_images} images: {len(self.skipped)} failed and are left out "
+                f'(listed under "skipped" in results.json): '
+                + ", ".join(f"{r['id']} ({r['type']})" for r in self.skipped[:10])
+                + (", ..." if len(self.skipped) > 10 else ""),
+            ]
         lines += [""] + [f"- {note}" for note in notes]
         return "\n".join(lines).rstrip() + "\n"
 
@@ -86,14 +98,14 @@ class ResultsTable:
 class EvaluationResults(ResultsTable):
     """Scores of every (method, protocol) on one split, and how they were obtained."""
 
-    scores: Dict[str, Dict[str, SegmentationScores]]  # method -> protocol -> scores
-    protocol_settings: Dict[str, Any]
-    prediction_settings: Dict[str, Any]
-    paper_miou: Dict[str, Dict[str, float]] = field(default_factory=dict)
-    paper_note: Optional[str] = None
-    kept: Dict[str, Dict[str, dict]] = field(default_factory=dict)  # method -> protocol -> entry of an earlier run
+    scores: dict[str, dict[str, SegmentationScores]]  # method -> protocol -> scores
+    protocol_settings: dict[str, Any]
+    prediction_settings: dict[str, Any]
+    paper_miou: dict[str, dict[str, float]] = field(default_factory=dict)
+    paper_note: str | None = None
+    kept: dict[str, dict[str, dict]] = field(default_factory=dict)  # method -> protocol -> entry of an earlier run
 
-    def results_in_percent(self) -> Dict[str, Dict[str, dict]]:
+    def results_in_percent(self) -> dict[str, dict[str, dict]]:
         """method -> protocol -> miou, pixel_acc, convention and per-class iou in percent (None = absent): this run's
         scores and the `kept` entries of an earlier run, in protocol order."""
         results = {}
@@ -105,17 +117,23 @@ class EvaluationResults(ResultsTable):
     def to_dict(self) -> dict:
         """JSON-ready: results[method][protocol] holds miou, pixel_acc and per-class iou, in percent (null = absent)."""
         return {
-            "dataset": self.dataset, "num_images": self.num_images, "num_classes": len(self.classes),
+            "dataset": self.dataset,
+            "num_images": self.num_images,
+            "num_classes": len(self.classes),
             "results": self.results_in_percent(),
             "paper": {"source": PAPER, "miou": self.paper_miou, "note": self.paper_note},
-            "protocol_settings": self.protocol_settings, "prediction_settings": self.prediction_settings,
+            "protocol_settings": self.protocol_settings,
+            "prediction_settings": self.prediction_settings,
             **self.skipped_entry(),
         }
 
-    def logged(self) -> Dict[str, float]:
+    def logged(self) -> dict[str, float]:
         """Each method's mIoU under each protocol, in percent, and the number of images scored."""
-        values = {f"{method}/{protocol}/miou": 100 * s.miou
-                  for method, by_protocol in self.scores.items() for protocol, s in by_protocol.items()}
+        values = {
+            f"{method}/{protocol}/miou": 100 * s.miou
+            for method, by_protocol in self.scores.items()
+            for protocol, s in by_protocol.items()
+        }
         return {**values, "num_images": float(self.num_images)}
 
     def to_markdown(self) -> str:
@@ -143,41 +161,57 @@ class EvaluationResults(ResultsTable):
         clusters = self.protocol_settings.get("dataset_clusters_used")
         wanted = self.protocol_settings.get("dataset_clusters") or len(self.classes)
         if clusters is not None and clusters < wanted:
-            notes.append(f"The split has only {clusters} masks: the dataset-level protocol used {clusters} "
-                         f"k-means clusters instead of {wanted}.")
+            notes.append(
+                f"The split has only {clusters} masks: the dataset-level protocol used {clusters} "
+                f"k-means clusters instead of {wanted}."
+            )
         if is_random_model(self.prediction_settings["model"]):
-            notes.append("These numbers come from a miniature model with random weights: they say nothing about "
-                         "EmerDiff's quality.")
+            notes.append(
+                "These numbers come from a miniature model with random weights: they say nothing about "
+                "EmerDiff's quality."
+            )
         return self.page(f"Unsupervised segmentation: {self.dataset}", rows, notes)
 
-    def merged_with(self, previous: Mapping[str, Any]) -> Tuple["EvaluationResults", Optional[str]]:
+    def merged_with(self, previous: Mapping[str, Any]) -> tuple[EvaluationResults, str | None]:
         """These results plus the protocols `previous` scored and this run did not, when both were computed with the
         same settings (split, images, eval and prediction settings); otherwise those are dropped and the line says so.
         """
         scored = {p for by_protocol in self.scores.values() for p in by_protocol}
-        earlier = {m: {p: entry for p, entry in by_protocol.items() if p in PROTOCOLS and p not in scored}
-                   for m, by_protocol in previous.get("results", {}).items() if m in self.scores}
+        earlier = {
+            m: {p: entry for p, entry in by_protocol.items() if p in PROTOCOLS and p not in scored}
+            for m, by_protocol in previous.get("results", {}).items()
+            if m in self.scores
+        }
         earlier_protocols = [p for p in PROTOCOLS if any(p in by_protocol for by_protocol in earlier.values())]
         if not earlier_protocols:
             return self, None
         before, now = fingerprint(scoring_context(previous)), fingerprint(scoring_context(self.to_dict()))
         if before != now:
-            return self, (f"results.json: dropped the earlier scores of {', '.join(earlier_protocols)}, computed with "
-                          f"other settings ({settings_diff(before, now)})")
-        protocol_settings = {**self.protocol_settings,
-                             "protocols": [p for p in PROTOCOLS if p in scored or p in earlier_protocols]}
+            return self, (
+                f"results.json: dropped the earlier scores of {', '.join(earlier_protocols)}, computed with "
+                f"other settings ({settings_diff(before, now)})"
+            )
+        protocol_settings = {
+            **self.protocol_settings,
+            "protocols": [p for p in PROTOCOLS if p in scored or p in earlier_protocols],
+        }
         if "dataset" in earlier_protocols:
             protocol_settings["dataset_clusters_used"] = previous["protocol_settings"].get("dataset_clusters_used")
         return replace(self, kept=earlier, protocol_settings=protocol_settings), None
 
 
-def scoring_context(results: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+def scoring_context(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """What the numbers of a results.json depend on besides its protocols, as `fingerprint` sections: the split and
     the images scored, the eval settings and the prediction settings."""
-    split = {"dataset": results.get("dataset"), "num_images": results.get("num_images"),
-             "num_classes": results.get("num_classes"), "skipped": [r["id"] for r in results.get("skipped", [])]}
-    protocol = {k: v for k, v in results.get("protocol_settings", {}).items()
-                if k not in ("protocols", "dataset_clusters_used")}
+    split = {
+        "dataset": results.get("dataset"),
+        "num_images": results.get("num_images"),
+        "num_classes": results.get("num_classes"),
+        "skipped": [r["id"] for r in results.get("skipped", [])],
+    }
+    protocol = {
+        k: v for k, v in results.get("protocol_settings", {}).items() if k not in ("protocols", "dataset_clusters_used")
+    }
     return {"split": split, "eval": protocol, **results.get("prediction_settings", {})}
 
 
@@ -199,7 +233,7 @@ def write_results(results: ResultsTable, folder: Path) -> None:
         handle.write(results.to_markdown().encode())
 
 
-def earlier_results(path: Path) -> Optional[dict]:
+def earlier_results(path: Path) -> dict | None:
     """The results.json an earlier run left at `path`, or None when there is none or it cannot be read."""
     try:
         previous = json.loads(path.read_text())

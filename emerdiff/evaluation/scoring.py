@@ -14,8 +14,9 @@ The matching itself is `emerdiff.evaluation.protocols`; the scores are `emerdiff
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,17 +47,32 @@ def miou_convention(protocol: str, settings: EvalConfig) -> str:
     return settings.miou_convention or PROTOCOLS[protocol].paper_convention
 
 
-def per_image_class_map(protocol: str, segments: np.ndarray, gt: np.ndarray, embeddings: np.ndarray,
-                        histogram: np.ndarray, num_classes: int, ignore_index: int, criterion: str,
-                        convention: str = "detectron2") -> np.ndarray:
+def per_image_class_map(
+    protocol: str,
+    segments: np.ndarray,
+    gt: np.ndarray,
+    embeddings: np.ndarray,
+    histogram: np.ndarray,
+    num_classes: int,
+    ignore_index: int,
+    criterion: str,
+    convention: str = "detectron2",
+) -> np.ndarray:
     """[H, W] class map (UNMATCHED where a mask got no class) of a per-image protocol, using this image's gt.
 
     Under a convention that keeps empty pairs (``stego``), the Hungarian matching keeps pairings without a common
     pixel.
     """
     if protocol in ("hungarian", "majority"):
-        return match_image(segments, gt, num_classes, ignore_index=ignore_index, assignment=protocol,
-                           criterion=criterion, keep_empty_pairs=MIOU_CONVENTIONS[convention].keep_empty_pairs).labels
+        return match_image(
+            segments,
+            gt,
+            num_classes,
+            ignore_index=ignore_index,
+            assignment=protocol,
+            criterion=criterion,
+            keep_empty_pairs=MIOU_CONVENTIONS[convention].keep_empty_pairs,
+        ).labels
     if protocol == "concept_image":
         return relabel(segments, assign_to_concepts(embeddings, concept_sums(embeddings, histogram)))
     raise ValueError(f"{protocol!r} is not a per-image protocol; those are {', '.join(PER_IMAGE_PROTOCOLS)}")
@@ -79,7 +95,7 @@ class DatasetMasks:
     """Every mask of the split in (image index, mask id) order, whichever rank predicted it."""
 
     embeddings: np.ndarray  # [N, D] float32
-    histograms: Dict[str, np.ndarray]  # method -> [N, C] int32 pixels of each class in each mask
+    histograms: dict[str, np.ndarray]  # method -> [N, C] int32 pixels of each class in each mask
     num_images: int
 
 
@@ -87,24 +103,33 @@ class DatasetMasks:
 class DatasetScores:
     """Scores of the dataset-wide protocols and the number of k-means clusters actually used."""
 
-    scores: Dict[str, Dict[str, SegmentationScores]]  # method -> protocol -> scores
-    num_clusters: Optional[int]
+    scores: dict[str, dict[str, SegmentationScores]]  # method -> protocol -> scores
+    num_clusters: int | None
 
 
-def dataset_protocol_scores(masks: DatasetMasks, protocols: Sequence[str], num_classes: int,
-                            settings: EvalConfig) -> DatasetScores:
+def dataset_protocol_scores(
+    masks: DatasetMasks, protocols: Sequence[str], num_classes: int, settings: EvalConfig
+) -> DatasetScores:
     """Score the dataset-wide protocols among `protocols` for every method from the gathered masks."""
-    scores: Dict[str, Dict[str, SegmentationScores]] = {method: {} for method in masks.histograms}
+    scores: dict[str, dict[str, SegmentationScores]] = {method: {} for method in masks.histograms}
     num_clusters = None
     if "dataset" in protocols:
         wanted = settings.dataset_clusters or num_classes
         num_clusters = min(wanted, len(masks.embeddings))
         if num_clusters < wanted:
-            warnings.warn(f"only {num_clusters} masks in the split: the dataset-level protocol clusters them "
-                          f"into {num_clusters} clusters instead of {wanted}", stacklevel=1)
-        clusters = cluster_masks(masks.embeddings, num_clusters, seed=settings.kmeans_seed,
-                                 restarts=settings.kmeans_restarts, iters=settings.kmeans_iters,
-                                 l2_normalize=settings.kmeans_l2_normalize)
+            warnings.warn(
+                f"only {num_clusters} masks in the split: the dataset-level protocol clusters them "
+                f"into {num_clusters} clusters instead of {wanted}",
+                stacklevel=1,
+            )
+        clusters = cluster_masks(
+            masks.embeddings,
+            num_clusters,
+            seed=settings.kmeans_seed,
+            restarts=settings.kmeans_restarts,
+            iters=settings.kmeans_iters,
+            l2_normalize=settings.kmeans_l2_normalize,
+        )
     for method, histograms in masks.histograms.items():  # one k-means, matched on each method's histograms
         if "dataset" in protocols:
             convention = miou_convention("dataset", settings)
@@ -120,7 +145,9 @@ def dataset_protocol_scores(masks: DatasetMasks, protocols: Sequence[str], num_c
         if "concept_dataset" in protocols:
             classes = assign_to_concepts(masks.embeddings, concept_sums(masks.embeddings, histograms))
             scores[method]["concept_dataset"] = scores_from_confusion(
-                confusion_from_histograms(histograms, classes, num_classes), miou_convention("concept_dataset", settings))
+                confusion_from_histograms(histograms, classes, num_classes),
+                miou_convention("concept_dataset", settings),
+            )
     return DatasetScores(scores, num_clusters)
 
 
@@ -159,4 +186,3 @@ class MaskRecords(Metric):
             histograms={m: dim_zero_cat(getattr(self, f"histograms_{m}")).cpu()[order].numpy() for m in self.methods},
             num_images=len(images),
         )
-

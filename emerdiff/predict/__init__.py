@@ -10,13 +10,24 @@ imported on first use (PEP 562), so a tool's `--help` does not wait for torch an
 from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "InputError": "inputs", "PredictImages": "inputs", "PredictSample": "inputs", "SourceImage": "inputs",
-    "SourceImages": "inputs", "find_images": "inputs",
-    "EmerDiffPredictor": "lightning", "ExtrasStep": "lightning", "ImagesProgressBar": "lightning",
+    "InputError": "inputs",
+    "PredictImages": "inputs",
+    "PredictSample": "inputs",
+    "SourceImage": "inputs",
+    "SourceImages": "inputs",
+    "find_images": "inputs",
+    "EmerDiffPredictor": "lightning",
+    "ExtrasStep": "lightning",
+    "ImagesProgressBar": "lightning",
     "PredictionWriter": "lightning",
-    "CONFIG": "layout", "FAILURES": "layout", "MANIFEST": "layout",
+    "CONFIG": "layout",
+    "FAILURES": "layout",
+    "MANIFEST": "layout",
     "MaskNames": "names",
-    "ImageExtras": "outputs", "OutputOptions": "outputs", "OutputStore": "outputs", "PredictedImage": "outputs",
+    "ImageExtras": "outputs",
+    "OutputOptions": "outputs",
+    "OutputStore": "outputs",
+    "PredictedImage": "outputs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -41,20 +41,25 @@ class ImageMasks:
     file_name: str  # the photo's file name relative to the input root, as COCO's images[].file_name
     labels: np.ndarray  # [H, W] mask id per pixel
     num_masks: int
-    names: Optional[MaskNames] = None  # each mask's class, when masks are named
+    names: MaskNames | None = None  # each mask's class, when masks are named
 
     @classmethod
-    def from_arrays(cls, name: str, file_name: str, arrays: Mapping[str, np.ndarray]) -> "ImageMasks":
+    def from_arrays(cls, name: str, file_name: str, arrays: Mapping[str, np.ndarray]) -> ImageMasks:
         """From NAME.npz's entries (`SegmentationOutput.to_numpy()`, plus the named-masks entries if any)."""
-        return cls(name=name, file_name=file_name, labels=np.asarray(arrays["labels"]),
-                   num_masks=len(arrays["lowres_masks"]), names=MaskNames.from_arrays(arrays))
+        return cls(
+            name=name,
+            file_name=file_name,
+            labels=np.asarray(arrays["labels"]),
+            num_masks=len(arrays["lowres_masks"]),
+            names=MaskNames.from_arrays(arrays),
+        )
 
     @property
     def named(self) -> bool:
         return self.names is not None
 
 
-def read_results(folder: Union[str, Path]) -> List[ImageMasks]:
+def read_results(folder: str | Path) -> list[ImageMasks]:
     """Every finished image of a results folder of tools/predict.py, sorted by name."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
@@ -63,8 +68,9 @@ def read_results(folder: Union[str, Path]) -> List[ImageMasks]:
     images = []
     for record in records:
         with np.load(folder / f"{record['name']}.npz") as arrays:
-            images.append(ImageMasks.from_arrays(record["name"], source_file_name(record["name"], record["path"]),
-                                                 arrays))
+            images.append(
+                ImageMasks.from_arrays(record["name"], source_file_name(record["name"], record["path"]), arrays)
+            )
     return images
 
 
@@ -83,14 +89,15 @@ def coco_dict(images: Sequence[ImageMasks]) -> dict:
     if len(named) > 1:
         raise ValueError("cannot export images with named masks together with images without")
     if named == {True}:
-        names: Dict[str, int] = {}
+        names: dict[str, int] = {}
         for image in images:
             for class_name in image.names.class_names:
                 names.setdefault(class_name, len(names) + 1)
     else:
         names = {f"mask {k}": k + 1 for k in range(max((image.num_masks for image in images), default=0))}
-    categories = [{"id": i, "name": n, "supercategory": "class" if named == {True} else "mask"}
-                  for n, i in names.items()]
+    categories = [
+        {"id": i, "name": n, "supercategory": "class" if named == {True} else "mask"} for n, i in names.items()
+    ]
     coco_images, annotations = [], []
     for image_id, image in enumerate(images, start=1):
         height, width = image.labels.shape
@@ -109,19 +116,25 @@ def coco_dict(images: Sequence[ImageMasks]) -> dict:
     return {"images": coco_images, "annotations": annotations, "categories": categories}
 
 
-def _annotation(annotation_id: int, image_id: int, category: Optional[int], pixels: np.ndarray, score: float) -> dict:
+def _annotation(annotation_id: int, image_id: int, category: int | None, pixels: np.ndarray, score: float) -> dict:
     from pycocotools import mask as coco_mask  # only needed by COCO exports
 
     rle = coco_mask.encode(np.asfortranarray(pixels.astype(np.uint8)))
-    entry = {"id": annotation_id, "image_id": image_id, "category_id": category,
-             "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-             "area": int(coco_mask.area(rle)), "bbox": [float(v) for v in coco_mask.toBbox(rle)], "iscrowd": 0}
+    entry = {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": category,
+        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        "area": int(coco_mask.area(rle)),
+        "bbox": [float(v) for v in coco_mask.toBbox(rle)],
+        "iscrowd": 0,
+    }
     if not math.isnan(score):
         entry["score"] = round(score, 4)
     return entry
 
 
-def write_coco(folder: Union[str, Path], file_name: str = COCO_FILE) -> Path:
+def write_coco(folder: str | Path, file_name: str = COCO_FILE) -> Path:
     """DIR/coco.json (or DIR/`file_name`) of every finished image of a results folder; returns its path."""
     folder = Path(folder)
     coco = coco_dict(read_results(folder))
@@ -130,7 +143,7 @@ def write_coco(folder: Union[str, Path], file_name: str = COCO_FILE) -> Path:
     return folder / file_name
 
 
-def write_mask_pngs(folder: Union[str, Path], image: ImageMasks) -> Path:
+def write_mask_pngs(folder: str | Path, image: ImageMasks) -> Path:
     """DIR/NAME_masks/NN.png: one binary PNG (0 / 255) per mask id of `image`; returns the folder."""
     target = Path(folder) / f"{image.name}{MASKS_ENDING}"
     digits = max(2, len(str(image.num_masks - 1)))
@@ -140,7 +153,7 @@ def write_mask_pngs(folder: Union[str, Path], image: ImageMasks) -> Path:
     return target
 
 
-def export(folder: Union[str, Path], formats: Sequence[str]) -> List[Path]:
+def export(folder: str | Path, formats: Sequence[str]) -> list[Path]:
     """Write the exports `formats` (of FORMATS) of a results folder; returns what was written."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:

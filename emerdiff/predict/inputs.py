@@ -13,9 +13,9 @@ from __future__ import annotations
 import glob
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -47,11 +47,11 @@ class PredictSample:
 
     name: str
     path: str
-    image: Optional[torch.Tensor] = None  # [3, H, W] uint8 at the original size
-    error: Optional[str] = None
+    image: torch.Tensor | None = None  # [3, H, W] uint8 at the original size
+    error: str | None = None
 
 
-def find_images(spec: str, exclude: Optional[Path] = None) -> List[SourceImage]:
+def find_images(spec: str, exclude: Path | None = None) -> list[SourceImage]:
     """Resolve a file, folder, glob or list file to named images, sorted by name.
 
     Files under ``exclude`` (the output folder) are left out.
@@ -76,11 +76,11 @@ def find_images(spec: str, exclude: Optional[Path] = None) -> List[SourceImage]:
     return sorted(_named(files, root), key=lambda image: image.name)
 
 
-def _folder_files(folder: Path) -> List[Path]:
+def _folder_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
 
 
-def _glob_files(pattern: str) -> List[Path]:
+def _glob_files(pattern: str) -> list[Path]:
     return [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file()]
 
 
@@ -91,14 +91,14 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts[:first_wild]) if first_wild else Path(".")
 
 
-def _listed_files(list_file: Path) -> List[Path]:
+def _listed_files(list_file: Path) -> list[Path]:
     """Paths in a list file, one per line; blank lines and ``#`` comments skipped; relative to the file."""
     lines = [line.strip() for line in list_file.read_text().splitlines()]
     paths = [Path(line).expanduser() for line in lines if line and not line.startswith("#")]
     return [p if p.is_absolute() else list_file.parent / p for p in paths]
 
 
-def _named(files: Sequence[Path], root: Path) -> List[SourceImage]:
+def _named(files: Sequence[Path], root: Path) -> list[SourceImage]:
     """Each file with its absolute path (the manifest then works from any folder) and its name: the path
     relative to root without suffix, with the suffix kept where two files would share a name."""
     absolute = [Path(os.path.abspath(f)) for f in files]
@@ -127,7 +127,7 @@ class SourceImages(Dataset):
         return sample
 
 
-def as_list(samples: List[PredictSample]) -> List[PredictSample]:
+def as_list(samples: list[PredictSample]) -> list[PredictSample]:
     """Collate that keeps the samples as they are (images differ in size)."""
     return samples
 
@@ -147,5 +147,6 @@ class PredictImages(pl.LightningDataModule):
         than ranks the ranks past the last image get an empty list (predict runs no DDP sync).
         """
         images = self.images if self.trainer.global_rank < len(self.images) else []
-        return DataLoader(SourceImages(images), batch_size=1, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=as_list)
+        return DataLoader(
+            SourceImages(images), batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=as_list
+        )

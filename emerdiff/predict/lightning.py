@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, List, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -44,13 +45,13 @@ class EmerDiffPredictor(pl.LightningModule):
     An optional `extras` step adds a plug-in's results to every image (`PredictedImage.extras`).
     """
 
-    def __init__(self, segmentor: nn.Module, extras: Optional[ExtrasStep] = None) -> None:
+    def __init__(self, segmentor: nn.Module, extras: ExtrasStep | None = None) -> None:
         super().__init__()
         self.segmentor = segmentor.eval().requires_grad_(False)
         self.extras = extras.eval().requires_grad_(False) if isinstance(extras, nn.Module) else extras
         self.allow_zero_length_dataloader_with_multiple_devices = True  # fewer images than ranks
 
-    def predict_step(self, batch: Sequence[PredictSample], batch_idx: int) -> List[PredictedImage]:
+    def predict_step(self, batch: Sequence[PredictSample], batch_idx: int) -> list[PredictedImage]:
         """Segment every image of the batch; samples that could not be read come back with their error."""
         return [self._segment(sample) for sample in batch]
 
@@ -65,8 +66,9 @@ class EmerDiffPredictor(pl.LightningModule):
         except Exception as exc:  # one image's failure (out of memory, a NaN, a faiss error) must not end the run
             log.debug("segmenting %s failed", sample.path, exc_info=True)
             return PredictedImage(sample.name, sample.path, error=str(exc), error_type=type(exc).__name__)
-        return PredictedImage(sample.name, sample.path, sample.image.cpu(), output, time.perf_counter() - start,
-                              extras=extras)
+        return PredictedImage(
+            sample.name, sample.path, sample.image.cpu(), output, time.perf_counter() - start, extras=extras
+        )
 
 
 class ResultStore(Protocol):
@@ -97,9 +99,16 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             self.store.begin_run()
 
-    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
-                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         """Save each result, or record why its image failed."""
         for result in prediction:
             if result.error is None:

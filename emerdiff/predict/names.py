@@ -11,8 +11,8 @@ demo read them back with `MaskNames.from_arrays`::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -28,18 +28,23 @@ class MaskNames:
     mask_scores: np.ndarray  # [K] float score of each mask's class; NaN where none
     pixel_classes: np.ndarray  # [H, W] int64 vocabulary id per pixel
 
-    def name(self, mask: int) -> Optional[str]:
+    def name(self, mask: int) -> str | None:
         """The class name of `mask`, or None."""
         c = int(self.mask_classes[mask])
         return self.class_names[c] if c >= 0 else None
 
-    def arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
         """The npz entries (KEYS, in this order)."""
-        return dict(zip(KEYS, (self.pixel_classes, self.mask_classes, self.mask_scores,
-                               np.asarray(list(self.class_names))), strict=True))
+        return dict(
+            zip(
+                KEYS,
+                (self.pixel_classes, self.mask_classes, self.mask_scores, np.asarray(list(self.class_names))),
+                strict=True,
+            )
+        )
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Optional["MaskNames"]:
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> MaskNames | None:
         """The names in an image's npz entries, or None when its masks were not named."""
         if KEYS[0] not in arrays:
             return None

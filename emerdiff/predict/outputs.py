@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,8 +36,7 @@ from ..files import atomic_file, read_jsonl, remove_temporary_files, version_rec
 from ..image import ImageLoadError, read_image
 from ..segmentor import SegmentationOutput
 from . import render
-from .layout import CONFIG, FAILURES, MANIFEST, PARTS_DIR
-
+from .layout import FAILURES, MANIFEST, PARTS_DIR
 
 
 @dataclass
@@ -47,29 +47,34 @@ class OutputOptions:
     figure: bool = False
     overlay_alpha: float = 0.5
     jpeg_quality: int = 90
-    extra_files: Tuple[str, ...] = ()  # endings of the files the extras write, e.g. ("_ov.png",); none: not written
+    extra_files: tuple[str, ...] = ()  # endings of the files the extras write, e.g. ("_ov.png",); none: not written
 
     @classmethod
-    def from_config(cls, output: Any, extra_files: Sequence[str] = ()) -> "OutputOptions":
+    def from_config(cls, output: Any, extra_files: Sequence[str] = ()) -> OutputOptions:
         """The pictures the `output` config section (OutputConfig or its DictConfig) asks for."""
-        return cls(overlay=output.overlay, figure=output.figure, overlay_alpha=output.overlay_alpha,
-                   jpeg_quality=output.jpeg_quality, extra_files=tuple(extra_files))
+        return cls(
+            overlay=output.overlay,
+            figure=output.figure,
+            overlay_alpha=output.overlay_alpha,
+            jpeg_quality=output.jpeg_quality,
+            extra_files=tuple(extra_files),
+        )
 
 
 class ImageExtras(Protocol):
     """What a plug-in adds to one image's results (e.g. ovseg's mask names)."""
 
-    def arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
         """Entries added to NAME.npz."""
 
-    def record(self) -> Dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         """Fields added to the image's manifest line (JSON values)."""
 
-    def write(self, store: "OutputStore", name: str, photo: np.ndarray) -> None:
+    def write(self, store: OutputStore, name: str, photo: np.ndarray) -> None:
         """Write the plug-in's own files of the image (photo [H, W, 3] uint8), e.g. with `store.save_picture`;
         called when the store's options list them (`OutputOptions.extra_files`)."""
 
-    def figure_classes(self) -> Optional[render.NamedLabels]:
+    def figure_classes(self) -> render.NamedLabels | None:
         """Per-pixel classes and their names for NAME_figure.png's class panel and legend, or None."""
 
 
@@ -82,18 +87,18 @@ class PredictedImage:
 
     name: str
     path: str
-    image: Optional[torch.Tensor] = None  # [3, H, W] uint8, the photo as read
-    output: Optional[SegmentationOutput] = None
+    image: torch.Tensor | None = None  # [3, H, W] uint8, the photo as read
+    output: SegmentationOutput | None = None
     seconds: float = 0.0
-    error: Optional[str] = None
-    error_type: Optional[str] = None  # the exception's class name, e.g. ImageLoadError, OutOfMemoryError
-    extras: Optional[ImageExtras] = None  # what a plug-in computed for the image (EmerDiffPredictor(extras=...))
+    error: str | None = None
+    error_type: str | None = None  # the exception's class name, e.g. ImageLoadError, OutOfMemoryError
+    extras: ImageExtras | None = None  # what a plug-in computed for the image (EmerDiffPredictor(extras=...))
 
 
 class OutputStore:
     """Writes and inspects one run folder (see the module docstring for the layout)."""
 
-    def __init__(self, root: Union[str, Path], options: OutputOptions) -> None:
+    def __init__(self, root: str | Path, options: OutputOptions) -> None:
         self.root = Path(root)
         self.options = options
         self.parts = self.root / PARTS_DIR
@@ -102,7 +107,7 @@ class OutputStore:
         """The file of image `name` with `ending` (``.npz``, ``_overlay.jpg``, ...)."""
         return self.root / f"{name}{ending}"
 
-    def files(self, name: str) -> List[Path]:
+    def files(self, name: str) -> list[Path]:
         """Every file an image's result consists of, with the current options."""
         endings = [".npz", ".png"]
         if self.options.overlay:
@@ -112,16 +117,16 @@ class OutputStore:
         endings += self.options.extra_files
         return [self.path(name, ending) for ending in endings]
 
-    def manifest(self) -> Dict[str, dict]:
+    def manifest(self) -> dict[str, dict]:
         """Finished images by name: the merged manifest plus what ranks recorded since."""
         sources = [self.root / MANIFEST] + sorted(self.parts.glob("manifest.rank*.jsonl"))
         return {r["name"]: r for source in sources for r in read_jsonl(source)}
 
-    def done(self) -> Set[str]:
+    def done(self) -> set[str]:
         """Names recorded in the manifest whose files are all present."""
         return {name for name in self.manifest() if all(f.is_file() for f in self.files(name))}
 
-    def failures(self) -> List[dict]:
+    def failures(self) -> list[dict]:
         """The images the last finished run could not read."""
         return read_jsonl(self.root / FAILURES)
 
@@ -148,17 +153,25 @@ class OutputStore:
         if extras is not None and self.options.extra_files:
             extras.write(self, result.name, photo)
         height, width = arrays["labels"].shape
-        record = {"name": result.name, "path": result.path, "size": [height, width],
-                  "num_masks": result.output.num_masks, "seconds": round(result.seconds, 3), "seed": result.output.seed,
-                  **version_record("manifest")}
+        record = {
+            "name": result.name,
+            "path": result.path,
+            "size": [height, width],
+            "num_masks": result.output.num_masks,
+            "seconds": round(result.seconds, 3),
+            "seed": result.output.seed,
+            **version_record("manifest"),
+        }
         if extras is not None:
             record |= extras.record()
         self._append(f"manifest.rank{rank}.jsonl", record)
 
     def record_failure(self, result: PredictedImage, rank: int) -> None:
         """Note an image that could not be segmented in this rank's failures part."""
-        self._append(f"failures.rank{rank}.jsonl", {"name": result.name, "path": result.path, "error": result.error,
-                                                    "type": result.error_type})
+        self._append(
+            f"failures.rank{rank}.jsonl",
+            {"name": result.name, "path": result.path, "error": result.error, "type": result.error_type},
+        )
 
     def finish_run(self) -> None:
         """Rank 0, after every rank finished: merge the parts into manifest.jsonl and failures.jsonl."""
@@ -167,7 +180,7 @@ class OutputStore:
         self._merge_manifest()
         shutil.rmtree(self.parts, ignore_errors=True)
 
-    def save_picture(self, name: str, ending: str, picture: Union[Image.Image, np.ndarray]) -> None:
+    def save_picture(self, name: str, ending: str, picture: Image.Image | np.ndarray) -> None:
         """NAME+ending, atomically: PNG for ``.png`` endings, else JPEG at `options.jpeg_quality`."""
         picture = Image.fromarray(picture) if isinstance(picture, np.ndarray) else picture
         with atomic_file(self.path(name, ending)) as handle:
@@ -181,15 +194,22 @@ class OutputStore:
         picture = render.overlay(photo, arrays["labels"], len(arrays["lowres_masks"]), self.options.overlay_alpha)
         self.save_picture(name, "_overlay.jpg", picture)
 
-    def write_figure(self, name: str, photo: np.ndarray, arrays: Mapping[str, np.ndarray],
-                     extras: Optional[ImageExtras] = None) -> None:
+    def write_figure(
+        self, name: str, photo: np.ndarray, arrays: Mapping[str, np.ndarray], extras: ImageExtras | None = None
+    ) -> None:
         """NAME_figure.png: photo | low-res k-means masks | bilinear upsampling | EmerDiff labels (| classes)."""
-        picture = render.figure(photo, arrays["lowres_labels"], arrays["labels_bilinear"], arrays["labels"],
-                                len(arrays["lowres_masks"]), self.options.overlay_alpha,
-                                extras.figure_classes() if extras is not None else None)
+        picture = render.figure(
+            photo,
+            arrays["lowres_labels"],
+            arrays["labels_bilinear"],
+            arrays["labels"],
+            len(arrays["lowres_masks"]),
+            self.options.overlay_alpha,
+            extras.figure_classes() if extras is not None else None,
+        )
         self.save_picture(name, "_figure.png", picture)
 
-    def missing_pictures(self, name: str) -> List[str]:
+    def missing_pictures(self, name: str) -> list[str]:
         """Endings of the files the options ask for that a recorded image lacks while its NAME.npz is there.
 
         They can be drawn from the npz without segmenting again (`redraw`).
@@ -198,8 +218,9 @@ class OutputStore:
             return []
         return [path.name.removeprefix(Path(name).name) for path in self.files(name) if not path.is_file()]
 
-    def redraw(self, name: str, photo: np.ndarray, endings: Sequence[str],
-               extras: Optional[ExtrasFromArrays] = None) -> None:
+    def redraw(
+        self, name: str, photo: np.ndarray, endings: Sequence[str], extras: ExtrasFromArrays | None = None
+    ) -> None:
         """Draw the files of image `name` with these `endings` again from its NAME.npz, without the model.
 
         `extras` rebuilds a plug-in's extras from the npz arrays: its files and the figure's class panel.
@@ -216,8 +237,9 @@ class OutputStore:
         if plugin is not None and set(endings) & set(self.options.extra_files):
             plugin.write(self, name, photo)
 
-    def redraw_finished(self, extras: Optional[ExtrasFromArrays] = None,
-                        endings: Optional[Sequence[str]] = None) -> Tuple[int, Dict[str, str]]:
+    def redraw_finished(
+        self, extras: ExtrasFromArrays | None = None, endings: Sequence[str] | None = None
+    ) -> tuple[int, dict[str, str]]:
         """Draw finished images' files again from their npz: `endings`, or else the ones each image lacks.
 
         Returns how many images were drawn, and the images skipped with why (their photo cannot be read).

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -24,8 +24,9 @@ class NamedLabels:
 
 def palette(n: int) -> np.ndarray:
     """``n`` distinct RGB colours [n, 3] uint8: hues a golden-ratio step apart, saturation and brightness varied."""
-    colours = [colorsys.hsv_to_rgb((i * GOLDEN) % 1.0, 0.75 - 0.2 * (i // 3 % 2), 0.95 - 0.25 * (i % 3 == 2))
-               for i in range(n)]
+    colours = [
+        colorsys.hsv_to_rgb((i * GOLDEN) % 1.0, 0.75 - 0.2 * (i // 3 % 2), 0.95 - 0.25 * (i % 3 == 2)) for i in range(n)
+    ]
     return (np.asarray(colours, dtype=np.float64).reshape(n, 3) * 255 + 0.5).astype(np.uint8)
 
 
@@ -64,15 +65,22 @@ def overlay(photo: np.ndarray, labels: np.ndarray, num_masks: int, alpha: float 
     return out
 
 
-def resize_nearest(labels: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+def resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Integer map resized by picking the nearest source pixel (no label mixing)."""
     rows = (np.arange(size[0]) + 0.5) * labels.shape[0] / size[0]
     cols = (np.arange(size[1]) + 0.5) * labels.shape[1] / size[1]
     return labels[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]
 
 
-def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.ndarray, labels: np.ndarray,
-           num_masks: int, alpha: float = 0.5, classes: Optional[NamedLabels] = None) -> Image.Image:
+def figure(
+    photo: np.ndarray,
+    lowres_labels: np.ndarray,
+    labels_bilinear: np.ndarray,
+    labels: np.ndarray,
+    num_masks: int,
+    alpha: float = 0.5,
+    classes: NamedLabels | None = None,
+) -> Image.Image:
     """One row: photo | low-res k-means masks | bilinear upsampling | EmerDiff labels, titled.
 
     With `classes` (a run that named its masks) a fifth panel shows the classes, and a legend of the classes
@@ -82,8 +90,9 @@ def figure(photo: np.ndarray, lowres_labels: np.ndarray, labels_bilinear: np.nda
     scale = min(1.0, FIGURE_HEIGHT / height)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     small = np.asarray(Image.fromarray(photo).resize(size[::-1], Image.Resampling.BILINEAR))
-    panels = [small] + [overlay(small, resize_nearest(m, size), num_masks, alpha)
-                        for m in (lowres_labels, labels_bilinear, labels)]
+    panels = [small] + [
+        overlay(small, resize_nearest(m, size), num_masks, alpha) for m in (lowres_labels, labels_bilinear, labels)
+    ]
     h, w = lowres_labels.shape
     titles = ["photo", f"k-means {h}x{w} ({num_masks} masks)", "bilinear upsampling", "EmerDiff"]
     if classes is None:
@@ -100,8 +109,9 @@ def class_overlay(photo: np.ndarray, labels: np.ndarray, num_classes: int, alpha
     return blended
 
 
-def legend_overlay(photo: np.ndarray, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
-                   ) -> Image.Image:
+def legend_overlay(
+    photo: np.ndarray, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
+) -> Image.Image:
     """Class colours over the photo with a legend (colour swatch + name) of the classes present, below it."""
     picture = Image.fromarray(class_overlay(photo, labels, len(class_names), alpha))
     return with_legend(picture, NamedLabels(labels, class_names))

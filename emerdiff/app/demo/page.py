@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,10 +28,10 @@ from .uploads import DISPLAY_SIDE, MAX_UPLOAD, READABLE, DemoInputError, read_up
 MASK_ALPHA = 0.55  # opacity of the mask colours in the panels
 TOY_SCENES = 4  # toy-world scenes offered with the toy model
 TOY_VOCABULARY = "toyworld"  # the shipped vocabulary of the toy world's ten classes
-Panel = Tuple[np.ndarray, List[Tuple[np.ndarray, str]]]  # a gr.AnnotatedImage value: the photo, (layer, label) pairs
+Panel = tuple[np.ndarray, list[tuple[np.ndarray, str]]]  # a gr.AnnotatedImage value: the photo, (layer, label) pairs
 
 
-def display_size(shape: Tuple[int, int], side: int = DISPLAY_SIDE) -> Tuple[int, int]:
+def display_size(shape: tuple[int, int], side: int = DISPLAY_SIDE) -> tuple[int, int]:
     """(height, width) of a panel: the photo's shape scaled to `side` on its longer side."""
     scale = side / max(shape)
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
@@ -40,13 +41,12 @@ def mask_label(k: int) -> str:
     return f"mask {k}"
 
 
-def mask_colours(count: int) -> Dict[str, str]:
+def mask_colours(count: int) -> dict[str, str]:
     """Legend label -> hex colour, the label PNG's palette colours (`render.palette`)."""
     return {mask_label(k): "#" + "".join(f"{int(v):02x}" for v in rgb) for k, rgb in enumerate(render.palette(count))}
 
 
-def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequence[Tuple[str, Sequence[int]]]
-                    ) -> Panel:
+def annotated_panel(photo_small: np.ndarray, labels: np.ndarray, groups: Sequence[tuple[str, Sequence[int]]]) -> Panel:
     """A gr.AnnotatedImage value: the photo with white mask boundaries, one translucent layer per group of masks.
 
     `labels` is resized (nearest) to the photo's size; `groups` lists (legend label, mask ids); empty groups are
@@ -70,7 +70,7 @@ def shown_photo(photo: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BILINEAR))
 
 
-def panels(result: DemoResult) -> Dict[str, Any]:
+def panels(result: DemoResult) -> dict[str, Any]:
     """The page's pictures for one result: photo, k-means, bilinear, EmerDiff (gr.AnnotatedImage values)."""
     out = result.output
     small = shown_photo(result.upload.photo)
@@ -78,7 +78,7 @@ def panels(result: DemoResult) -> Dict[str, Any]:
     if result.names is None:
         named = by_mask
     else:  # one legend entry per class: the masks it names, highlighted together
-        classes: Dict[str, List[int]] = {}
+        classes: dict[str, list[int]] = {}
         for k in range(result.num_masks):
             classes.setdefault(result.names.name(k) or "(no class)", []).append(k)
         named = sorted(classes.items())
@@ -90,12 +90,14 @@ def panels(result: DemoResult) -> Dict[str, Any]:
     }
 
 
-def summary(result: DemoResult, model_note: Optional[str] = None) -> str:
+def summary(result: DemoResult, model_note: str | None = None) -> str:
     """Markdown under the panels: what ran, the notes on the upload and the model, and the masks (with classes when
     named)."""
     h, w = result.output.lowres_labels.shape
-    lines = [f"**{result.num_masks} masks** (k-means on the {h}x{w} feature grid) in {result.seconds:.1f} s; "
-             f"seed {result.output.seed}."]
+    lines = [
+        f"**{result.num_masks} masks** (k-means on the {h}x{w} feature grid) in {result.seconds:.1f} s; "
+        f"seed {result.output.seed}."
+    ]
     lines += [f"- note: {note}" for note in result.upload.notes]
     if model_note:
         lines.append(f"- note: {model_note}")
@@ -113,7 +115,7 @@ class Samples:
     """Pictures a visitor can click instead of uploading one, under a heading that says what they are."""
 
     heading: str
-    paths: List[Path]
+    paths: list[Path]
 
 
 def sample_photos(folder: str | Path) -> Samples:
@@ -154,21 +156,25 @@ class ModelNotes:
     """What the page says about the model it serves (under the introduction and in every result), the samples it
     offers and the vocabulary it starts with."""
 
-    notice: Optional[str] = None  # shown under the introduction
-    result_note: Optional[str] = None  # a note in every result's summary
-    samples: Optional[Callable[[Path], Samples]] = sample_photos  # writes the samples into a folder; None: none
+    notice: str | None = None  # shown under the introduction
+    result_note: str | None = None  # a note in every result's summary
+    samples: Callable[[Path], Samples] | None = sample_photos  # writes the samples into a folder; None: none
     vocabulary: str = ""
 
     @classmethod
-    def random_weights(cls, notice: str) -> "ModelNotes":
+    def random_weights(cls, notice: str) -> ModelNotes:
         """A miniature model with random weights: the masks carry no meaning."""
         return cls(notice, "miniature model with random weights: the masks carry no meaning.")
 
     @classmethod
-    def toy(cls, notice: str) -> "ModelNotes":
+    def toy(cls, notice: str) -> ModelNotes:
         """The toy world's trained miniature model: toy-world scenes to click, named with the world's classes."""
-        return cls(notice, "the toy world's miniature model, trained on synthetic scenes; not Stable Diffusion.",
-                   toy_scenes, TOY_VOCABULARY)
+        return cls(
+            notice,
+            "the toy world's miniature model, trained on synthetic scenes; not Stable Diffusion.",
+            toy_scenes,
+            TOY_VOCABULARY,
+        )
 
 
 INTRO = """# EmerDiff: segmentation from a frozen Stable Diffusion
@@ -184,7 +190,7 @@ class DemoPage:
         self.segmenter = segmenter
         self.notes = notes
 
-    def preview(self, path: Optional[str]) -> Optional[Panel]:
+    def preview(self, path: str | None) -> Panel | None:
         """The uploaded photo at panel size, as soon as it is uploaded (a bad file is reported at once).
 
         The upload's notes are shown here, once; `segment` lists them in its summary but does not repeat them
@@ -195,8 +201,9 @@ class DemoPage:
         self._warn(upload.notes)
         return shown_photo(upload.photo), []
 
-    def segment(self, path: Optional[str], num_masks: float, lam: float, vocabulary: str = "",
-                progress: Optional[Progress] = None) -> Tuple[Any, ...]:
+    def segment(
+        self, path: str | None, num_masks: float, lam: float, vocabulary: str = "", progress: Progress | None = None
+    ) -> tuple[Any, ...]:
         """The four panels, the summary, the downloads, the mask rows and a cleared selection."""
         import gradio as gr
 
@@ -204,11 +211,19 @@ class DemoPage:
             raise gr.Error("Upload a photo or pick a sample first.", print_exception=False)
         result = self._checked(self.segmenter.run, path, num_masks, lam, vocabulary, progress=progress)
         pictures = panels(result)
-        return (pictures["photo"], pictures["kmeans"], pictures["bilinear"], pictures["emerdiff"],
-                summary(result, self.notes.result_note), [str(f) for f in result.files], result.mask_table(), "")
+        return (
+            pictures["photo"],
+            pictures["kmeans"],
+            pictures["bilinear"],
+            pictures["emerdiff"],
+            summary(result, self.notes.result_note),
+            [str(f) for f in result.files],
+            result.mask_table(),
+            "",
+        )
 
     @staticmethod
-    def describe(rows: Optional[List[Dict[str, Any]]], label: str) -> str:
+    def describe(rows: list[dict[str, Any]] | None, label: str) -> str:
         """What a clicked legend entry (a mask, or a class of masks) covers."""
         chosen = [r for r in rows or [] if label in (mask_label(r["mask"]), r.get("class"))]
         parts = []
@@ -235,7 +250,7 @@ class DemoPage:
             gr.Warning(note)
 
 
-def build_demo(segmenter: DemoSegmenter, samples: Optional[Samples] = None, notes: ModelNotes = ModelNotes()) -> Any:
+def build_demo(segmenter: DemoSegmenter, samples: Samples | None = None, notes: ModelNotes = ModelNotes()) -> Any:
     """The Gradio Blocks of the demo (not launched: see `serve`)."""
     import gradio as gr
 
@@ -243,12 +258,14 @@ def build_demo(segmenter: DemoSegmenter, samples: Optional[Samples] = None, note
     params = segmenter.params
     colours = mask_colours(segmenter.max_masks)
 
-    def segment(path: Optional[str], num_masks: float, lam: float, vocabulary: str,
-                progress: Any = gr.Progress()) -> Tuple[Any, ...]:  # Gradio fills `progress` (found by its default)
-        return page.segment(path, num_masks, lam, vocabulary,
-                            progress=lambda fraction, text: progress(fraction, desc=text))
+    def segment(
+        path: str | None, num_masks: float, lam: float, vocabulary: str, progress: Any = gr.Progress()
+    ) -> tuple[Any, ...]:  # Gradio fills `progress` (found by its default)
+        return page.segment(
+            path, num_masks, lam, vocabulary, progress=lambda fraction, text: progress(fraction, desc=text)
+        )
 
-    def describe(rows: Optional[List[Dict[str, Any]]], evt: gr.SelectData) -> str:
+    def describe(rows: list[dict[str, Any]] | None, evt: gr.SelectData) -> str:
         return page.describe(rows, str(evt.value))
 
     describe.__annotations__["evt"] = gr.SelectData  # Gradio finds the event argument by its type (not a string)
@@ -259,17 +276,36 @@ def build_demo(segmenter: DemoSegmenter, samples: Optional[Samples] = None, note
             with gr.Column(scale=2):
                 upload = gr.File(label=f"Photo ({READABLE})", file_count="single", type="filepath", elem_id="upload")
                 if samples is not None and samples.paths:
-                    gr.Examples(examples=[[str(p)] for p in samples.paths], inputs=[upload], label=samples.heading,
-                                elem_id="samples")
+                    gr.Examples(
+                        examples=[[str(p)] for p in samples.paths],
+                        inputs=[upload],
+                        label=samples.heading,
+                        elem_id="samples",
+                    )
             with gr.Column(scale=3):
-                num_masks = gr.Slider(1, segmenter.max_masks, value=params.num_masks, step=1, elem_id="num-masks",
-                                      label="K: number of k-means masks (segmentor.num_masks)")
-                lam = gr.Slider(0.5, max(50.0, params.lam), value=params.lam, step=0.5, elem_id="lam",
-                                label="lambda: modulation strength (segmentor.lam)")
-                vocabulary = gr.Textbox(value=notes.vocabulary, elem_id="vocabulary",
-                                        label="Vocabulary (optional): name the masks with CLIP",
-                                        placeholder="cat, dog, grass   or a shipped one: coco, ade150, pc59, voc",
-                                        visible=segmenter.naming is not None)
+                num_masks = gr.Slider(
+                    1,
+                    segmenter.max_masks,
+                    value=params.num_masks,
+                    step=1,
+                    elem_id="num-masks",
+                    label="K: number of k-means masks (segmentor.num_masks)",
+                )
+                lam = gr.Slider(
+                    0.5,
+                    max(50.0, params.lam),
+                    value=params.lam,
+                    step=0.5,
+                    elem_id="lam",
+                    label="lambda: modulation strength (segmentor.lam)",
+                )
+                vocabulary = gr.Textbox(
+                    value=notes.vocabulary,
+                    elem_id="vocabulary",
+                    label="Vocabulary (optional): name the masks with CLIP",
+                    placeholder="cat, dog, grass   or a shipped one: coco, ade150, pc59, voc",
+                    visible=segmenter.naming is not None,
+                )
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
         # The photo is an AnnotatedImage without layers, so that it is drawn at the size and place of the other
         # three (a gr.Image scales a photo down only). Unequal heights: a panel stretched to the row's height draws
@@ -281,21 +317,34 @@ def build_demo(segmenter: DemoSegmenter, samples: Optional[Samples] = None, note
             emerdiff = gr.AnnotatedImage(label="EmerDiff", color_map=colours, elem_id="panel-emerdiff")
         selected = gr.Markdown(elem_id="selected")
         info = gr.Markdown(elem_id="summary")
-        downloads = gr.File(label="Downloads: label PNG (palette = mask colours), npz arrays, COCO JSON (RLE masks)",
-                            file_count="multiple", interactive=False, elem_id="downloads")
+        downloads = gr.File(
+            label="Downloads: label PNG (palette = mask colours), npz arrays, COCO JSON (RLE masks)",
+            file_count="multiple",
+            interactive=False,
+            elem_id="downloads",
+        )
         rows = gr.State()
 
         upload.change(page.preview, inputs=upload, outputs=photo, concurrency_limit=4)
-        button.click(segment, inputs=[upload, num_masks, lam, vocabulary],
-                     outputs=[photo, kmeans, bilinear, emerdiff, info, downloads, rows, selected],
-                     concurrency_limit=1, concurrency_id="segment")
+        button.click(
+            segment,
+            inputs=[upload, num_masks, lam, vocabulary],
+            outputs=[photo, kmeans, bilinear, emerdiff, info, downloads, rows, selected],
+            concurrency_limit=1,
+            concurrency_id="segment",
+        )
         for panel in (kmeans, bilinear, emerdiff):
             panel.select(describe, inputs=rows, outputs=selected)
     return app
 
 
-def serve(segmenter: DemoSegmenter, host: str = "127.0.0.1", port: Optional[int] = None,
-          notes: ModelNotes = ModelNotes(), queue_size: int = 32) -> None:
+def serve(
+    segmenter: DemoSegmenter,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    notes: ModelNotes = ModelNotes(),
+    queue_size: int = 32,
+) -> None:
     """Build the page and serve it until interrupted (Ctrl-C or SIGTERM); visitors wait in Gradio's queue (up to
     `queue_size`). The server is closed on the way out."""
     samples = notes.samples(segmenter.workdir / "samples") if notes.samples else None
@@ -304,8 +353,13 @@ def serve(segmenter: DemoSegmenter, host: str = "127.0.0.1", port: Optional[int]
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
-        app.launch(server_name=host, server_port=port, allowed_paths=[str(segmenter.workdir)], show_error=False,
-                   max_file_size=MAX_UPLOAD)
+        app.launch(
+            server_name=host,
+            server_port=port,
+            allowed_paths=[str(segmenter.workdir)],
+            show_error=False,
+            max_file_size=MAX_UPLOAD,
+        )
     finally:
         app.close()
         if previous is not None:

@@ -14,10 +14,11 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,9 +26,9 @@ import torch
 from emerdiff.config import SegmentorConfig
 from emerdiff.models import SDComponents
 from emerdiff.observers import observing
-from emerdiff.predict.outputs import ImageExtras, OutputOptions, OutputStore, PredictedImage
 from emerdiff.predict.export import write_coco
 from emerdiff.predict.names import MaskNames
+from emerdiff.predict.outputs import ImageExtras, OutputOptions, OutputStore, PredictedImage
 from emerdiff.profiling import STAGES
 from emerdiff.segmentor import EmerDiff, SegmentationOutput
 
@@ -84,21 +85,21 @@ class DemoResult:
 
     upload: Upload
     output: SegmentationOutput
-    names: Optional[MaskNames]
+    names: MaskNames | None
     seconds: float
-    files: List[Path]
+    files: list[Path]
 
     @property
     def num_masks(self) -> int:
         return self.output.num_masks
 
-    def mask_table(self) -> List[Dict[str, Any]]:
+    def mask_table(self) -> list[dict[str, Any]]:
         """One row per mask: id, share of the photo's pixels, class and score when named."""
         labels = self.output.labels.numpy()
         share = np.bincount(labels.ravel(), minlength=self.num_masks) / labels.size
         rows = []
         for k in range(self.num_masks):
-            row: Dict[str, Any] = {"mask": k, "share": float(share[k])}
+            row: dict[str, Any] = {"mask": k, "share": float(share[k])}
             if self.names is not None:
                 score = float(self.names.mask_scores[k])
                 row.update({"class": self.names.name(k), "score": None if np.isnan(score) else score})
@@ -114,8 +115,14 @@ class DemoSegmenter:
     the page has no vocabulary field.
     """
 
-    def __init__(self, model: EmerDiff, naming: Optional[Naming] = None, workdir: Optional[str | Path] = None,
-                 max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> None:
+    def __init__(
+        self,
+        model: EmerDiff,
+        naming: Naming | None = None,
+        workdir: str | Path | None = None,
+        max_pixels: int = MAX_PIXELS,
+        max_side: int = MAX_SIDE,
+    ) -> None:
         self.base = model
         self.components: SDComponents = model.components
         self.params: SegmentorConfig = model.params
@@ -126,7 +133,7 @@ class DemoSegmenter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._counter = 0
-        self._segmentors: "OrderedDict[Tuple[int, float], EmerDiff]" = OrderedDict()
+        self._segmentors: OrderedDict[tuple[int, float], EmerDiff] = OrderedDict()
 
     @property
     def max_masks(self) -> int:
@@ -139,8 +146,9 @@ class DemoSegmenter:
         except (TypeError, ValueError):
             raise DemoInputError(f"K and lambda must be numbers, got {num_masks!r} and {lam!r}") from None
         if int(k) != k or not 1 <= k <= self.max_masks:
-            raise DemoInputError(f"K (segmentor.num_masks) must be a whole number from 1 to {self.max_masks}, "
-                                 f"got {num_masks}")
+            raise DemoInputError(
+                f"K (segmentor.num_masks) must be a whole number from 1 to {self.max_masks}, got {num_masks}"
+            )
         if not np.isfinite(lam) or lam <= 0:
             raise DemoInputError(f"lambda (segmentor.lam) must be a positive number, got {lam}")
         key = (int(k), lam)
@@ -154,8 +162,9 @@ class DemoSegmenter:
             self._segmentors.move_to_end(key)
             return self._segmentors[key]
 
-    def run(self, path: str | Path, num_masks: int, lam: float, vocabulary: str = "",
-            progress: Optional[Progress] = None) -> DemoResult:
+    def run(
+        self, path: str | Path, num_masks: int, lam: float, vocabulary: str = "", progress: Progress | None = None
+    ) -> DemoResult:
         """Check the upload, segment it with K and lambda, name the masks with `vocabulary`, write the downloads."""
         upload = read_upload(path, self.max_pixels, self.max_side)
         vocabulary = (vocabulary or "").strip()
@@ -176,8 +185,7 @@ class DemoSegmenter:
         names = MaskNames.from_arrays(extras.arrays()) if extras is not None else None
         return DemoResult(upload=upload, output=output, names=names, seconds=seconds, files=self.write_files(result))
 
-    def _named(self, model: EmerDiff, vocabulary: str, image: torch.Tensor, output: SegmentationOutput
-               ) -> ImageExtras:
+    def _named(self, model: EmerDiff, vocabulary: str, image: torch.Tensor, output: SegmentationOutput) -> ImageExtras:
         """The masks named from `vocabulary` (the "naming" stage); a vocabulary the naming refuses is DemoInputError."""
         with model.stage("naming"):
             try:
@@ -185,7 +193,7 @@ class DemoSegmenter:
             except (ValueError, FileNotFoundError) as exc:  # unknown vocabulary, duplicate names, ...
                 raise DemoInputError(f"vocabulary: {exc}") from None
 
-    def write_files(self, result: PredictedImage) -> List[Path]:
+    def write_files(self, result: PredictedImage) -> list[Path]:
         """A results folder of the one image: NAME.png (label map, palette = mask colours), NAME.npz (every array)
         and its COCO export NAME_coco.json (RLE masks); the three files to download."""
         self._prune()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,7 +29,7 @@ class Upload:
     photo: np.ndarray  # [H, W, 3] uint8
     name: str  # the file name without its suffix: the downloads are NAME.png, NAME.npz, NAME_coco.json
     file_name: str  # the uploaded file's name (COCO's images[].file_name)
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def read_upload(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> Upload:
@@ -50,7 +49,8 @@ def read_upload(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int = 
                     f"'{path.name}' is {width} x {height} pixels ({width * height / 1e6:.0f} MP); "
                     f"the demo takes photos "
                     f"up to {max_pixels / 1e6:.0f} MP. Shrink it first (segmentation runs at "
-                    f"{DISPLAY_SIDE}-ish pixels anyway).")
+                    f"{DISPLAY_SIDE}-ish pixels anyway)."
+                )
             img.load()
             mode = img.mode
             transparent = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
@@ -61,16 +61,19 @@ def read_upload(path: str | Path, max_pixels: int = MAX_PIXELS, max_side: int = 
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise DemoInputError(f"'{path.name}' is not an image the demo can read; upload a {READABLE} photo.") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt file, unsupported mode
-        raise DemoInputError(f"'{path.name}' could not be read as an image ({exc}); "
-                             f"upload a {READABLE} photo.") from exc
+        raise DemoInputError(
+            f"'{path.name}' could not be read as an image ({exc}); upload a {READABLE} photo."
+        ) from exc
     notes = []
     if mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
         notes.append("grayscale photo: segmented as RGB (gray in every channel)")
     if transparent:
         notes.append("transparency ignored: the colour channels are segmented as they are")
     if min(photo.shape[:2]) < MIN_SIDE:
-        raise DemoInputError(f"'{path.name}' is only {photo.shape[1]} x {photo.shape[0]} pixels; "
-                             f"give a photo at least {MIN_SIDE} pixels on each side.")
+        raise DemoInputError(
+            f"'{path.name}' is only {photo.shape[1]} x {photo.shape[0]} pixels; "
+            f"give a photo at least {MIN_SIDE} pixels on each side."
+        )
     if max(photo.shape[:2]) > max_side:
         scale = max_side / max(photo.shape[:2])
         size = (max(1, round(photo.shape[1] * scale)), max(1, round(photo.shape[0] * scale)))

@@ -13,9 +13,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 from omegaconf import DictConfig
 
@@ -44,14 +44,19 @@ def command_parser(description: str) -> argparse.ArgumentParser:
 def base_parser(description: str, overrides_help: str = OVERRIDES_HELP) -> argparse.ArgumentParser:
     """A parser with the options every tool shares: --version, --cfg (repeatable) and key=value overrides."""
     parser = command_parser(description)
-    parser.add_argument("--cfg", action="append", default=[], metavar="YAML",
-                        help="config file, or a shipped config by name (tiny, emerdiff_sd15, eval/voc, ov/ade150, "
-                             "...); give it several times, later files override earlier ones")
+    parser.add_argument(
+        "--cfg",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config file, or a shipped config by name (tiny, emerdiff_sd15, eval/voc, ov/ade150, "
+        "...); give it several times, later files override earlier ones",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse, allowing key=value overrides before, between and after the options; then quiet the libraries, and show
     emerdiff's and ovseg's warnings beside the progress bar."""
     args = parser.parse_intermixed_args(argv)
@@ -102,8 +107,12 @@ def output_lock(folder: Path, holder: bool) -> Iterator[None]:
     from emerdiff.stopping import EXIT_INTERRUPTED
 
     def waiting(other: str) -> None:
-        print(f"waiting: another run is writing to {folder} ({other}); this run goes on when it ends "
-              "and skips what it did (Ctrl-C to give up)", file=sys.stderr, flush=True)
+        print(
+            f"waiting: another run is writing to {folder} ({other}); this run goes on when it ends "
+            "and skips what it did (Ctrl-C to give up)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     locked = False
     try:

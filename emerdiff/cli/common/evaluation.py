@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from emerdiff.evaluation import EvaluationData
 
 
-def evaluation_split(cfg: DictConfig) -> Tuple["DatasetMetadata", "EvaluationData"]:
+def evaluation_split(cfg: DictConfig) -> tuple[DatasetMetadata, EvaluationData]:
     """The labelled split `data.*` names: its classes and its data module; an unknown split or option is a
     ConfigError."""
     from emerdiff.data import dataset_metadata
@@ -25,9 +25,18 @@ def evaluation_split(cfg: DictConfig) -> Tuple["DatasetMetadata", "EvaluationDat
 
     data = cfg.data
     try:
-        return (dataset_metadata(data.dataset, data.root, reduce_zero_label=data.reduce_zero_label),
-                EvaluationData(data.dataset, data.root, data.size, data.image_list, data.num_workers,
-                               crop=cfg.eval.crop, reduce_zero_label=data.reduce_zero_label))
+        return (
+            dataset_metadata(data.dataset, data.root, reduce_zero_label=data.reduce_zero_label),
+            EvaluationData(
+                data.dataset,
+                data.root,
+                data.size,
+                data.image_list,
+                data.num_workers,
+                crop=cfg.eval.crop,
+                reduce_zero_label=data.reduce_zero_label,
+            ),
+        )
     except ValueError as exc:  # unknown split, an option the split does not take, a folder without a root
         raise ConfigError(str(exc)) from None
 
@@ -36,12 +45,18 @@ def mask_prediction_settings(cfg: DictConfig) -> dict:
     """What EmerDiff's cached predictions of the split depend on (the cache shared by eval and ov_eval)."""
     from emerdiff.evaluation import prediction_settings
 
-    return prediction_settings(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.segmentor), cfg.data.dataset,
-                               cfg.data.size, cfg.eval.crop)
+    return prediction_settings(
+        OmegaConf.to_object(cfg.model),
+        OmegaConf.to_object(cfg.segmentor),
+        cfg.data.dataset,
+        cfg.data.size,
+        cfg.eval.crop,
+    )
 
 
-def run_evaluation(trainer: "pl.Trainer", module: "pl.LightningModule", data: "pl.LightningDataModule",
-                   results_dir: Path) -> int:
+def run_evaluation(
+    trainer: pl.Trainer, module: pl.LightningModule, data: pl.LightningDataModule, results_dir: Path
+) -> int:
     """Run `trainer.test` (a stale cache becomes a config error); rank 0 then prints the results table.
 
     A run stopped by a signal (`emerdiff.stopping`) keeps its cached predictions and returns its exit code.

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 from omegaconf import DictConfig
 
 from emerdiff.config import UserError, is_random_model
 from emerdiff.toy import shipped_pipeline
 
-TOY_MODEL_NOTICE = ("note: model.pretrained=toy is the toy world's miniature model, trained on a CPU on synthetic "
-                    "128 px scenes (docs/toyworld.md). It is not Stable Diffusion: it knows only the toy world, and "
-                    "on photos its masks mean little.")
-RANDOM_MODEL_NOTICE = ("note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
-                       "but its masks carry no meaning. Use e.g. --cfg emerdiff_sd15 for real results.")
+TOY_MODEL_NOTICE = (
+    "note: model.pretrained=toy is the toy world's miniature model, trained on a CPU on synthetic "
+    "128 px scenes (docs/toyworld.md). It is not Stable Diffusion: it knows only the toy world, and "
+    "on photos its masks mean little."
+)
+RANDOM_MODEL_NOTICE = (
+    "note: model.pretrained={name} is a miniature model with random weights: it runs offline, "
+    "but its masks carry no meaning. Use e.g. --cfg emerdiff_sd15 for real results."
+)
 
 
 LIBRARY_LOGGERS = ("emerdiff", "ovseg")  # the warnings a run shows as it goes (e.g. an image skipped or squeezed)
@@ -49,7 +53,7 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def random_model_notice(cfg: DictConfig) -> Optional[str]:
+def random_model_notice(cfg: DictConfig) -> str | None:
     """The warning for the tiny / random-weight models, or None for real weights."""
     if not is_random_model(cfg.model):
         return None
@@ -57,7 +61,7 @@ def random_model_notice(cfg: DictConfig) -> Optional[str]:
     return RANDOM_MODEL_NOTICE.format(name=name)
 
 
-def toy_model_notice(cfg: DictConfig) -> Optional[str]:
+def toy_model_notice(cfg: DictConfig) -> str | None:
     """The note for the toy world's trained miniature model (``model.pretrained=toy``), or None for any other."""
     if is_random_model(cfg.model) or shipped_pipeline(cfg.model.pretrained) is None:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ovseg.vocab import Vocabulary
 
 
-def naming_settings(cfg: DictConfig) -> Tuple[OVSegConfig, "Vocabulary"]:
+def naming_settings(cfg: DictConfig) -> tuple[OVSegConfig, Vocabulary]:
     """`cfg.ovseg` and its vocabulary, checked before any model loads: a bad value is a ConfigError."""
     from ovseg import read_vocabulary
     from ovseg.labeller import check_settings
@@ -28,12 +28,12 @@ def naming_settings(cfg: DictConfig) -> Tuple[OVSegConfig, "Vocabulary"]:
     return settings, vocab
 
 
-def vocabulary_of(cfg: DictConfig) -> Optional[str]:
+def vocabulary_of(cfg: DictConfig) -> str | None:
     """`ovseg.vocab`, also of a config without an ovseg section (a results folder's saved config.yaml)."""
     return (cfg.get("ovseg") or {}).get("vocab")
 
 
-def saved_names(cfg: DictConfig) -> Optional["ExtrasFromArrays"]:
+def saved_names(cfg: DictConfig) -> ExtrasFromArrays | None:
     """For a run that named its masks, the names read back from each image's npz (CLIP does not load); else None."""
     if not vocabulary_of(cfg):
         return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, List, Mapping
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 LOGGERS = ("csv", "tensorboard")  # trainer.logger, besides false (none) and true (Lightning's default)
 
 
-def trainer_arguments() -> List[str]:
+def trainer_arguments() -> list[str]:
     """The keyword arguments pytorch_lightning.Trainer accepts."""
     import pytorch_lightning as pl
 
@@ -36,8 +37,10 @@ def check_trainer_keys(settings: Mapping[str, Any]) -> None:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=3)
             hint = f" Did you mean {', '.join(f'trainer.{c}' for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key 'trainer.{key}': not an argument of pytorch_lightning.Trainer."
-                              f"{hint} Valid: {', '.join(valid)}.")
+            raise ConfigError(
+                f"unknown config key 'trainer.{key}': not an argument of pytorch_lightning.Trainer."
+                f"{hint} Valid: {', '.join(valid)}."
+            )
 
 
 def check_devices(devices: Any) -> None:
@@ -51,11 +54,13 @@ def check_devices(devices: Any) -> None:
     else:
         ok = all(isinstance(index, int) and not isinstance(index, bool) and index >= 0 for index in devices)
     if not ok:
-        raise ConfigError(f"trainer.devices={devices!r} is not valid: give a number of devices (e.g. 1, 4; -1 for "
-                          "all), auto, or device indices (e.g. [0, 2] or \"0,2\")")
+        raise ConfigError(
+            f"trainer.devices={devices!r} is not valid: give a number of devices (e.g. 1, 4; -1 for "
+            'all), auto, or device indices (e.g. [0, 2] or "0,2")'
+        )
 
 
-def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> "pl.Trainer":
+def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> pl.Trainer:
     """Trainer(**cfg.trainer, **tool_arguments); a key both set is an error naming it.
 
     `trainer.logger` takes csv or tensorboard (written under the run's folder, default_root_dir/logs), true for
@@ -72,7 +77,7 @@ def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> "pl.Tra
     return pl.Trainer(**settings, logger=logger, **tool_arguments)
 
 
-def progress_bar(settings: Mapping[str, Any]) -> List[Any]:
+def progress_bar(settings: Mapping[str, Any]) -> list[Any]:
     """[the bar counting images/s], unless `trainer.enable_progress_bar` is false: Trainer callbacks."""
     if not settings.get("enable_progress_bar", True):
         return []
@@ -95,12 +100,14 @@ def build_logger(choice: Any, folder: str) -> Any:
         try:
             return TensorBoardLogger(folder, name="logs")
         except ModuleNotFoundError as exc:
-            raise ConfigError(f"trainer.logger=tensorboard needs TensorBoard ({exc}): pip install tensorboard, "
-                              "or use trainer.logger=csv") from None
+            raise ConfigError(
+                f"trainer.logger=tensorboard needs TensorBoard ({exc}): pip install tensorboard, "
+                "or use trainer.logger=csv"
+            ) from None
     raise ConfigError(f"trainer.logger: {choice!r} is not valid; choose from false, true, {', '.join(LOGGERS)}")
 
 
-def build_segmentor(cfg: DictConfig, trainer: "pl.Trainer") -> "EmerDiff":
+def build_segmentor(cfg: DictConfig, trainer: pl.Trainer) -> EmerDiff:
     """EmerDiff on the CPU, in the dtype `model.dtype` means on the Trainer's device; Lightning moves it there. Each of
     the Trainer's processes on this machine takes its share of the CPU cores (unless model.cpu_threads says)."""
     from emerdiff import EmerDiff
@@ -109,4 +116,6 @@ def build_segmentor(cfg: DictConfig, trainer: "pl.Trainer") -> "EmerDiff":
     model = section(cfg.model, ModelConfig)
     dtype = resolve_dtype(model.dtype, trainer.strategy.root_device)
     model = replace(model, dtype=str(dtype).removeprefix("torch."))
-    return EmerDiff(load_sd(model, device="cpu", local_ranks=trainer.num_devices), section(cfg.segmentor, SegmentorConfig))
+    return EmerDiff(
+        load_sd(model, device="cpu", local_ranks=trainer.num_devices), section(cfg.segmentor, SegmentorConfig)
+    )
