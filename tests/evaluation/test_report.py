@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from emerdiff.evaluation import PAPER, EvaluationResults, SegmentationScores, percent_cell, write_results
+from emerdiff.files import version_record
 
 CLASSES = ["sky", "road", "car"]
 
@@ -73,7 +74,7 @@ def test_percent_cells_have_one_decimal_and_a_dash_for_no_number():
 def test_results_files_are_the_dict_as_indented_json_and_the_table(tmp_path):
     table = results(REAL)
     write_results(table, tmp_path)
-    assert (tmp_path / "results.json").read_text() == json.dumps(table.to_dict(), indent=2) + "\n"
+    assert (tmp_path / "results.json").read_text() == json.dumps(version_record("results") | table.to_dict(), indent=2) + "\n"
     assert (tmp_path / "results.md").read_text() == table.to_markdown()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
@@ -104,7 +105,7 @@ def test_a_rescore_of_one_protocol_keeps_the_earlier_protocols_scored_with_the_s
     write_results(evaluation({"majority": 0.125}), tmp_path)
 
     merged = json.loads((tmp_path / "results.json").read_text())
-    assert merged == {
+    assert merged == version_record("results") | {
         "dataset": "toy", "num_images": 2, "num_classes": 3,
         "results": {
             "emerdiff": {"hungarian": entry(50.0, 75.0), "majority": entry(12.5, 75.0),
@@ -148,5 +149,5 @@ def test_a_rescore_with_other_settings_drops_the_earlier_protocols_and_says_so_i
 
     assert capsys.readouterr().out == (f"results.json: dropped the earlier scores of hungarian, dataset, computed with "
                                        f"other settings ({difference})\n")
-    assert json.loads((tmp_path / "results.json").read_text()) == rescore.to_dict()
+    assert json.loads((tmp_path / "results.json").read_text()) == version_record("results") | rescore.to_dict()
     assert (tmp_path / "results.md").read_text() == rescore.to_markdown()
