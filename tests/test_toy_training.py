@@ -52,3 +52,19 @@ def test_a_continued_unet_stage_starts_from_the_saved_unet_in_float32_and_its_mo
                                               module.ema.module.state_dict().values(), strict=True):
         assert mine.dtype == torch.float32 and torch.equal(mine, theirs.float()), name
         assert torch.equal(averaged, mine), name
+
+
+def test_a_finished_unet_stage_is_skipped_on_a_rerun_but_runs_again_when_continued_with_unet_from(tmp_path, monkeypatch):
+    import json
+
+    from emerdiff.cli import train_toy
+    from emerdiff.toy_training import SceneBank
+
+    ran = []
+    monkeypatch.setattr(SceneBank, "load_or_draw", classmethod(lambda cls, count, cache: None))
+    monkeypatch.setattr(train_toy, "train_unet", lambda args, scenes: ran.append(args.unet_from))
+    (tmp_path / "training.json").write_text(json.dumps({"unet_minutes": 40.0}))
+    assert train_toy.main(["--output", str(tmp_path), "--stages", "unet"]) == 0
+    assert ran == []
+    assert train_toy.main(["--output", str(tmp_path), "--stages", "unet", "--unet-from", str(tmp_path / "old")]) == 0
+    assert ran == [tmp_path / "old"]

@@ -3,7 +3,7 @@
     python tools/train_toy.py --output runs/toy        # about an hour on 2 CPU cores (docs/toyworld.md)
 
 Stages run in order; one that finished (its time is in OUTPUT/training.json) is skipped when the command runs
-again:
+again, except the unet stage continued with --unet-from:
 vae (OUTPUT/vae/), unet (OUTPUT/sd/, the pipeline `model.pretrained=OUTPUT/sd` loads; rewritten every
 --save-every steps, so a stopped run is usable), control (OUTPUT/control/: the same folder with a random
 UNet, for comparisons), clip (OUTPUT/clip.safetensors, open_clip `toyworld-clip`). Losses go to
@@ -79,7 +79,8 @@ def train(args: argparse.Namespace) -> int:
     }
     outputs = {"vae": out / "vae", "unet": out / "sd", "control": out / "control", "clip": out / "clip.safetensors"}
     for stage in args.stages:
-        if f"{stage}_minutes" in times:
+        continuing = stage == "unet" and args.unet_from is not None  # a continuation runs though the stage is done
+        if f"{stage}_minutes" in times and not continuing:
             print(f"{stage}: done before ({outputs[stage]}), skipped")
             continue
         start = time.monotonic()
