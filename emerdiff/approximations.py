@@ -314,6 +314,26 @@ def _per_image(value: float) -> str:
     return f"{value:g}" if float(value).is_integer() else f"{value:.1f}"
 
 
+LABEL_OFFSETS = ((4, 4), (4, -11), (-4, 4), (-4, -11), (4, 14), (4, -21))  # points from the marker, tried in order
+
+
+def place_labels(ax: Any, points: Sequence[tuple[str, float, float]]) -> None:
+    """Name each point beside it at the first offset whose text overlaps no label placed before (dense clusters
+    of modes stay readable); the last offset when none is free."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed: list[Any] = []
+    for name, x, y in sorted(points, key=lambda p: -p[2]):
+        for dx, dy in LABEL_OFFSETS:
+            text = ax.annotate(
+                name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha="left" if dx > 0 else "right"
+            )
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or (dx, dy) == LABEL_OFFSETS[-1]:
+                placed.append(box)
+                break
+            text.remove()
+
+
 def figure(sweep: Sweep, path: Path, title: str) -> None:
     """Quality against cost, one point per mode, the exact path marked: agreement and Boundary IoU vs FLOPs."""
     import matplotlib
@@ -335,7 +355,6 @@ def figure(sweep: Sweep, path: Path, title: str) -> None:
             if r.name == sweep.preset:
                 colour = "tab:green"
             ax.scatter(r.flops / 1e9, value(r), marker=marker, s=160 if r.name == EXACT else 40, color=colour, zorder=3)
-            ax.annotate(r.name, (r.flops / 1e9, value(r)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(bound, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("GFLOP per image (cost model, log scale)")
@@ -343,6 +362,8 @@ def figure(sweep: Sweep, path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    for ax, value, _, _ in panels:
+        place_labels(ax, [(r.name, r.flops / 1e9, value(r)) for r in sweep.results])
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

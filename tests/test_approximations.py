@@ -149,3 +149,23 @@ def test_a_sweep_scores_every_mode_against_the_exact_path_with_the_cost_models_c
     assert exact.cost_model_agrees and fast.cost_model_agrees
     assert fast.decodes == 0 and exact.decodes > 0
     assert fast.flops < exact.flops and sweep.result(BILINEAR).flops < fast.flops
+
+
+def test_the_trade_off_figure_names_clustered_modes_without_overlapping_labels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from emerdiff.approximations import place_labels
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    points = [("steps5+decode64", 20.0, 81.3), ("steps7+decode64", 25.8, 81.2), ("decode64", 49.5, 81.0)]
+    ax.scatter([p[1] for p in points], [p[2] for p in points])
+    ax.set_xscale("log")
+    place_labels(ax, points)
+    renderer = fig.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in ax.texts]
+    assert sorted(text.get_text() for text in ax.texts) == sorted(p[0] for p in points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    plt.close(fig)
