@@ -164,12 +164,15 @@ class UNetTraining(pl.LightningModule):
         warmup_steps: int = 200,
         seed: int = 0,
         init_unet: torch.nn.Module | None = None,
+        init_text_encoder: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["init_unet"])
+        self.save_hyperparameters(ignore=["init_unet", "init_text_encoder"])
         parts = build_random_sd(ARCH, seed=seed)  # UNet, the frozen random text encoder, tokenizer, scheduler
         if init_unet is not None:  # continue a run from its saved (moving-average) UNet
             parts.unet.load_state_dict({k: v.float() for k, v in init_unet.state_dict().items()})
+        if init_text_encoder is not None:  # ... and the text encoder it was trained with, whatever the seed
+            parts.text_encoder.load_state_dict({k: v.float() for k, v in init_text_encoder.state_dict().items()})
         self.unet = parts.unet.train().requires_grad_(True)
         self.text_encoder = parts.text_encoder
         self.noise = DDPMScheduler.from_config(parts.scheduler.config)  # SD's training schedule

@@ -54,6 +54,21 @@ def test_a_continued_unet_stage_starts_from_the_saved_unet_in_float32_and_its_mo
         assert torch.equal(averaged, mine), name
 
 
+
+def test_a_continued_unet_stage_keeps_the_text_encoder_it_was_trained_with_whatever_the_seed():
+    """A continuation with another --seed once rebuilt the frozen random text encoder from that seed, so the
+    captions and the empty prompt the UNet had learned changed under it half-way through training."""
+    from emerdiff.toy_training import UNetTraining
+
+    first = UNetTraining(0.5, seed=3)
+    saved = first.text_encoder.half()  # the shipped folders are fp16
+    module = UNetTraining(0.5, seed=0, init_unet=first.unet, init_text_encoder=saved)
+    fresh = UNetTraining(0.5, seed=0).text_encoder
+    for (name, mine), theirs in zip(module.text_encoder.state_dict().items(), saved.state_dict().values(), strict=True):
+        assert mine.dtype == torch.float32 and torch.equal(mine, theirs.float()), name
+    assert not all(torch.equal(a, b) for a, b in zip(module.text_encoder.state_dict().values(),
+                                                    fresh.state_dict().values()))  # the seed's own differs
+
 def test_a_finished_unet_stage_is_skipped_on_a_rerun_but_runs_again_when_continued_with_unet_from(tmp_path, monkeypatch):
     import json
 

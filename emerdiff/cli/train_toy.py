@@ -134,14 +134,18 @@ def train_unet(args: argparse.Namespace, scenes: SceneBank) -> None:
     """Stage unet: the UNet on the encoded scenes; OUTPUT/sd/ is rewritten every --save-every steps."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.data import DataLoader
+    from transformers import CLIPTextModel
 
     from emerdiff.models import build_random_sd, freeze
     from emerdiff.toy_training import ARCH, LatentScenes, SavePipeline, UNetTraining, encode_scenes, tokenize
 
     vae = AutoencoderKL.from_pretrained(args.output / "vae")
     mean, std = encode_scenes(vae, scenes.images)
-    start = UNet2DConditionModel.from_pretrained(args.unet_from / "unet") if args.unet_from else None
-    module = UNetTraining(vae.config.scaling_factor, seed=args.seed, init_unet=start)
+    start, encoder = (None, None)
+    if args.unet_from:  # the continued run's UNet and the frozen text encoder it learned the captions through
+        start = UNet2DConditionModel.from_pretrained(args.unet_from / "unet")
+        encoder = CLIPTextModel.from_pretrained(args.unet_from / "text_encoder")
+    module = UNetTraining(vae.config.scaling_factor, seed=args.seed, init_unet=start, init_text_encoder=encoder)
     parts = build_random_sd(ARCH, seed=args.seed)
     parts.vae, parts.text_encoder = freeze_vae(vae), module.text_encoder
     ids = tokenize(parts.tokenizer, scenes.captions)
