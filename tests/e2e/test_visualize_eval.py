@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import load_tool, voc_folder
 from emerdiff.data import build_dataset, dataset_metadata
-from emerdiff.evaluation.figure import PANEL_HEIGHT, class_colours
+from emerdiff.evaluation.figure import PANEL_HEIGHT
 from emerdiff.evaluation.protocols import UNMATCHED, match_image
 from emerdiff.predict.render import TITLE_HEIGHT, palette, resize_nearest
 from test_eval_tool import SIZE, command, one_thread  # noqa: F401 (one_thread: one torch and faiss thread here too)
@@ -63,13 +63,6 @@ def figure(evaluated, voc_root) -> np.ndarray:
 
 def test_figure_has_a_row_per_image_a_column_per_method_and_a_legend_line(figure):
     assert figure.shape == (TITLE_HEIGHT + 2 * PANEL_HEIGHT + TITLE_HEIGHT, 5 * PANEL_HEIGHT, 3)
-
-
-def test_voc_classes_take_the_palette_since_vocs_own_colours_make_background_black():
-    assert VOC.palette[0] == (0, 0, 0)
-    np.testing.assert_array_equal(class_colours(VOC), palette(VOC.num_classes))
-    toy = dataset_metadata("toyworld_val")
-    np.testing.assert_array_equal(class_colours(toy), np.asarray(toy.palette, np.uint8))
 
 
 def test_ground_truth_panels_are_the_palette_of_the_label_with_ignored_pixels_black(figure, voc_root):
@@ -136,3 +129,11 @@ def test_a_cache_of_another_ground_truth_is_refused(evaluated, voc_root, tmp_pat
     with pytest.raises(SystemExit) as stop:
         load_tool("visualize").main(["--output", str(evaluated), f"data.root={other}", "--images", "1"])
     assert stop.value.code == 2 and "holds another ground truth" in capsys.readouterr().err
+
+
+def test_images_and_ids_are_refused_for_a_prediction_folder(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("{}\n")  # what makes a folder a prediction run's
+    with pytest.raises(SystemExit) as stop:
+        load_tool("visualize").main(["--output", str(tmp_path), "--images", "2"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: --images and --ids choose the images of an evaluation")
