@@ -9,7 +9,8 @@ Parts, each one module, every import pointing down this list:
 - `report`: the results (results.json, results.md) and the files they go to;
 - `evaluator`: evaluators (reset / process / evaluate) over torchmetrics states, usable without Lightning;
 - `module`: the Lightning side: the caching module that drives a list of evaluators, the results callback,
-  the data module.
+  the data module;
+- `figure`: a finished evaluation's comparison figure (image, ground truth, the three methods' matched classes).
 
 Names are imported on first use (PEP 562), so scoring from a plain interpreter never loads Lightning.
 The choice tables (protocols, mIoU conventions, crops) are `emerdiff.choices`.
@@ -47,6 +48,10 @@ _EXPORTS = {
     "UnsupervisedEvaluator": "evaluator",
     "evaluate_all": "evaluator",
     "is_main_process": "evaluator",
+    "FIGURE": "figure",
+    "SavedEvaluation": "figure",
+    "evaluation_figure": "figure",
+    "figure_ids": "figure",
     "CachedEvaluation": "module",
     "EvaluationData": "module",
     "IndexedDataset": "module",

@@ -233,11 +233,15 @@ class EvaluationData(pl.LightningDataModule):
         """The split's image ids in dataset order (the cache file names)."""
         return [sample.id for sample in self.split.samples]
 
+    def items(self) -> IndexedDataset:
+        """The split's images and labels as they are evaluated (resized, cropped), with their index."""
+        return IndexedDataset(self.split, self.shorter_side, getattr(self.split, "interpolation", "bicubic"))
+
     def test_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         if world > len(self.split):
             raise ValueError(f"{world} processes for {len(self.split)} images: use at most one process per image")
-        images = IndexedDataset(self.split, self.shorter_side, getattr(self.split, "interpolation", "bicubic"))
+        images = self.items()
         sampler = UnrepeatedDistributedSampler(images, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(images, batch_size=1, sampler=sampler, num_workers=self.num_workers, collate_fn=only_item)
 

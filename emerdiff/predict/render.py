@@ -1,4 +1,5 @@
-"""Pictures of label maps: palette, label PNG, colour overlay with boundaries, side-by-side figure, class legend."""
+"""Pictures of label maps: palette, label PNG, colour overlay with boundaries, side-by-side figure, titled grid,
+class legend."""
 
 from __future__ import annotations
 
@@ -96,9 +97,17 @@ def figure(
     h, w = lowres_labels.shape
     titles = ["photo", f"k-means {h}x{w} ({num_masks} masks)", "bilinear upsampling", "EmerDiff"]
     if classes is None:
-        return _titled_row(panels, titles)
+        return titled_grid([panels], titles)
     panels.append(class_overlay(small, resize_nearest(classes.labels, size), len(classes.names), alpha))
-    return with_legend(_titled_row(panels, [*titles, "classes"]), classes)
+    return with_legend(titled_grid([panels], [*titles, "classes"]), classes)
+
+
+def class_fill(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """[H, W] class ids -> [H, W, 3] uint8 solid class colours (`colours` [C, 3]), black where the id is negative."""
+    named = labels >= 0
+    filled = np.asarray(colours, dtype=np.uint8)[np.where(named, labels, 0)]
+    filled[~named] = 0
+    return filled
 
 
 def class_overlay(photo: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
@@ -117,29 +126,45 @@ def legend_overlay(
     return with_legend(picture, NamedLabels(labels, class_names))
 
 
-def with_legend(picture: Image.Image, classes: NamedLabels) -> Image.Image:
-    """`picture` with a row per class present in `classes.labels` below it: colour swatch and name."""
+def with_legend(
+    picture: Image.Image, classes: NamedLabels, colours: np.ndarray | None = None, across: bool = False
+) -> Image.Image:
+    """`picture` with a colour swatch (`colours` [C, 3], by default `palette`'s) and the name of each class present in
+    `classes.labels` below it: one class a line, or side by side in lines as wide as the picture (`across`)."""
     present = [int(c) for c in np.unique(classes.labels) if c >= 0]
-    colours = palette(max(len(classes.names), 1))
+    if colours is None:
+        colours = palette(max(len(classes.names), 1))
     row = TITLE_HEIGHT
     width, height = picture.size
-    canvas = Image.new("RGB", (width, height + row * max(len(present), 1)), "white")
+    font = ImageFont.load_default(size=15)
+    places, x, line = [], 0, 0  # each entry's left edge and line
+    for c in present:
+        entry = row + 14 + round(font.getlength(str(classes.names[c])))
+        if x and (not across or x + entry > width):
+            x, line = 0, line + 1
+        places.append((x, line))
+        x += entry
+    canvas = Image.new("RGB", (width, height + row * (line + 1)), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=15)
-    for i, c in enumerate(present):
-        top = height + i * row
-        draw.rectangle([4, top + 4, 4 + row - 8, top + row - 4], fill=tuple(int(v) for v in colours[c]))
-        draw.text((row + 2, top + 3), str(classes.names[c]), fill="black", font=font)
+    for c, (left, line) in zip(present, places, strict=True):
+        top = height + line * row
+        draw.rectangle([left + 4, top + 4, left + row - 4, top + row - 4], fill=tuple(int(v) for v in colours[c]))
+        draw.text((left + row + 2, top + 3), str(classes.names[c]), fill="black", font=font)
     return canvas
 
 
-def _titled_row(panels: Sequence[np.ndarray], titles: Sequence[str]) -> Image.Image:
-    height, width = panels[0].shape[:2]
-    canvas = Image.new("RGB", (width * len(panels), height + TITLE_HEIGHT), "white")
+def titled_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str]) -> Image.Image:
+    """Panels [H, W, 3] uint8 in rows under one title per column, each in the top-left corner of a cell as large as
+    the largest panel (white around smaller ones)."""
+    height = max(panel.shape[0] for row in rows for panel in row)
+    width = max(panel.shape[1] for row in rows for panel in row)
+    canvas = Image.new("RGB", (width * len(titles), TITLE_HEIGHT + height * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=15)  # Pillow's own font; a small bitmap one without FreeType
-    for i, (panel, title) in enumerate(zip(panels, titles, strict=True)):
-        canvas.paste(Image.fromarray(panel), (i * width, TITLE_HEIGHT))
+    for r, row in enumerate(rows):
+        for i, (panel, _) in enumerate(zip(row, titles, strict=True)):
+            canvas.paste(Image.fromarray(panel), (i * width, TITLE_HEIGHT + r * height))
+    for i, title in enumerate(titles):
         draw.text((i * width + 4, 3), title, fill="black", font=font)
     return canvas
