@@ -89,9 +89,13 @@ def hungarian_scores(pairs: list[tuple[np.ndarray, np.ndarray]]) -> BoundaryScor
 
 def method_scores(segmented: list[Segmented]) -> dict[str, BoundaryScores]:
     gts = [s.scene.label.astype(np.int64) for s in segmented]
+    labels = {
+        "emerdiff": [s.output.labels for s in segmented],
+        "bilinear": [s.output.labels_bilinear for s in segmented],
+    }
     return {
-        "emerdiff": hungarian_scores([(s.output.labels.numpy(), gt) for s, gt in zip(segmented, gts)]),
-        "bilinear": hungarian_scores([(s.output.labels_bilinear.numpy(), gt) for s, gt in zip(segmented, gts)]),
+        name: hungarian_scores([(m.numpy(), gt) for m, gt in zip(maps, gts, strict=True)])
+        for name, maps in labels.items()
     }
 
 

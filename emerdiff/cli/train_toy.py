@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="folder for the models, logs and scene cache")
     parser.add_argument("--scenes", type=int, default=8000, help="training scenes (seeds 0..N-1)")
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE steps, batch 16 of 64 px crops")
-    parser.add_argument("--unet-steps", type=int, default=1750, help="UNet steps, batch 32")
-    parser.add_argument("--clip-steps", type=int, default=400, help="CLIP steps, batch 64")
+    parser.add_argument("--unet-steps", type=int, default=8000, help="UNet steps, batch 32")
+    parser.add_argument("--clip-steps", type=int, default=1000, help="CLIP steps, batch 64")
     parser.add_argument(
         "--unet-from",
         type=Path,
