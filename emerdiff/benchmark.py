@@ -8,8 +8,9 @@ the machine's conditions; FLOPs and the memory estimate come from the cost model
 from __future__ import annotations
 
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,7 +162,10 @@ def table(results: list[ImplResult], measured: bool) -> str:
         figs["total"] = total(figs)
     impls = [r.impl for r in results]
     both = {"fast", "reference"} <= set(impls)
-    columns = [("GFLOP", lambda c: f"{c.flops / 1e9:,.2f}", lambda c: c.flops)]
+    # (name, shown figure, the number fast/ref divides or None)
+    columns: list[tuple[str, Callable[[StageCost], str], Callable[[StageCost], float] | None]] = [
+        ("GFLOP", lambda c: f"{c.flops / 1e9:,.2f}", lambda c: c.flops)
+    ]
     if measured:
         columns.append(("s", lambda c: f"{c.seconds:,.2f}", lambda c: c.seconds))
     columns += [
@@ -171,13 +175,13 @@ def table(results: list[ImplResult], measured: bool) -> str:
     ]
     head = ["stage"]
     for name, _, ratio in columns:
-        head += [f"{name} {impl}" for impl in impls] + (["fast/ref"] if both and ratio else [])
+        head += [f"{name} {impl}" for impl in impls] + (["fast/ref"] if both and ratio is not None else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage in list(STAGES) + ["total"]:
         row = [f"**{stage}**" if stage == "total" else stage]
         for _, show, ratio in columns:
             row += [show(figures[impl][stage]) for impl in impls]
-            if both and ratio:
+            if both and ratio is not None:
                 row.append(ratio_text(ratio(figures["fast"][stage]), ratio(figures["reference"][stage])))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -198,9 +202,9 @@ def report(
     peak_tflops: float,
     utilization: float,
     command: str,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The JSON record: command, settings, per-implementation totals and stages, ratios, projections."""
-    impls = {}
+    impls: dict[str, dict[str, Any]] = {}
     for r in results:
         figs = r.figures()
         tot = total(figs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,10 @@ def kmeans(
     index.add(centroids)
     _, assignment = index.search(x, 1)
     return torch.from_numpy(assignment[:, 0].astype(np.int64)), torch.from_numpy(centroids.copy())
+
+
+# (token features [h*w, C], h, w, k, seed, restarts, iters, gpu) -> masks: `cluster_grid`, or a cost model's stand-in
+KMeans = Callable[[torch.Tensor, int, int, int, int, int, int, bool], Clusters]
 
 
 def cluster_grid(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -37,7 +37,7 @@ def setting(
     default: Any = dataclasses.MISSING,
     *,
     factory: Any = dataclasses.MISSING,
-    choices: Sequence[Any] | None = None,
+    choices: Iterable[Any] | None = None,
     numbers: bool = False,
     minimum: float | None = None,
     maximum: float | None = None,
@@ -216,6 +216,11 @@ def section(node: Any, cls: type[SectionT]) -> SectionT:
     return cast(SectionT, node if dataclasses.is_dataclass(node) else OmegaConf.to_object(node))
 
 
+def plain(node: Any, resolve: bool = False) -> dict[str, Any]:
+    """A config mapping as plain Python values (omegaconf types `to_container`'s result as any container)."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve))
+
+
 def is_random_model(model: Any) -> bool:
     """The one rule for "this model has random weights" (the miniature `tiny`, or `model.random_init`)."""
     get = model.get if isinstance(model, Mapping) else lambda key: getattr(model, key)
@@ -238,7 +243,8 @@ def recorded_setting(section: type, name: str, value: Any) -> dict[str, Any]:
     before = next(f for f in dataclasses.fields(section) if f.name == name).metadata.get("before", dataclasses.MISSING)
     if before is not dataclasses.MISSING and value == before:
         return {}
-    return {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value}
+    is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    return {name: dataclasses.asdict(value) if is_record else value}
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -261,7 +267,7 @@ def settings_diff(old: str, new: str) -> str:
 def _valid_keys(node: DictConfig, prefix: str) -> list[str]:
     keys = []
     for key, value in node.items_ex(resolve=False):
-        full = f"{prefix}{key}"
+        full = f"{prefix}{key!s}"
         keys.append(full)
         if isinstance(value, DictConfig) and OmegaConf.is_struct(value):
             keys.extend(_valid_keys(value, full + "."))
@@ -386,9 +392,12 @@ def read_yaml(path: PathLike) -> DictConfig:
     """One config file, by path or shipped short name; a missing or unparsable file is an error that names it."""
     path = config_path(path)
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except Exception as exc:  # yaml's scanner/parser errors carry the line and column
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}' holds a list: a config is a mapping of sections (model:, ...)")
+    return loaded
 
 
 def preset_settings(name: PathLike) -> dict[str, Any]:
@@ -401,14 +410,17 @@ def preset_settings(name: PathLike) -> dict[str, Any]:
         )
     checked = merge(schema(), preset, f"'{name}'")
     check_rules(checked)
-    return dict(OmegaConf.to_container(preset.get("segmentor", {})))
+    return plain(preset.get("segmentor", {}))
 
 
 def merge(cfg: DictConfig, other: Any, source: str, prefix: str = "") -> DictConfig:
     """`other` merged onto `cfg`; an unknown key or a wrongly typed value is a ConfigError naming `source`."""
     try:
-        return OmegaConf.merge(cfg, other)
+        merged = OmegaConf.merge(cfg, other)
     except ConfigKeyError as exc:
         raise _unknown_key_error(cfg, exc, source, prefix) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid value in {source}: {exc}") from None
+    if not isinstance(merged, DictConfig):  # merged onto a mapping, the result is one
+        raise ConfigError(f"{source} is not a mapping of settings")
+    return merged

@@ -14,20 +14,50 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import torch
-from torch import nn
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .config import SegmentorConfig
 from .image import largest_working_size
+from .inversion import DDPMGrid, Inversion
 from .models import SDComponents, cast_components, freeze
+from .processors import AttentionRecord
 from .vae import decode_latents, decode_size
 
 GIB = 2**30
 FALLBACK_BUDGET_GIB = 16.0  # `auto` where the device cannot say how much memory is free (meta, unknown)
 _MEMINFO = Path("/proc/meminfo")
+T = TypeVar("T")
+# (one chunk's function, all items, chunk size; 0 = all) -> the chunk results concatenated
+ChunkRunner = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
+
+
+class Segmentor(Protocol):
+    """The segmentor as the planner measures it (`EmerDiff`, which imports this module): its SD parts and settings,
+    its step grid, and the stage methods the probes run."""
+
+    components: SDComponents
+    params: SegmentorConfig
+    grid: DDPMGrid
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+
+    def __init__(self, components: SDComponents, params: SegmentorConfig) -> None: ...
+
+    def invert(
+        self, z0: torch.Tensor, generator: torch.Generator, chunk_size: int = 0
+    ) -> tuple[Inversion, AttentionRecord | None]: ...
+
+    def denoise(self, inversion: Inversion, record: AttentionRecord | None, offsets: torch.Tensor) -> torch.Tensor: ...
+
+
+SegmentorT = TypeVar("SegmentorT", bound=Segmentor)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -60,7 +90,7 @@ class LiveBytes(TorchDispatchMode):
         self._storages.discard(key)
 
 
-def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
+def peak_bytes(fn: Callable[[], T]) -> tuple[int, T]:
     """Peak bytes of the tensors `fn` allocates (meta tensors count by their size), and its result."""
     with LiveBytes() as live:
         result = fn()
@@ -91,7 +121,7 @@ def meta_copy(components: SDComponents) -> SDComponents:
     return cast_components(copies, components.unet.dtype)
 
 
-def meta_model(model: nn.Module) -> nn.Module:
+def meta_model(model: SegmentorT) -> SegmentorT:
     """A segmentor of the same class and parameters on meta copies of its SD parts, never compiled."""
     return type(model)(meta_copy(model.components), replace(model.params, compile=False))
 
@@ -138,7 +168,7 @@ class ChunkPlan:
     budget_gib: float = field(default=0.0, compare=False)  # the activation budget it was planned for; 0 = none
 
 
-def _latent(model: nn.Module, batch: int, size: tuple[int, int]) -> torch.Tensor:
+def _latent(model: Segmentor, batch: int, size: tuple[int, int]) -> torch.Tensor:
     channels = model.unet.config.in_channels
     return torch.zeros(batch, channels, size[0] // 8, size[1] // 8, device="meta")
 
@@ -148,7 +178,7 @@ def synthetic_offsets(batch: int, lam: float) -> torch.Tensor:
     return torch.full((batch, 1, 1, 1), lam)
 
 
-def measure_memory(model: nn.Module) -> MemoryProfile:
+def measure_memory(model: Segmentor) -> MemoryProfile:
     """Peak bytes of the inversion, variant chunks and decodes at two batch sizes each, on a meta copy of `model`."""
     meta = meta_model(model)
     p = meta.params
@@ -166,11 +196,16 @@ def measure_memory(model: nn.Module) -> MemoryProfile:
         if record is None
         else sum(t.untyped_storage().nbytes() for d in (record.query, record.key) for t in d.values())
     )
-    variant_peaks = [
-        (b, peak_bytes(lambda b=b: meta.denoise(inversion, record, synthetic_offsets(b, p.lam)))[0]) for b in (2, 4)
-    ]
     side = decode_size(size, p.resolution, p.decode_resolution)
-    decode_peaks = [(n, peak_bytes(lambda n=n: decode_latents(meta.vae, _latent(meta, n, side)))[0]) for n in (1, 2)]
+
+    def variants(batch: int) -> torch.Tensor:
+        return meta.denoise(inversion, record, synthetic_offsets(batch, p.lam))
+
+    def decoded(batch: int) -> torch.Tensor:
+        return decode_latents(meta.vae, _latent(meta, batch, side))
+
+    variant_peaks = [(b, peak_bytes(partial(variants, b))[0]) for b in (2, 4)]
+    decode_peaks = [(n, peak_bytes(partial(decoded, n))[0]) for n in (1, 2)]
     return MemoryProfile(
         LinearBytes.through(*inversion_peaks),
         record_bytes * steps // len(inversion.timesteps),
@@ -179,7 +214,7 @@ def measure_memory(model: nn.Module) -> MemoryProfile:
     )
 
 
-def plan_chunks(model: nn.Module, chunk_size: int, budget_gib: float) -> ChunkPlan:
+def plan_chunks(model: Segmentor, chunk_size: int, budget_gib: float) -> ChunkPlan:
     """Batch sizes within `budget_gib` of activation memory, never above `chunk_size` (0 = no cap)."""
     if budget_gib <= 0:
         return ChunkPlan(chunk_size, chunk_size, chunk_size)

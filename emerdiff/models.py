@@ -52,9 +52,12 @@ class Conditioning:
     def time_ids(self, latents: torch.Tensor) -> torch.Tensor:
         """SDXL's added time ids of an image the size of `latents`, uncropped: (H, W, 0, 0, H, W) per sample, as
         the SDXL pipelines pass them by default (original size = target size, crop at the top left)."""
+        pooled = self.pooled
+        if pooled is None:
+            raise ValueError("time ids condition an SDXL-shaped UNet: this conditioning has no pooled embedding")
         height, width = (self.pixels_per_latent * s for s in latents.shape[-2:])
-        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.pooled.dtype, device=self.pooled.device)
-        return ids.expand(self.pooled.shape[0], -1)
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
+        return ids.expand(pooled.shape[0], -1)
 
     def unet_kwargs(self, latents: torch.Tensor) -> dict[str, Any]:
         """The keyword arguments of a ``UNet2DConditionModel`` call on `latents` (batch 1 or the latents')."""
@@ -98,6 +101,8 @@ class SDComponents:
                     "encoder: load it as an SDXL pipeline (text_encoder_2/, tokenizer_2/)"
                 )
             return Conditioning(_tokens_through(self.tokenizer, self.text_encoder, prompt)[0].to(self.unet.dtype))
+        if self.tokenizer_2 is None:
+            raise ValueError(f"'{self.name}' has a second text encoder but no second tokenizer (tokenizer_2/)")
         states = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             output = _tokens_through(tokenizer, encoder, prompt, output_hidden_states=True)

@@ -17,7 +17,7 @@ sets explicitly before each UNet call (never by counting calls). It can
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -99,9 +99,10 @@ class AttentionControl:
     def injected(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Recorded Q/K of the unmodulated run at this layer and step, [1, tokens, channels]."""
         t = self.current_timestep(layer)
-        if (layer, t) not in self.inject.query:
+        inject = self.inject
+        if inject is None or (layer, t) not in inject.query:
             raise KeyError(f"no recorded attention for layer '{layer}' at timestep {t}: record that step first")
-        return self.inject.query[(layer, t)], self.inject.key[(layer, t)]
+        return inject.query[(layer, t)], inject.key[(layer, t)]
 
     def active_modulation(self, layer: str) -> Modulation | None:
         mod = self.modulation
@@ -175,7 +176,7 @@ class EmerDiffAttnProcessor:
             control.observer(self.layer, control.current_timestep(self.layer), query, key)
         # batch-1 inputs are shared by all samples: with injection a cross-attention layer has
         # only batch-1 inputs (recorded Q/K, text V), so it runs once and is broadcast below
-        out = attend(*(_heads(x, attn.heads) for x in (query, key, value)), attn.scale)
+        out = attend(_heads(query, attn.heads), _heads(key, attn.heads), _heads(value, attn.heads), attn.scale)
         out = out.transpose(1, 2).flatten(2).to(value.dtype)
         modulation = control.active_modulation(self.layer)
         if modulation is not None and modulation.placement == "value":
@@ -203,7 +204,7 @@ def check_layer(unet: UNet2DConditionModel, layer: str, what: str) -> None:
 
 
 @contextmanager
-def use_processors(unet: UNet2DConditionModel, mapping: dict[str, object]) -> Iterator[None]:
+def use_processors(unet: UNet2DConditionModel, mapping: Mapping[str, object]) -> Iterator[None]:
     """Install processors by layer name for the duration of the block, then restore the originals."""
     original = dict(unet.attn_processors)
     unknown = set(mapping) - set(original)

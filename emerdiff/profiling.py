@@ -19,18 +19,33 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .clustering import Clusters
-from .memory import LiveBytes, meta_model
-from .observers import observing
+from .clustering import Clusters, KMeans
+from .memory import ChunkPlan, ChunkRunner, LiveBytes, Segmentor, meta_model
+from .observers import StageObserver, observing
 
 STAGES = ("encode", "features", "kmeans", "inversion", "modulated", "decode", "assignment")
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+class Profiled(Segmentor, Protocol):
+    """The segmentor as profiled and cost-modelled (`EmerDiff`, which this module must not import): beside what the
+    planner measures, its observers, its chunk plan, and the recipe with its two stand-ins (k-means, chunk runner)."""
+
+    observers: list[StageObserver]
+    chunks: ChunkPlan | None
+    run_chunks: ChunkRunner
+    kmeans: KMeans
+
+    def chunk_plan(self) -> ChunkPlan: ...
+
+    def mask_maps(self, rgb: torch.Tensor, seed: int) -> object: ...
 
 
 @dataclass
@@ -184,7 +199,7 @@ class StageProfiler:
             torch.cuda.synchronize(self.device)
 
     @contextmanager
-    def _memory_mode(self) -> Iterator[object]:
+    def _memory_mode(self) -> Iterator[LiveBytes | None]:
         if self.device.type == "meta":
             with LiveBytes() as live:
                 yield live
@@ -195,8 +210,8 @@ class StageProfiler:
                 _rss_peak_reset()
             yield None
 
-    def _peak(self, live: object) -> int:
-        if self.device.type == "meta":
+    def _peak(self, live: LiveBytes | None) -> int:
+        if live is not None:  # the meta device's
             return live.peak
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
@@ -204,7 +219,7 @@ class StageProfiler:
 
 
 def _batch_hook(profiler: StageProfiler, model: str):
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         sample = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple) else output
         profiler.count_call(model, sample.shape[0])
 
@@ -212,7 +227,7 @@ def _batch_hook(profiler: StageProfiler, model: str):
 
 
 @contextmanager
-def profiled(model: nn.Module, profiler: StageProfiler) -> Iterator[StageProfiler]:
+def profiled(model: Profiled, profiler: StageProfiler) -> Iterator[StageProfiler]:
     """`profiler` observes `model`'s stages (an `EmerDiff`) and counts its UNet/VAE calls; removed on exit."""
     targets = [(model.unet, "unet"), (model.vae.encoder, "vae"), (model.vae.decoder, "vae")]
     handles: list = [m.register_forward_hook(_batch_hook(profiler, name), with_kwargs=True) for m, name in targets]
@@ -230,7 +245,7 @@ def synthetic_clusters(num_masks: int, height: int, width: int, channels: int) -
     return Clusters(labels, torch.zeros(num_masks, channels), torch.zeros(num_masks, channels))
 
 
-def image_cost(model: nn.Module, num_masks: int) -> dict[str, StageCost]:
+def image_cost(model: Profiled, num_masks: int) -> dict[str, StageCost]:
     """Per-stage cost of one image with `num_masks` modulated masks: `model`'s recipe run on a meta copy.
 
     The recipe is `EmerDiff.mask_maps` itself, with two differences: k-means (faiss, no tensors) is
@@ -240,9 +255,7 @@ def image_cost(model: nn.Module, num_masks: int) -> dict[str, StageCost]:
     """
     meta = meta_model(model)
     meta.chunks = model.chunk_plan()
-    meta.cluster = lambda features, seed: synthetic_clusters(
-        num_masks, features.height, features.width, features.queries.shape[-1]
-    )
+    meta.kmeans = lambda queries, height, width, *_: synthetic_clusters(num_masks, height, width, queries.shape[-1])
     profiler = StageProfiler(torch.device("meta"), count_flops=True)
     side = meta.params.resolution
     with profiled(meta, profiler):

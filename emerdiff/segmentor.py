@@ -22,13 +22,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import difference
-from .clustering import Clusters, cluster_grid, use_faiss_gpu
+from .clustering import Clusters, KMeans, cluster_grid, use_faiss_gpu
 from .compiling import check_compile_options, compile_regions
 from .config import ConfigError, EmerDiffConfig, ModelConfig, SegmentorConfig, check_rules, section
 from .features import QueryFeatures, extract_queries
 from .image import ImageInput, capped_aspect_note, image_seed, load_image, to_model_input, working_size
 from .inversion import DDPMGrid, Inversion, ddpm_inversion
-from .memory import ChunkPlan, plan_chunks, resolve_budget
+from .memory import ChunkPlan, ChunkRunner, plan_chunks, resolve_budget
 from .models import Conditioning, SDComponents, at_least_float32, load_sd, pipeline_components
 from .modulation import ModulationSettings, denoise_variants, variant_offsets
 from .observers import StageObserver, observed_stage
@@ -88,8 +88,6 @@ class MaskMaps:
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-# (one chunk's function, all items, chunk size; 0 = all) -> the chunk results concatenated
-ChunkRunner = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
 def run_chunks(fn: Callable[[torch.Tensor], torch.Tensor], items: torch.Tensor, size: int) -> torch.Tensor:
@@ -128,6 +126,7 @@ class EmerDiff(nn.Module):
         self.pixels_per_latent = conditioning.pixels_per_latent
         self.observers: list[StageObserver] = []  # what watches the stages (`emerdiff.observers.observing`)
         self.run_chunks: ChunkRunner = run_chunks
+        self.kmeans: KMeans = cluster_grid  # step 5's k-means (the cost model's stand-in has no faiss)
         self.chunks: ChunkPlan | None = None  # planned once, on the first image (`chunk_plan`)
 
     def _check(self, p: SegmentorConfig) -> None:
@@ -330,7 +329,7 @@ class EmerDiff(nn.Module):
     def cluster(self, features: QueryFeatures, seed: int) -> Clusters:
         """Step 5: faiss k-means of the queries into at most K masks of the feature grid."""
         p = self.params
-        return cluster_grid(
+        return self.kmeans(
             features.queries,
             features.height,
             features.width,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
@@ -44,7 +45,7 @@ class StopOnSignal(pl.Callback):
 
     def __init__(self) -> None:
         self.interrupted = False
-        self._previous: Callable[..., Any] | None = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None  # what signal.signal returns
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.interrupted:
@@ -106,7 +107,7 @@ class RepeatedFailures:
         """One image's (error type, message), or None when it succeeded."""
         self._count = self._count + 1 if error is not None and error == self._last else int(error is not None)
         self._last = error
-        if self.limit and self._count >= self.limit:
+        if self.limit and self._count >= self.limit and error is not None:  # (a count of errors)
             kind, message = error
             raise RunStopped(
                 f"stopped: {self._count} images in a row failed with the same error ({kind}: {message}). "

@@ -21,7 +21,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, ConfigMixin, DDPMScheduler, StableDiffusionPipeline
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
@@ -112,9 +113,9 @@ class VAETraining(pl.LightningModule):
         self.log_dict({"vae/loss": loss, "vae/l1": l1, "vae/edges": edges, "vae/kl": kl}, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.hparams.lr, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams.warmup_steps))
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.hparams["lr"], weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams["warmup_steps"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -181,7 +182,7 @@ class UNetTraining(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         mean, std, ids = batch
-        latents = (mean + std * torch.randn_like(std)) * self.hparams.scaling_factor
+        latents = (mean + std * torch.randn_like(std)) * self.hparams["scaling_factor"]
         dropped = torch.rand(len(ids), device=ids.device) < CAPTION_DROP
         ids = torch.where(dropped[:, None], self.empty_ids.to(ids.device), ids)
         with torch.no_grad():
@@ -196,9 +197,9 @@ class UNetTraining(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.unet)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams.warmup_steps))
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams["lr"], weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams["warmup_steps"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -232,7 +233,7 @@ def save_pipeline(parts: SDComponents, folder: Path) -> None:
 
 
 def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
-    copy = type(module).from_config(module.config) if hasattr(module, "from_config") else type(module)(module.config)
+    copy = type(module).from_config(module.config) if isinstance(module, ConfigMixin) else type(module)(module.config)
     copy.load_state_dict(module.state_dict())
     return copy.half().eval()
 
@@ -243,15 +244,17 @@ class SavePipeline(pl.Callback):
     def __init__(self, parts: SDComponents, folder: Path, every_n_steps: int) -> None:
         self.parts, self.folder, self.every_n_steps = parts, folder, every_n_steps
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: UNetTraining, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self.save(module)
 
-    def on_train_end(self, trainer: pl.Trainer, module: UNetTraining) -> None:
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.save(module)
 
-    def save(self, module: UNetTraining) -> None:
-        """Write the folder with the current moving-average UNet."""
+    def save(self, module: pl.LightningModule) -> None:
+        """Write the folder with the current moving-average UNet of a `UNetTraining`."""
+        if not isinstance(module, UNetTraining):
+            raise TypeError(f"SavePipeline saves a UNetTraining's moving-average UNet, not a {type(module).__name__}")
         parts = SDComponents(
             module.ema.module,
             self.parts.vae,

@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import open_clip
 import torch
@@ -32,15 +33,23 @@ from torch import Tensor, nn
 from emerdiff.config import WeightsNotFoundError
 from emerdiff.toy import shipped_clip
 
+from .text import TextTower
+
 TINY_MODEL = "ovseg-tiny"
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+class ClipModel(TextTower, Protocol):
+    """What ovseg uses of an open_clip model: its image tower beside the text encoder."""
+
+    visual: nn.Module
 
 
 @dataclass(frozen=True)
 class LoadedClip:
     """An open_clip model with its tokenizer, the names it was built from (cache keys) and its activation."""
 
-    model: nn.Module
+    model: ClipModel
     tokenizer: Callable[[list[str]], Tensor]
     model_name: str
     pretrained: str | None
@@ -103,7 +112,7 @@ def load_clip(
         model = open_clip.create_model(
             model_name, device=device, force_preprocess_cfg=tag or None, quick_gelu=activation
         )
-    if path is not None:
+    if pretrained is not None and path is not None:  # (a path exactly when weights are named)
         load_weights(model, model_name, pretrained, path)
     return LoadedClip(model.eval(), open_clip.get_tokenizer(model_name), model_name, pretrained, activation)
 

@@ -136,17 +136,19 @@ class ClipDenseEncoder(nn.Module):
             for top in window_starts(height, win_h, self.window_stride[0])
             for left in window_starts(width, win_w, self.window_stride[1])
         ]
-        total = count = None
+        total: Tensor | None = None
+        count: Tensor | None = None
         for start in range(0, len(origins), self.windows_per_pass):
             chunk = origins[start : start + self.windows_per_pass]
             crops = torch.cat([images[..., top : top + win_h, left : left + win_w] for top, left in chunk])
             for (top, left), out in zip(chunk, encode(crops).split(batch), strict=True):
-                if total is None:
+                if total is None or count is None:
                     total = out.new_zeros(batch, out.shape[1], height // cell, width // cell)
                     count = out.new_zeros(1, 1, height // cell, width // cell)
                 cells = (..., slice(top // cell, (top + win_h) // cell), slice(left // cell, (left + win_w) // cell))
                 total[cells] += out
                 count[cells] += 1
+        assert total is not None and count is not None  # window_starts gives every side at least one window
         return total / count
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torchmetrics.aggregation import SumMetric
 
 from emerdiff.config import fingerprint, is_random_model, result_settings
@@ -38,6 +37,7 @@ from emerdiff.evaluation import (
     CachedEvaluation,
     ConfusionMatrixMetric,
     Evaluator,
+    ModuleMap,
     PredictionCache,
     ResultsTable,
     SegmentationScores,
@@ -241,7 +241,7 @@ class OpenVocabEvaluator(Evaluator):
         self.vocab = vocab
         self.settings = settings
         self.labels_settings = json.loads(fingerprint(labels_settings))  # sorted keys, as the labels cache records them
-        self.metrics = nn.ModuleDict(
+        self.metrics = ModuleMap(
             {m: ConfusionMatrixMetric(len(vocab), metadata.ignore_index, convention) for m in METHODS}
         )
         self.num_images = SumMetric()

@@ -139,6 +139,8 @@ def check_threshold(background_id: int | None, threshold: float | None) -> None:
 class OpenVocabLabeller(nn.Module):
     """Names the segments of an image with the classes whose text embeddings are closest (docs/open_vocabulary.md)."""
 
+    text: Tensor  # [C, D] L2-normalised class embeddings, a buffer (moves with the module)
+
     def __init__(self, encoder: DenseEncoder, text: Tensor, rules: NamingRules = NamingRules()) -> None:
         super().__init__()
         check_threshold(rules.background_id, rules.threshold)
@@ -173,7 +175,7 @@ class OpenVocabLabeller(nn.Module):
             baseline = maskclip_labels(
                 dense,
                 self.text,
-                tuple(segments.shape),
+                (segments.shape[0], segments.shape[1]),
                 background_id=rules.background_id,
                 threshold=rules.mask_threshold(self.encoder),
                 exclude=rules.excluded,

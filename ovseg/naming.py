@@ -62,14 +62,14 @@ def label_masks(
     if threshold is not None and background_id is None:
         raise ValueError("threshold needs a background_id to assign low-scoring masks to")
     _check_embeddings(dense, text)
-    weights, segments = _coverage(masks, dense.shape[-2:], num_masks)
+    weights, segments = _coverage(masks, (dense.shape[1], dense.shape[2]), num_masks)
     embeddings = F.normalize(weights @ dense.flatten(1).T.float(), dim=-1)
     similarity = embeddings @ F.normalize(text.float(), dim=-1).T  # [K, C]
     if exclude is not None:
         similarity[:, exclude] = float("-inf")
     class_ids = similarity.argmax(dim=1)
     scores = similarity.gather(1, class_ids[:, None])[:, 0]
-    if threshold is not None:
+    if threshold is not None and background_id is not None:  # (a threshold alone is refused above)
         class_ids = torch.where(scores < threshold, torch.full_like(class_ids, background_id), class_ids)
     empty = weights.sum(dim=1) == 0
     class_ids = class_ids.masked_fill(empty, UNLABELLED)
@@ -110,7 +110,7 @@ def maskclip_labels(
         better = score > best  # strict, so an earlier (lower) class id keeps ties
         best = torch.where(better, score, best)
         labels = torch.where(better, index + start, labels)
-    if threshold is not None:
+    if threshold is not None and background_id is not None:  # (a threshold alone is refused above)
         labels = labels.masked_fill(best < threshold, background_id)
     return labels
 

@@ -61,6 +61,8 @@ class NamedMasks:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> NamedMasks:
         """The names saved in an image's NAME.npz, to draw its pictures again (mask embeddings are not saved)."""
         names = MaskNames.from_arrays(arrays)
+        if names is None:
+            raise ValueError("the npz holds no mask names (ov_labels): its run did not name its masks")
         class_ids = torch.from_numpy(names.mask_classes)
         masks = MaskLabels(
             class_ids,

@@ -145,13 +145,20 @@ class ChannelProjection(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+class IndexedBlocks(nn.Module):
+    """CLIP blocks under their index in CLIP (resblocks.<i>), the key layout of open_clip's transformer."""
+
+    def __init__(self, blocks: Mapping[int, ResidualAttentionBlock]) -> None:
+        super().__init__()
+        self.resblocks = nn.Sequential(OrderedDict((str(i), block) for i, block in blocks.items()))
+
+
 class MaskerBackbone(nn.Module):
     """The masker's trainable copies of CLIP's last blocks, named by their index in CLIP (resblocks.<i>)."""
 
     def __init__(self, blocks: Mapping[int, ResidualAttentionBlock]) -> None:
         super().__init__()
-        self.transformer = nn.Module()
-        self.transformer.resblocks = nn.Sequential(OrderedDict((str(i), block) for i, block in blocks.items()))
+        self.transformer = IndexedBlocks(blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, 1 + hw, width] tokens -> same, the last block attending to itself only."""
@@ -280,7 +287,7 @@ class TCLEncoder(ClipDenseEncoder):
             if pamr:
                 guide = F.interpolate(crops.float(), size=masks.shape[-2:], mode="bilinear", align_corners=True)
                 masks = pamr_refine(guide, masks)
-            if kp_weight > 0:
+            if clip is not None:  # computed when kp_weight > 0
                 s_clip = torch.einsum("bdhw,cd->bchw", F.normalize(clip.float(), dim=1), text)
                 kp = F.interpolate(kp_branch(s_clip), scale_factor=UPSAMPLING, mode="bilinear")
                 masks = kp_weight * _crop_to_window(kp, crops, self) + (1 - kp_weight) * masks

@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,17 @@ Tokenizer = Callable[[list[str]], Tensor]
 ClassNames = Sequence[str | Sequence[str]]  # per class: a name, or its synonyms (first = display name)
 
 
+class TextTower(Protocol):
+    """What class embeddings need of a CLIP model (open_clip's): its text encoder, and its weights' device."""
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+
 @torch.no_grad()
 def text_embeddings(
-    model: nn.Module,
+    model: TextTower,
     tokenizer: Tokenizer,
     classes: ClassNames,
     templates: Sequence[str] = IMAGENET_TEMPLATES,
@@ -67,7 +76,7 @@ def text_embeddings(
 
 
 def cached_text_embeddings(
-    model: nn.Module,
+    model: TextTower,
     tokenizer: Tokenizer,
     classes: ClassNames,
     templates: Sequence[str] = IMAGENET_TEMPLATES,
@@ -101,7 +110,7 @@ def cached_text_embeddings(
 
 
 def text_cache_key(
-    model: nn.Module,
+    model: TextTower,
     tokenizer: Tokenizer,
     classes: ClassNames,
     templates: Sequence[str],
@@ -134,7 +143,7 @@ def synonym_groups(classes: ClassNames) -> list[tuple[str, ...]]:
 
 
 @torch.no_grad()
-def _text_tower_fingerprint(model: nn.Module, tokenizer: Tokenizer) -> str:
+def _text_tower_fingerprint(model: TextTower, tokenizer: Tokenizer) -> str:
     """Hash of the text embedding of a fixed probe prompt: changes whenever the text tower does."""
     device = next(model.parameters()).device
     probe = model.encode_text(tokenizer([FINGERPRINT_PROMPT]).to(device)).float().cpu()

@@ -18,6 +18,7 @@ import open_clip
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -95,9 +96,9 @@ class ClipTraining(pl.LightningModule):
         with torch.no_grad():  # CLIP clamps its temperature at 100
             self.model.logit_scale.clamp_(0, math.log(100))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=0.1)
-        warm = self.hparams.warmup_steps
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams["lr"], weight_decay=0.1)
+        warm = self.hparams["warmup_steps"]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

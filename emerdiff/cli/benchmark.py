@@ -28,7 +28,7 @@ from pathlib import Path
 
 from emerdiff.cli.common.arguments import base_parser, load_cli_config, parse_args
 from emerdiff.cli.common.messages import reported_errors
-from emerdiff.config import IMPLS, ConfigError
+from emerdiff.config import IMPLS, ConfigError, EvalConfig, section
 from emerdiff.files import version_record
 
 # Dense fp16/bf16 tensor-core peak of named GPUs, TFLOP/s (vendor data sheets, no sparsity).
@@ -119,8 +119,6 @@ def approximations(cfg, modes: str, output: str | None, command: str) -> int:
     from emerdiff.cli.common.evaluation import evaluation_split
 
     metadata, data = evaluation_split(cfg)
-    from omegaconf import OmegaConf
-
     from emerdiff.approximations import figure, markdown, mode_models, record, run_sweep
     from emerdiff.benchmark import warm_up
     from emerdiff.evaluation.module import IndexedDataset
@@ -147,7 +145,7 @@ def approximations(cfg, modes: str, output: str | None, command: str) -> int:
         models,
         images,
         metadata,
-        OmegaConf.to_object(cfg.eval),
+        section(cfg.eval, EvalConfig),
         cfg.data.dataset,
         log=lambda message: print(message, flush=True),
         each_image=write,

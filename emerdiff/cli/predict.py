@@ -39,6 +39,8 @@ if TYPE_CHECKING:  # torch and Lightning load once the arguments are parsed, so 
     import pytorch_lightning as pl
 
     from emerdiff.predict import ExtrasStep, OutputStore, SourceImage
+    from ovseg.config import OVSegConfig
+    from ovseg.vocab import Vocabulary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +93,11 @@ def predict(cfg: DictConfig, exports: Sequence[str] = ()) -> int:
 
 
 def segment_pending(
-    cfg: DictConfig, store: OutputStore, naming: tuple | None, trainer: pl.Trainer, exports: Sequence[str]
+    cfg: DictConfig,
+    store: OutputStore,
+    naming: tuple[OVSegConfig, Vocabulary] | None,
+    trainer: pl.Trainer,
+    exports: Sequence[str],
 ) -> int:
     """The run once it holds the output folder: what is done there decides what is left to segment."""
     from emerdiff.predict import EmerDiffPredictor, PredictImages, find_images
@@ -145,7 +151,7 @@ def redraw_missing(store: OutputStore, cfg: DictConfig) -> None:
         print(f"drew the missing pictures of {plural(drawn, 'finished image')} from their saved arrays")
 
 
-def build_namer(naming: tuple | None, out: Path) -> ExtrasStep | None:
+def build_namer(naming: tuple[OVSegConfig, Vocabulary] | None, out: Path) -> ExtrasStep | None:
     """With ovseg.vocab, the CLIP labeller that names every mask; text embeddings cached under the output."""
     if naming is None:
         return None

@@ -188,20 +188,13 @@ class SegmentationDataset(Dataset):
         return [line.strip() for line in lines if line.strip()]
 
 
-class CocoStuff171(SegmentationDataset):
-    """COCO-Stuff-164k with 171 classes (stuffthingmaps PNGs: COCO id - 1, 255 unlabeled).
+class ListedSplit(SegmentationDataset):
+    """A split that an `image_list` can restrict: the registry offers the option to the splits whose constructor
+    takes it, which are the subclasses of this one.
 
     Args:
-        image_list: optional text file of image ids (one per line) restricting the split,
-            e.g. STEGO's ``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt``.
+        image_list: optional text file of image ids (one per line) restricting the split.
     """
-
-    LABEL_SET = "coco_stuff171"
-    DEFAULT_SPLIT = "val2017"
-    LAYOUT = (
-        "  images/{split}/<id>.jpg\n"
-        "  annotations/{split}/<id>.png   (stuffthingmaps_trainval2017: 8-bit, COCO id - 1, 255 unlabeled)"
-    )
 
     def __init__(
         self,
@@ -214,12 +207,30 @@ class CocoStuff171(SegmentationDataset):
         self.image_list = None if image_list is None else Path(image_list)
         super().__init__(root, split, size, interpolation)
 
+    def _listed_ids(self) -> list[str] | None:
+        """The ids of `image_list`, or None without one (the whole split)."""
+        return None if self.image_list is None else self._read_id_list(self.image_list)
+
+
+class CocoStuff171(ListedSplit):
+    """COCO-Stuff-164k with 171 classes (stuffthingmaps PNGs: COCO id - 1, 255 unlabeled).
+
+    An `image_list` is e.g. STEGO's ``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt``.
+    """
+
+    LABEL_SET = "coco_stuff171"
+    DEFAULT_SPLIT = "val2017"
+    LAYOUT = (
+        "  images/{split}/<id>.jpg\n"
+        "  annotations/{split}/<id>.png   (stuffthingmaps_trainval2017: 8-bit, COCO id - 1, 255 unlabeled)"
+    )
+
     def _find_samples(self) -> list[Sample]:
         image_dir = self._require(self.root / "images" / self.split)
         label_dir = self._require(self.root / "annotations" / self.split)
-        if self.image_list is None:
+        ids = self._listed_ids()
+        if ids is None:
             return self._samples_from_image_dir(image_dir, ".jpg", label_dir, ".png")
-        ids = self._read_id_list(self.image_list)
         return self._samples_from_ids(ids, image_dir, ".jpg", label_dir, ".png")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from emerdiff.data.datasets import Interpolation, Sample, SegmentationDataset
+from emerdiff.data.datasets import Interpolation, ListedSplit, Sample
 from emerdiff.data.labels import DatasetMetadata
 
 SIZE = 128
@@ -305,15 +305,12 @@ def metadata() -> DatasetMetadata:
     return DatasetMetadata(name="toyworld", classes=CLASSES, ignore_index=IGNORE_INDEX, palette=PALETTE)
 
 
-class ToyWorld(SegmentationDataset):
+class ToyWorld(ListedSplit):
     """The toy world's validation scenes as a labelled split (``data.dataset: toyworld_val``).
 
     The scenes are drawn once into ``root`` (images/<id>.png, labels/<id>.png, captions.json), so
     every tool reads them as files; a root drawn by another generator version or count is redrawn.
-
-    Args:
-        image_list: optional text file of scene ids (one per line) restricting the split, e.g. for
-            a quick ablation on its first scenes.
+    An `image_list` of scene ids is e.g. a quick ablation on the first scenes.
     """
 
     DEFAULT_SPLIT = "val"
@@ -330,9 +327,8 @@ class ToyWorld(SegmentationDataset):
         interpolation: Interpolation = "bicubic",
         image_list: str | Path | None = None,
     ) -> None:
-        self.image_list = None if image_list is None else Path(image_list)
         draw_split(Path(root).expanduser(), val_seeds())
-        super().__init__(root, split, size, interpolation)
+        super().__init__(root, split, size, interpolation, image_list)
 
     @classmethod
     def metadata(cls, root: str | Path | None = None, **options: object) -> DatasetMetadata:
@@ -345,7 +341,9 @@ class ToyWorld(SegmentationDataset):
         return lookup
 
     def _find_samples(self) -> list[Sample]:
-        ids = [scene_id(s) for s in val_seeds()] if self.image_list is None else self._read_id_list(self.image_list)
+        ids = self._listed_ids()
+        if ids is None:
+            ids = [scene_id(s) for s in val_seeds()]
         return self._samples_from_ids(ids, self.root / "images", ".png", self.root / "labels", ".png")
 
 

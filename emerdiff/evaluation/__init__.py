@@ -45,6 +45,7 @@ _EXPORTS = {
     "miou_convention": "scoring",
     "per_image_class_map": "scoring",
     "Evaluator": "evaluator",
+    "ModuleMap": "evaluator",
     "UnsupervisedEvaluator": "evaluator",
     "evaluate_all": "evaluator",
     "is_main_process": "evaluator",

@@ -83,6 +83,10 @@ def boundary_scores(
 class SegmentationWithBoundary(ConfusionMatrixMetric):
     """The confusion matrix plus per-class boundary-band intersections and unions; all states summed across ranks."""
 
+    boundary_intersection: torch.Tensor  # the states (add_state): [C] int64 pixel counts of the boundary bands
+    boundary_union: torch.Tensor
+    boundary_gt: torch.Tensor
+
     def __init__(self, num_classes: int, ignore_index: int = 255, convention: str = "detectron2", **kwargs) -> None:
         super().__init__(num_classes, ignore_index, convention, **kwargs)
         for name in ("boundary_intersection", "boundary_union", "boundary_gt"):

@@ -14,9 +14,9 @@ labels and on the bilinear upsampling of the same low-resolution masks (`emerdif
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from ..config import EvalConfig, fingerprint
 from ..data import DatasetMetadata
 from .boundary import SegmentationWithBoundary
 from .cache import CachedPrediction
+from .metrics import SegmentationScores
 from .protocols import overlap_matrix
 from .report import EvaluationResults, ResultsTable
 from .scoring import (
@@ -44,6 +45,29 @@ def is_main_process() -> bool:
     """Rank 0 of the process group, or the only process."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not distributed or torch.distributed.get_rank() == 0
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class ModuleMap(nn.ModuleDict, Generic[ModuleT]):
+    """A ModuleDict of one kind of module (metrics by method, by protocol), whose entries read as that kind."""
+
+    def __init__(self, modules: Mapping[str, ModuleT]) -> None:
+        super().__init__(modules)
+
+    def __getitem__(self, key: str) -> ModuleT:
+        return cast(ModuleT, super().__getitem__(key))  # torch types every entry nn.Module; __init__ took ModuleTs
+
+
+class ModuleSeq(nn.ModuleList, Generic[ModuleT]):
+    """A ModuleList of one kind of module (evaluators), whose entries read as that kind."""
+
+    def __init__(self, modules: Iterable[ModuleT]) -> None:
+        super().__init__(modules)
+
+    def __iter__(self) -> Iterator[ModuleT]:
+        return cast(Iterator[ModuleT], super().__iter__())  # torch types every entry nn.Module; __init__ took ModuleTs
 
 
 class Evaluator(nn.Module):
@@ -90,9 +114,9 @@ class UnsupervisedEvaluator(Evaluator):
         self.settings = settings
         self.prediction_settings = json.loads(fingerprint(prediction_settings))
         self.per_image = [p for p in settings.protocols if p in PER_IMAGE_PROTOCOLS]
-        self.metrics = nn.ModuleDict(
+        self.metrics = ModuleMap(
             {
-                method: nn.ModuleDict(
+                method: ModuleMap(
                     {
                         p: SegmentationWithBoundary(
                             metadata.num_classes, metadata.ignore_index, miou_convention(p, settings)
@@ -140,8 +164,8 @@ class UnsupervisedEvaluator(Evaluator):
 
     def evaluate(self) -> EvaluationResults | None:
         """Reduce across processes (every process takes part), then the main one runs the dataset-wide protocols."""
-        scores = {
-            m: {p: metric.compute() for p, metric in by_protocol.items()} for m, by_protocol in self.metrics.items()
+        scores: dict[str, dict[str, SegmentationScores]] = {
+            m: {p: self.metrics[m][p].compute() for p in self.metrics[m]} for m in self.metrics
         }
         masks = self.masks.compute()
         if not is_main_process():

@@ -14,31 +14,33 @@ twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..choices import CROPS, INTERPOLATIONS
 from ..config import UserError
-from ..data import build_dataset
+from ..data import SegmentationDataset, build_dataset
 from ..image import ImageLoadError
 from ..stopping import RepeatedFailures
 from .cache import CachedPrediction, PredictionCache, StaleCacheError
-from .evaluator import Evaluator
+from .evaluator import Evaluator, ModuleSeq, ModuleT
 from .report import ResultsTable, write_results
+
+if TYPE_CHECKING:
+    from ..segmentor import EmerDiff
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SegmentorLoader = Callable[[pl.Trainer], nn.Module]
+SegmentorLoader = Callable[[pl.Trainer], "EmerDiff"]
 
 
 class CachedEvaluation(pl.LightningModule):
@@ -62,10 +64,10 @@ class CachedEvaluation(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.load_segmentor = load_segmentor
-        self.segmentor: nn.Module | None = None
+        self.segmentor: EmerDiff | None = None
         self.cache = cache
         self.caches = (cache, *more_caches)
-        self.evaluators = nn.ModuleList(evaluators)
+        self.evaluators = ModuleSeq(evaluators)
         self.results: list[ResultsTable] = []
         self.skipped: list[dict[str, str]] = []  # this rank's images whose prediction failed
         self.repeated = RepeatedFailures(max_repeated_failures)
@@ -91,7 +93,8 @@ class CachedEvaluation(pl.LightningModule):
         skipped = self.all_skipped()
         if not self.trainer.is_global_zero:
             return
-        self.results = [replace(table, skipped=skipped) for table in tables]
+        # rank 0 has every table
+        self.results = [replace(table, skipped=skipped) for table in tables if table is not None]
         for table in self.results:
             for name, value in table.logged().items():
                 self.log(name, value, rank_zero_only=True)
@@ -108,11 +111,13 @@ class CachedEvaluation(pl.LightningModule):
         try:
             result = compute()
         except ImageLoadError as exc:  # an unreadable image is that image's fault
-            return self._skip(image_id, exc)
+            self._skip(image_id, exc)
+            return None
         except (UserError, StaleCacheError):
             raise
         except Exception as exc:  # out of memory on one huge image, a NaN, a faiss error
-            return self._skip(image_id, exc)
+            self._skip(image_id, exc)
+            return None
         self.repeated.record(None)
         return result
 
@@ -144,13 +149,13 @@ class CachedEvaluation(pl.LightningModule):
             self.cache.save(image_id, prediction)
         return prediction
 
-    def _segmentor(self) -> nn.Module:
+    def _segmentor(self) -> EmerDiff:
         """The segmentor on this module's device, loaded on first use."""
         return self._loaded(
             "segmentor", lambda: self.load_segmentor(self.trainer).eval().requires_grad_(False).to(self.device)
         )
 
-    def _loaded(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
+    def _loaded(self, name: str, build: Callable[[], ModuleT]) -> ModuleT:
         """``self.<name>``, built by `build` on first use (outside inference mode, so weights are normal tensors)."""
         if getattr(self, name) is None:
             with torch.inference_mode(False):
@@ -166,13 +171,19 @@ class IndexedDataset(Dataset):
     `interpolation`, label with nearest neighbour).
     """
 
-    def __init__(self, dataset: Dataset, shorter_side: int | None = None, interpolation: str = "bicubic") -> None:
+    def __init__(
+        self, dataset: SegmentationDataset, shorter_side: int | None = None, interpolation: str = "bicubic"
+    ) -> None:
         self.dataset = dataset
         self.shorter_side = shorter_side
         self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def __iter__(self) -> Iterator[dict]:
+        """The items in order, as a plain loop over the split sees them."""
+        return (self[index] for index in range(len(self)))
 
     def __getitem__(self, index: int) -> dict:
         item = {**self.dataset[index], "index": index}
@@ -238,6 +249,8 @@ class EvaluationData(pl.LightningDataModule):
         return IndexedDataset(self.split, self.shorter_side, getattr(self.split, "interpolation", "bicubic"))
 
     def test_dataloader(self) -> DataLoader:
+        if self.trainer is None:
+            raise RuntimeError("EvaluationData gives its loader to a Trainer: use it through Trainer.test")
         world, rank = self.trainer.world_size, self.trainer.global_rank
         if world > len(self.split):
             raise ValueError(f"{world} processes for {len(self.split)} images: use at most one process per image")

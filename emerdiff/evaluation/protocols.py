@@ -28,7 +28,6 @@ DDP ranks (e.g. ``all_gather`` and concatenate) before the dataset-wide step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -103,8 +102,8 @@ def match_image(
     num_classes: int,
     *,
     ignore_index: int = 255,
-    assignment: Literal["hungarian", "majority"] = "hungarian",
-    criterion: Literal["overlap", "iou"] = "overlap",
+    assignment: str = "hungarian",
+    criterion: str = "overlap",
     keep_empty_pairs: bool = False,
 ) -> ImageMatching:
     """Per-image protocol: give one image's segments class ids using that image's ground truth.

@@ -131,7 +131,7 @@ def dataset_protocol_scores(
             l2_normalize=settings.kmeans_l2_normalize,
         )
     for method, histograms in masks.histograms.items():  # one k-means, matched on each method's histograms
-        if "dataset" in protocols:
+        if num_clusters is not None:  # the dataset protocol, its masks clustered above
             convention = miou_convention("dataset", settings)
             rules = MIOU_CONVENTIONS[convention]
             if rules.stego_extra_clusters and num_clusters > num_classes:  # STEGO's own computation
@@ -155,6 +155,9 @@ class MaskRecords(Metric):
     """Each mask's image index, embedding and per-method class histogram; states concatenated across ranks."""
 
     full_state_update = False
+    images: list[torch.Tensor]  # the states (add_state): one entry per image
+    image_of_mask: list[torch.Tensor]
+    embeddings: list[torch.Tensor]
 
     def __init__(self, methods: Sequence[str] = METHODS, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -90,15 +91,16 @@ def coco_dict(images: Sequence[ImageMasks]) -> dict:
         raise ValueError("cannot export images with named masks together with images without")
     if named == {True}:
         names: dict[str, int] = {}
-        for image in images:
-            for class_name in image.names.class_names:
-                names.setdefault(class_name, len(names) + 1)
+        for mask_names in (image.names for image in images if image.names is not None):
+            for vocabulary_name in mask_names.class_names:
+                names.setdefault(vocabulary_name, len(names) + 1)
     else:
         names = {f"mask {k}": k + 1 for k in range(max((image.num_masks for image in images), default=0))}
     categories = [
         {"id": i, "name": n, "supercategory": "class" if named == {True} else "mask"} for n, i in names.items()
     ]
-    coco_images, annotations = [], []
+    coco_images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, image in enumerate(images, start=1):
         height, width = image.labels.shape
         coco_images.append({"id": image_id, "file_name": image.file_name, "height": int(height), "width": int(width)})
@@ -106,7 +108,7 @@ def coco_dict(images: Sequence[ImageMasks]) -> dict:
             pixels = image.labels == k
             if not pixels.any():
                 continue  # a mask that won no pixel at full resolution has no region to annotate
-            if image.named:
+            if image.names is not None:
                 class_name = image.names.name(k)
                 category = names[class_name] if class_name is not None else None
                 score = float(image.names.mask_scores[k])
@@ -120,7 +122,7 @@ def _annotation(annotation_id: int, image_id: int, category: int | None, pixels:
     from pycocotools import mask as coco_mask  # only needed by COCO exports
 
     rle = coco_mask.encode(np.asfortranarray(pixels.astype(np.uint8)))
-    entry = {
+    entry: dict[str, Any] = {
         "id": annotation_id,
         "image_id": image_id,
         "category_id": category,

@@ -146,6 +146,8 @@ class PredictImages(pl.LightningDataModule):
         That sampler refuses a rank without images from a non-empty list, so with fewer images
         than ranks the ranks past the last image get an empty list (predict runs no DDP sync).
         """
+        if self.trainer is None:
+            raise RuntimeError("PredictImages gives its loader to a Trainer: use it through Trainer.predict")
         images = self.images if self.trainer.global_rank < len(self.images) else []
         return DataLoader(
             SourceImages(images), batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=as_list

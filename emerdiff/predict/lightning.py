@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from torch import nn
 
 from ..image import ImageLoadError
-from ..segmentor import SegmentationOutput
+from ..segmentor import EmerDiff, SegmentationOutput
 from ..stopping import RepeatedFailures
 from .inputs import PredictSample
 from .outputs import ImageExtras, PredictedImage
@@ -40,12 +40,12 @@ class ExtrasStep(Protocol):
 
 
 class EmerDiffPredictor(pl.LightningModule):
-    """A frozen segmentor (anything with ``segment(image)``); `predict_step` returns one PredictedImage per image.
+    """A frozen segmentor (an `EmerDiff`); `predict_step` returns one PredictedImage per image.
 
     An optional `extras` step adds a plug-in's results to every image (`PredictedImage.extras`).
     """
 
-    def __init__(self, segmentor: nn.Module, extras: ExtrasStep | None = None) -> None:
+    def __init__(self, segmentor: EmerDiff, extras: ExtrasStep | None = None) -> None:
         super().__init__()
         self.segmentor = segmentor.eval().requires_grad_(False)
         self.extras = extras.eval().requires_grad_(False) if isinstance(extras, nn.Module) else extras
@@ -57,7 +57,7 @@ class EmerDiffPredictor(pl.LightningModule):
 
     def _segment(self, sample: PredictSample) -> PredictedImage:
         """One image's result; any error inside its segmentation is recorded with it, and the run goes on."""
-        if sample.error is not None:
+        if sample.image is None:  # it could not be read: sample.error says why
             return PredictedImage(sample.name, sample.path, error=sample.error, error_type=ImageLoadError.__name__)
         start = time.perf_counter()
         try:

@@ -24,6 +24,7 @@ from emerdiff.data import (
     EmptySplitError,
     LabelError,
     LabelledFolder,
+    ListedSplit,
     PascalContext59,
     PascalContext459,
     build_dataset,
@@ -207,6 +208,28 @@ def test_coco_image_list_restricts_the_split(tmp_path):
 
     dataset = CocoStuff27(tmp_path, image_list=tmp_path / "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt")
     assert [s.id for s in dataset.samples] == ["000000000285"]
+
+
+def test_the_splits_offered_image_list_are_exactly_the_listed_splits():
+    """The registry offers an option to the splits whose constructor takes it: image_list is ListedSplit's alone."""
+    for name, spec in DATASETS.items():
+        assert spec.takes("image_list") == issubclass(spec.dataset_cls, ListedSplit), name
+    assert {name for name, spec in DATASETS.items() if spec.takes("image_list")} == {
+        "coco_stuff171_val", "coco_stuff27_val", "coco_object_val", "toyworld_val"
+    }
+
+
+def test_an_image_list_named_by_text_keeps_its_order_and_skips_blank_lines(tmp_path):
+    raw = np.zeros((2, 2), dtype=np.uint8)
+    for image_id in ["000000000139", "000000000285", "000000000632"]:
+        write_pair(
+            tmp_path / f"images/val2017/{image_id}.jpg", tmp_path / f"annotations/val2017/{image_id}.png", raw
+        )
+    (tmp_path / "ids.txt").write_text("000000000632\n\n  000000000139  \n")
+
+    dataset = build_dataset("coco_object_val", tmp_path, image_list=str(tmp_path / "ids.txt"))
+    assert dataset.image_list == tmp_path / "ids.txt"
+    assert [s.id for s in dataset.samples] == ["000000000632", "000000000139"]
 
 
 def test_size_resizes_the_shorter_side_then_crops_the_centre_with_nearest_labels(tmp_path):

@@ -168,7 +168,8 @@ class DemoSegmenter:
         """Check the upload, segment it with K and lambda, name the masks with `vocabulary`, write the downloads."""
         upload = read_upload(path, self.max_pixels, self.max_side)
         vocabulary = (vocabulary or "").strip()
-        if vocabulary and self.naming is None:
+        naming = self.naming if vocabulary else None
+        if vocabulary and naming is None:
             raise DemoInputError("this demo was started without mask naming; leave the vocabulary empty")
         report = progress or (lambda fraction, text: None)
         stages = list(STAGES) + (["naming"] if vocabulary else [])
@@ -178,18 +179,20 @@ class DemoSegmenter:
         with self._lock, observing(model, ProgressObserver(report, stages)):
             start = time.perf_counter()
             output = model.segment(upload.photo)
-            extras = self._named(model, vocabulary, image, output) if vocabulary else None
+            extras = self._named(model, naming, vocabulary, image, output) if naming is not None else None
             seconds = time.perf_counter() - start
         report(1.0, "writing the downloads")
         result = PredictedImage(upload.name, upload.file_name, image, output, seconds, extras=extras)
         names = MaskNames.from_arrays(extras.arrays()) if extras is not None else None
         return DemoResult(upload=upload, output=output, names=names, seconds=seconds, files=self.write_files(result))
 
-    def _named(self, model: EmerDiff, vocabulary: str, image: torch.Tensor, output: SegmentationOutput) -> ImageExtras:
+    def _named(
+        self, model: EmerDiff, naming: Naming, vocabulary: str, image: torch.Tensor, output: SegmentationOutput
+    ) -> ImageExtras:
         """The masks named from `vocabulary` (the "naming" stage); a vocabulary the naming refuses is DemoInputError."""
         with model.stage("naming"):
             try:
-                return self.naming(vocabulary)(image, output)
+                return naming(vocabulary)(image, output)
             except (ValueError, FileNotFoundError) as exc:  # unknown vocabulary, duplicate names, ...
                 raise DemoInputError(f"vocabulary: {exc}") from None
 

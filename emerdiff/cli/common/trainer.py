@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from emerdiff.config import ConfigError, ModelConfig, SegmentorConfig, section
+from emerdiff.config import ConfigError, ModelConfig, SegmentorConfig, plain, section
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -68,13 +68,13 @@ def build_trainer(settings: Mapping[str, Any], **tool_arguments: Any) -> pl.Trai
     """
     import pytorch_lightning as pl
 
-    settings = OmegaConf.to_container(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
-    check_trainer_keys(settings)
-    clash = sorted(settings.keys() & tool_arguments.keys())
+    options = plain(settings, resolve=True) if isinstance(settings, DictConfig) else dict(settings)
+    check_trainer_keys(options)
+    clash = sorted(options.keys() & tool_arguments.keys())
     if clash:
         raise ConfigError(f"{', '.join(f'trainer.{k}' for k in clash)} cannot be configured: this tool sets it")
-    logger = build_logger(settings.pop("logger", False), tool_arguments.get("default_root_dir", "."))
-    return pl.Trainer(**settings, logger=logger, **tool_arguments)
+    logger = build_logger(options.pop("logger", False), tool_arguments.get("default_root_dir", "."))
+    return pl.Trainer(**options, logger=logger, **tool_arguments)
 
 
 def progress_bar(settings: Mapping[str, Any]) -> list[Any]:
