@@ -28,7 +28,6 @@ from ..data import DatasetMetadata
 from .boundary import SegmentationWithBoundary
 from .cache import CachedPrediction
 from .metrics import SegmentationScores
-from .protocols import overlap_matrix
 from .report import EvaluationResults, ResultsTable
 from .scoring import (
     METHODS,
@@ -36,8 +35,8 @@ from .scoring import (
     MaskRecords,
     check_settings,
     dataset_protocol_scores,
+    image_class_maps,
     miou_convention,
-    per_image_class_map,
 )
 
 
@@ -131,35 +130,15 @@ class UnsupervisedEvaluator(Evaluator):
 
     def process(self, image_index: int, prediction: CachedPrediction) -> None:
         """Update the per-image metrics and record the masks for the dataset-wide protocols."""
-        meta = self.metadata
         gt = torch.from_numpy(prediction.gt)
-        histograms = {}
+        maps = image_class_maps(prediction, self.metadata, self.settings, self.per_image)
         for method in METHODS:
-            segments = prediction.segments(method)
-            histograms[method] = overlap_matrix(
-                segments,
-                prediction.gt,
-                meta.num_classes,
-                num_segments=prediction.num_masks,
-                ignore_index=meta.ignore_index,
-            )
             for protocol in self.per_image:
-                classes = per_image_class_map(
-                    protocol,
-                    segments,
-                    prediction.gt,
-                    prediction.mask_embeddings,
-                    histograms[method],
-                    meta.num_classes,
-                    meta.ignore_index,
-                    self.settings.match_criterion,
-                    miou_convention(protocol, self.settings),
-                )
-                self.metrics[method][protocol].update(torch.from_numpy(classes), gt)
+                self.metrics[method][protocol].update(torch.from_numpy(maps.classes[method][protocol]), gt)
         self.masks.update(
             image_index,
             torch.from_numpy(prediction.mask_embeddings),
-            {m: torch.from_numpy(h) for m, h in histograms.items()},
+            {m: torch.from_numpy(h) for m, h in maps.histograms.items()},
         )
 
     def evaluate(self) -> EvaluationResults | None:

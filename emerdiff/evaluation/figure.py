@@ -21,9 +21,9 @@ from ..config import ConfigError, EvalConfig
 from ..data import DatasetMetadata
 from ..predict.render import NamedLabels, class_fill, palette, resize_nearest, titled_grid, with_legend
 from .cache import CACHE_DIR, CachedPrediction, PredictionCache
-from .protocols import UNMATCHED, overlap_matrix
+from .protocols import UNMATCHED
 from .report import earlier_results
-from .scoring import miou_convention, per_image_class_map
+from .scoring import image_class_maps
 
 if TYPE_CHECKING:
     from .module import EvaluationData
@@ -97,23 +97,8 @@ def figure_row(
     image: np.ndarray, prediction: CachedPrediction, metadata: DatasetMetadata, settings: EvalConfig
 ) -> FigureRow:
     """The class maps the per-image Hungarian protocol scores for each method, made as the evaluator makes them."""
-    classes = {}
-    for method in COLUMNS:
-        segments = prediction.segments(method)
-        histogram = overlap_matrix(
-            segments, prediction.gt, metadata.num_classes, prediction.num_masks, metadata.ignore_index
-        )
-        classes[method] = per_image_class_map(
-            "hungarian",
-            segments,
-            prediction.gt,
-            prediction.mask_embeddings,
-            histogram,
-            metadata.num_classes,
-            metadata.ignore_index,
-            settings.match_criterion,
-            miou_convention("hungarian", settings),
-        )
+    maps = image_class_maps(prediction, metadata, settings, ["hungarian"])
+    classes = {method: maps.classes[method]["hungarian"] for method in COLUMNS}
     valid = (prediction.gt != metadata.ignore_index) & (prediction.gt >= 0) & (prediction.gt < metadata.num_classes)
     return FigureRow(image, np.where(valid, prediction.gt, UNMATCHED), classes)
 

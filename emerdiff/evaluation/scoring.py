@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +27,20 @@ from torchmetrics.utilities import dim_zero_cat
 from ..choices import MIOU_CONVENTIONS, PROTOCOLS
 from ..config import EvalConfig, check_rules
 from .metrics import SegmentationScores, scores_from_confusion, stego_scores
-from .protocols import UNMATCHED, assign_to_concepts, cluster_masks, concept_sums, match_clusters, match_image, relabel
+from .protocols import (
+    UNMATCHED,
+    assign_to_concepts,
+    cluster_masks,
+    concept_sums,
+    match_clusters,
+    match_image,
+    overlap_matrix,
+    relabel,
+)
+
+if TYPE_CHECKING:
+    from ..data import DatasetMetadata
+    from .cache import CachedPrediction
 
 METHODS = ("emerdiff", "bilinear", "nearest")  # EmerDiff labels; bilinear, nearest upsampling of the same k-means masks
 PER_IMAGE_PROTOCOLS = tuple(name for name, protocol in PROTOCOLS.items() if protocol.per_image)
@@ -76,6 +89,46 @@ def per_image_class_map(
     if protocol == "concept_image":
         return relabel(segments, assign_to_concepts(embeddings, concept_sums(embeddings, histogram)))
     raise ValueError(f"{protocol!r} is not a per-image protocol; those are {', '.join(PER_IMAGE_PROTOCOLS)}")
+
+
+@dataclass(frozen=True)
+class ImageClassMaps:
+    """One image scored by the per-image protocols: each method's mask/class overlaps and its class maps."""
+
+    histograms: dict[str, np.ndarray]  # method -> [K, C] pixels of mask k with ground-truth class c
+    classes: dict[str, dict[str, np.ndarray]]  # method -> protocol -> [H, W] class map (UNMATCHED: no class)
+
+
+def image_class_maps(
+    prediction: CachedPrediction, metadata: DatasetMetadata, settings: EvalConfig, protocols: Sequence[str]
+) -> ImageClassMaps:
+    """The class map each of `protocols` gives each method's masks of one cached prediction, as the evaluator
+    scores them (and the evaluation's figure draws them)."""
+    histograms, classes = {}, {}
+    for method in METHODS:
+        segments = prediction.segments(method)
+        histograms[method] = overlap_matrix(
+            segments,
+            prediction.gt,
+            metadata.num_classes,
+            num_segments=prediction.num_masks,
+            ignore_index=metadata.ignore_index,
+        )
+        classes[method] = {
+            protocol: per_image_class_map(
+                protocol,
+                segments,
+                prediction.gt,
+                prediction.mask_embeddings,
+                histograms[method],
+                metadata.num_classes,
+                metadata.ignore_index,
+                settings.match_criterion,
+                miou_convention(protocol, settings),
+            )
+            for protocol in protocols
+        }
+    return ImageClassMaps(histograms, classes)
 
 
 def confusion_from_histograms(histograms: np.ndarray, class_of_mask: np.ndarray, num_classes: int) -> torch.Tensor:
