@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (on a CPU shared with other work, 1 is much faster than 2)",
+        default=None,
+        help="torch CPU threads; default: the usable cores (on a CPU shared with other work, 1 can be much faster)",
     )
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
     args = parser.parse_args(argv)
@@ -63,9 +63,12 @@ def train(args: argparse.Namespace) -> int:
     """Run each chosen stage that has not written its output yet, timing it."""
     import torch
 
+    from emerdiff.models import cpu_threads
     from emerdiff.toy_training import SceneBank
 
-    torch.set_num_threads(args.threads)
+    threads = cpu_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     scenes = SceneBank.load_or_draw(args.scenes, out / f"scenes_{args.scenes}.npz")
