@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -30,6 +30,7 @@ from emerdiff.data.toyworld import draw_arrays, train_seeds
 from emerdiff.models import SDComponents, arch_config, build_random_sd
 
 ARCH = "toyworld"
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 VAE_CROP = 64
 KL_WEIGHT = 5e-4  # per latent value: keeps the latent channels near unit scale without blurring
 CAPTION_DROP = 0.5
@@ -95,13 +96,19 @@ def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class VAETraining(pl.LightningModule):
-    """AutoencoderKL on L1 + L1 of image gradients (sharp region edges) + a small KL term."""
+    """AutoencoderKL on L1 + L1 of image gradients (sharp region edges) + a small KL term. Given a trained `vae`
+    and `decoder_only`, only its decoder learns: the encoder, so the latent space a UNet was trained in, stays."""
 
-    def __init__(self, lr: float = 1e-3, warmup_steps: int = 100) -> None:
+    def __init__(
+        self, lr: float = 1e-3, warmup_steps: int = 100, vae: AutoencoderKL | None = None, decoder_only: bool = False
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["vae"])
         torch.manual_seed(0)
-        self.vae = AutoencoderKL(**_strip(arch_config(ARCH)["vae"]))
+        self.vae = vae if vae is not None else AutoencoderKL(**_strip(arch_config(ARCH)["vae"]))
+        if decoder_only:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         posterior = self.vae.encode(batch).latent_dist
@@ -114,7 +121,8 @@ class VAETraining(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.hparams["lr"], weight_decay=0.0)
+        learning = [p for p in self.vae.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(learning, lr=self.hparams["lr"], weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams["warmup_steps"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -218,7 +226,7 @@ def save_pipeline(parts: SDComponents, folder: Path) -> None:
     """`parts` as a diffusers folder (model_index.json, unet/, vae/, ...), fp16 safetensors; replaced whole."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    half = {name: _half_copy(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
+    half = {name: half_copy(getattr(parts, name)) for name in ("unet", "vae", "text_encoder")}
     pipe = StableDiffusionPipeline(
         **half,
         tokenizer=parts.tokenizer,
@@ -232,7 +240,8 @@ def save_pipeline(parts: SDComponents, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def _half_copy(module: torch.nn.Module) -> torch.nn.Module:
+def half_copy(module: ModuleT) -> ModuleT:
+    """An fp16 copy of a diffusers or transformers model in eval mode (what the shipped folders hold)."""
     copy = type(module).from_config(module.config) if isinstance(module, ConfigMixin) else type(module)(module.config)
     copy.load_state_dict(module.state_dict())
     return copy.half().eval()

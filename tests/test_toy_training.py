@@ -83,3 +83,39 @@ def test_a_finished_unet_stage_is_skipped_on_a_rerun_but_runs_again_when_continu
     assert ran == []
     assert train_toy.main(["--output", str(tmp_path), "--stages", "unet", "--unet-from", str(tmp_path / "old")]) == 0
     assert ran == [tmp_path / "old"]
+
+
+def test_the_decoder_stage_trains_the_decoder_alone_and_replaces_the_vae_of_the_written_pipeline(tmp_path):
+    """The encoder, so the latent space a UNet was trained in, stays bit for bit; the decoder learns; the pipeline
+    folder gets the new decoder in fp16."""
+    from diffusers import AutoencoderKL
+
+    from emerdiff.cli import train_toy
+    from emerdiff.toy_training import VAETraining, half_copy
+
+    VAETraining().vae.save_pretrained(tmp_path / "vae")
+    half_copy(VAETraining().vae).save_pretrained(tmp_path / "sd" / "vae")
+    before = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
+    assert train_toy.main(["--output", str(tmp_path), "--scenes", "16", "--threads", "1"]
+                          + ["--stages", "decoder", "--decoder-steps", "2"]) == 0
+    after = AutoencoderKL.from_pretrained(tmp_path / "vae").state_dict()
+    pipeline = AutoencoderKL.from_pretrained(tmp_path / "sd" / "vae").state_dict()
+    fixed = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    learned = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert fixed and learned and len(fixed) + len(learned) == len(before)
+    assert all(torch.equal(before[k], after[k]) for k in fixed)
+    assert not all(torch.equal(before[k], after[k]) for k in learned)
+    assert all(torch.equal(pipeline[k], after[k].half()) for k in before)
+
+
+def test_without_decoder_steps_the_decoder_stage_does_not_run(tmp_path, monkeypatch):
+    from emerdiff.cli import train_toy
+    from emerdiff.toy_training import SceneBank
+
+    ran = []
+    monkeypatch.setattr(SceneBank, "load_or_draw", classmethod(lambda cls, count, cache: None))
+    monkeypatch.setattr(train_toy, "tune_decoder", lambda args, scenes: ran.append(args.decoder_steps))
+    assert train_toy.main(["--output", str(tmp_path), "--stages", "decoder"]) == 0
+    assert ran == [] and not (tmp_path / "training.json").exists()
+    assert train_toy.main(["--output", str(tmp_path), "--stages", "decoder", "--decoder-steps", "5"]) == 0
+    assert ran == [5]

@@ -1,12 +1,14 @@
 """Train the toy world's miniature models on the CPU: VAE, UNet (a diffusers folder) and the tiny CLIP.
 
-    python tools/train_toy.py --output runs/toy        # about an hour on 2 CPU cores (docs/toyworld.md)
+    python tools/train_toy.py --output runs/toy        # 68 min on an idle 2-core CPU (docs/toyworld.md)
 
 Stages run in order; one that finished (its time is in OUTPUT/training.json) is skipped when the command runs
 again, except the unet stage continued with --unet-from:
-vae (OUTPUT/vae/), unet (OUTPUT/sd/, the pipeline `model.pretrained=OUTPUT/sd` loads; rewritten every
---save-every steps, so a stopped run is usable), control (OUTPUT/control/: the same folder with a random
-UNet, for comparisons), clip (OUTPUT/clip.safetensors, open_clip `toyworld-clip`). Losses go to
+vae (OUTPUT/vae/); decoder, only with --decoder-steps (the VAE's decoder alone trains on, so the encoder, the
+latent space and a UNet trained in it stay; it replaces OUTPUT/vae/ and the VAE of OUTPUT/sd/ and OUTPUT/control/
+where they exist); unet (OUTPUT/sd/, the pipeline `model.pretrained=OUTPUT/sd` loads; rewritten every
+--save-every steps, so a stopped run is usable); control (OUTPUT/control/: the same folder with a random
+UNet, for comparisons); clip (OUTPUT/clip.safetensors, open_clip `toyworld-clip`). Losses go to
 OUTPUT/logs/<stage>/metrics.csv, stage times to OUTPUT/training.json.
 """
 
@@ -25,10 +27,11 @@ from emerdiff.cli.common.messages import reported_errors
 if TYPE_CHECKING:  # torch and the models load only after the arguments are parsed
     import pytorch_lightning as pl
     from diffusers import AutoencoderKL
+    from torch.utils.data import DataLoader
 
     from emerdiff.toy_training import SceneBank
 
-STAGES = ("vae", "unet", "control", "clip")
+STAGES = ("vae", "decoder", "unet", "control", "clip")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="folder for the models, logs and scene cache")
     parser.add_argument("--scenes", type=int, default=8000, help="training scenes (seeds 0..N-1)")
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE steps, batch 16 of 64 px crops")
+    parser.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=0,
+        help="steps of the decoder stage (VAE decoder alone, batch 16 of 64 px crops); 0: no decoder stage",
+    )
     parser.add_argument("--unet-steps", type=int, default=8000, help="UNet steps, batch 32")
     parser.add_argument("--clip-steps", type=int, default=1000, help="CLIP steps, batch 64")
     parser.add_argument(
@@ -76,12 +85,16 @@ def train(args: argparse.Namespace) -> int:
     times: dict[str, float] = json.loads(log_path.read_text()) if log_path.is_file() else {}
     stages: dict[str, Callable[[], None]] = {
         "vae": lambda: train_vae(args, scenes),
+        "decoder": lambda: tune_decoder(args, scenes),
         "unet": lambda: train_unet(args, scenes),
         "control": lambda: save_control(args),
         "clip": lambda: train_clip(args, scenes),
     }
-    outputs = {"vae": out / "vae", "unet": out / "sd", "control": out / "control", "clip": out / "clip.safetensors"}
+    outputs = {"vae": out / "vae", "decoder": out / "vae", "unet": out / "sd", "control": out / "control"}
+    outputs["clip"] = out / "clip.safetensors"
     for stage in args.stages:
+        if stage == "decoder" and not args.decoder_steps:
+            continue  # the decoder stage runs only when asked for
         continuing = stage == "unet" and args.unet_from is not None  # a continuation runs though the stage is done
         if f"{stage}_minutes" in times and not continuing:
             print(f"{stage}: done before ({outputs[stage]}), skipped")
@@ -116,13 +129,10 @@ def trainer(args: argparse.Namespace, stage: str, steps: int, callbacks: list) -
 
 def train_vae(args: argparse.Namespace, scenes: SceneBank) -> None:
     """Stage vae: AutoencoderKL on crops, then its scaling factor (1 / std of the scenes' latents), saved."""
-    from torch.utils.data import DataLoader
-
-    from emerdiff.toy_training import VAE_CROP, RandomCrops, VAETraining, encode_scenes
+    from emerdiff.toy_training import VAETraining, encode_scenes
 
     module = VAETraining()
-    loader = DataLoader(RandomCrops(scenes.images, VAE_CROP), batch_size=16, shuffle=True, drop_last=True)
-    trainer(args, "vae", args.vae_steps, []).fit(module, loader)
+    trainer(args, "vae", args.vae_steps, []).fit(module, crop_loader(scenes))
     mean, std = encode_scenes(module.vae, scenes.images[:1000])
     samples = mean + std * __import__("torch").randn_like(std)
     module.vae.register_to_config(scaling_factor=float(1.0 / samples.std()))
@@ -131,6 +141,31 @@ def train_vae(args: argparse.Namespace, scenes: SceneBank) -> None:
         f"scaling factor {module.vae.config.scaling_factor:.4f}"
     )
     module.vae.save_pretrained(args.output / "vae")
+
+
+def tune_decoder(args: argparse.Namespace, scenes: SceneBank) -> None:
+    """Stage decoder: OUTPUT/vae's decoder alone trains on (the encoder, so the latent space and a UNet trained in it,
+    stay); the result replaces OUTPUT/vae and, in fp16, the VAE of the pipeline folders already written."""
+    from diffusers import AutoencoderKL
+
+    from emerdiff.toy_training import VAETraining, half_copy
+
+    vae = AutoencoderKL.from_pretrained(args.output / "vae").float().train()
+    module = VAETraining(lr=5e-4, warmup_steps=50, vae=vae, decoder_only=True)
+    trainer(args, "decoder", args.decoder_steps, []).fit(module, crop_loader(scenes))
+    module.vae.save_pretrained(args.output / "vae")
+    for folder in ("sd", "control"):
+        if (args.output / folder / "vae").is_dir():
+            half_copy(module.vae).save_pretrained(args.output / folder / "vae")
+
+
+def crop_loader(scenes: SceneBank) -> DataLoader:
+    """Batches of 16 random 64 px crops of the scenes: the VAE's training data."""
+    from torch.utils.data import DataLoader
+
+    from emerdiff.toy_training import VAE_CROP, RandomCrops
+
+    return DataLoader(RandomCrops(scenes.images, VAE_CROP), batch_size=16, shuffle=True, drop_last=True)
 
 
 def train_unet(args: argparse.Namespace, scenes: SceneBank) -> None:
