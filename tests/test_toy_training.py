@@ -108,14 +108,22 @@ def test_the_decoder_stage_trains_the_decoder_alone_and_replaces_the_vae_of_the_
     assert all(torch.equal(pipeline[k], after[k].half()) for k in before)
 
 
-def test_without_decoder_steps_the_decoder_stage_does_not_run(tmp_path, monkeypatch):
+def test_the_decoder_stage_runs_only_with_decoder_steps_and_asking_for_it_without_them_is_refused(
+        tmp_path, monkeypatch, capsys):
     from emerdiff.cli import train_toy
     from emerdiff.toy_training import SceneBank
 
     ran = []
     monkeypatch.setattr(SceneBank, "load_or_draw", classmethod(lambda cls, count, cache: None))
-    monkeypatch.setattr(train_toy, "tune_decoder", lambda args, scenes: ran.append(args.decoder_steps))
-    assert train_toy.main(["--output", str(tmp_path), "--stages", "decoder"]) == 0
-    assert ran == [] and not (tmp_path / "training.json").exists()
-    assert train_toy.main(["--output", str(tmp_path), "--stages", "decoder", "--decoder-steps", "5"]) == 0
-    assert ran == [5]
+    for stage in train_toy.STAGES:
+        monkeypatch.setattr(train_toy, {"vae": "train_vae", "decoder": "tune_decoder", "unet": "train_unet",
+                                        "control": "save_control", "clip": "train_clip"}[stage],
+                            lambda *args, stage=stage: ran.append(stage))
+    assert train_toy.main(["--output", str(tmp_path / "a")]) == 0
+    assert ran == ["vae", "unet", "control", "clip"]  # the default stages leave the decoder out
+    ran.clear()
+    assert train_toy.main(["--output", str(tmp_path / "b"), "--decoder-steps", "5"]) == 0
+    assert ran == ["vae", "decoder", "unet", "control", "clip"]
+    with pytest.raises(SystemExit) as stop:
+        train_toy.main(["--output", str(tmp_path / "c"), "--stages", "decoder"])
+    assert stop.value.code == 2 and "--stages decoder needs --decoder-steps N" in capsys.readouterr().err

@@ -62,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch CPU threads; default: the usable cores (on a CPU shared with other work, 1 can be much faster)",
     )
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, help="stages to run; default: all (decoder only with --decoder-steps)"
+    )
     args = parser.parse_args(argv)
+    if args.stages is None:
+        args.stages = [stage for stage in STAGES if stage != "decoder" or args.decoder_steps]
+    elif "decoder" in args.stages and not args.decoder_steps:
+        parser.error("--stages decoder needs --decoder-steps N (the decoder stage's length)")
     with reported_errors():
         return train(args)
 
@@ -90,11 +96,14 @@ def train(args: argparse.Namespace) -> int:
         "control": lambda: save_control(args),
         "clip": lambda: train_clip(args, scenes),
     }
-    outputs = {"vae": out / "vae", "decoder": out / "vae", "unet": out / "sd", "control": out / "control"}
-    outputs["clip"] = out / "clip.safetensors"
+    outputs = {
+        "vae": out / "vae",
+        "decoder": out / "vae",
+        "unet": out / "sd",
+        "control": out / "control",
+        "clip": out / "clip.safetensors",
+    }
     for stage in args.stages:
-        if stage == "decoder" and not args.decoder_steps:
-            continue  # the decoder stage runs only when asked for
         continuing = stage == "unet" and args.unet_from is not None  # a continuation runs though the stage is done
         if f"{stage}_minutes" in times and not continuing:
             print(f"{stage}: done before ({outputs[stage]}), skipped")
