@@ -108,7 +108,7 @@ def test_the_decoder_stage_trains_the_decoder_alone_and_replaces_the_vae_of_the_
     assert all(torch.equal(pipeline[k], after[k].half()) for k in before)
 
 
-def test_the_decoder_stage_runs_only_with_decoder_steps_and_asking_for_it_without_them_is_refused(
+def test_the_decoder_stage_runs_by_default_is_left_out_by_zero_decoder_steps_and_cannot_be_asked_for_with_zero(
         tmp_path, monkeypatch, capsys):
     from emerdiff.cli import train_toy
     from emerdiff.toy_training import SceneBank
@@ -120,10 +120,10 @@ def test_the_decoder_stage_runs_only_with_decoder_steps_and_asking_for_it_withou
                                         "control": "save_control", "clip": "train_clip"}[stage],
                             lambda *args, stage=stage: ran.append(stage))
     assert train_toy.main(["--output", str(tmp_path / "a")]) == 0
-    assert ran == ["vae", "unet", "control", "clip"]  # the default stages leave the decoder out
+    assert ran == ["vae", "decoder", "unet", "control", "clip"]  # the shipped recipe
     ran.clear()
-    assert train_toy.main(["--output", str(tmp_path / "b"), "--decoder-steps", "5"]) == 0
-    assert ran == ["vae", "decoder", "unet", "control", "clip"]
+    assert train_toy.main(["--output", str(tmp_path / "b"), "--decoder-steps", "0"]) == 0
+    assert ran == ["vae", "unet", "control", "clip"]
     with pytest.raises(SystemExit) as stop:
-        train_toy.main(["--output", str(tmp_path / "c"), "--stages", "decoder"])
-    assert stop.value.code == 2 and "--stages decoder needs --decoder-steps N" in capsys.readouterr().err
+        train_toy.main(["--output", str(tmp_path / "c"), "--stages", "decoder", "--decoder-steps", "0"])
+    assert stop.value.code == 2 and "--stages decoder needs --decoder-steps N above 0" in capsys.readouterr().err

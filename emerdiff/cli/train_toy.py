@@ -1,13 +1,13 @@
 """Train the toy world's miniature models on the CPU: VAE, UNet (a diffusers folder) and the tiny CLIP.
 
-    python tools/train_toy.py --output runs/toy        # 68 min on an idle 2-core CPU (docs/toyworld.md)
+    python tools/train_toy.py --output runs/toy        # about 73 min on an idle 2-core CPU (docs/toyworld.md)
 
 Stages run in order; one that finished (its time is in OUTPUT/training.json) is skipped when the command runs
 again, except the unet stage continued with --unet-from:
-vae (OUTPUT/vae/); decoder, only with --decoder-steps (the VAE's decoder alone trains on, so the encoder, the
-latent space and a UNet trained in it stay; it replaces OUTPUT/vae/ and the VAE of OUTPUT/sd/ and OUTPUT/control/
-where they exist); unet (OUTPUT/sd/, the pipeline `model.pretrained=OUTPUT/sd` loads; rewritten every
---save-every steps, so a stopped run is usable); control (OUTPUT/control/: the same folder with a random
+vae (OUTPUT/vae/); decoder (the VAE's decoder alone trains on, so the encoder, the latent space and a UNet
+trained in it stay; it replaces OUTPUT/vae/ and the VAE of OUTPUT/sd/ and OUTPUT/control/ where they exist;
+--decoder-steps 0 leaves it out); unet (OUTPUT/sd/, the pipeline `model.pretrained=OUTPUT/sd` loads;
+rewritten every --save-every steps, so a stopped run is usable); control (OUTPUT/control/: the same folder with a random
 UNet, for comparisons); clip (OUTPUT/clip.safetensors, open_clip `toyworld-clip`). Losses go to
 OUTPUT/logs/<stage>/metrics.csv, stage times to OUTPUT/training.json.
 """
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decoder-steps",
         type=int,
-        default=0,
+        default=1000,
         help="steps of the decoder stage (VAE decoder alone, batch 16 of 64 px crops); 0: no decoder stage",
     )
     parser.add_argument("--unet-steps", type=int, default=8000, help="UNet steps, batch 32")
@@ -63,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads; default: the usable cores (on a CPU shared with other work, 1 can be much faster)",
     )
     parser.add_argument(
-        "--stages", nargs="+", choices=STAGES, help="stages to run; default: all (decoder only with --decoder-steps)"
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        help="stages to run; default: all (without decoder when --decoder-steps is 0)",
     )
     args = parser.parse_args(argv)
     if args.stages is None:
         args.stages = [stage for stage in STAGES if stage != "decoder" or args.decoder_steps]
     elif "decoder" in args.stages and not args.decoder_steps:
-        parser.error("--stages decoder needs --decoder-steps N (the decoder stage's length)")
+        parser.error("--stages decoder needs --decoder-steps N above 0 (the decoder stage's length)")
     with reported_errors():
         return train(args)
 
