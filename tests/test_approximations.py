@@ -19,10 +19,13 @@ from emerdiff.modulation import variant_offsets
 from emerdiff.profiling import StageProfiler, image_cost, profiled, total
 
 SMALL = dict(resolution=128, num_masks=3)
-# sha256 of the labels and difference maps of the tiny model (seed 0) on the photo at SMALL, made with the code
-# before the approximations existed (main at 276d3d5): the exact path must keep giving these bytes
+# The tiny model (seed 0) on the photo at SMALL with the code before the approximations existed (main at 276d3d5):
+# sha256 of its labels, which the exact path must keep giving byte for byte, and each difference map's sum and sum of
+# squares, compared to 1e-5 relative: the maps' float bytes differ from one CPU to another (SIMD kernels round
+# differently). The sums were measured on an AMD EPYC with code that gave main's map bytes (sha256 16224860...3da28)
+# on the CPU that made them.
 MAIN_LABELS = "3341d83ae4218f29a5494682855f446dca4ea6572db9e67f31f1198b69e95e1c"
-MAIN_MAPS = "16224860e3b7d0da41c28dcbba7cd9d1f5eeab0565f8b77d4f2bf5c547a3da28"
+MAIN_MAP_SUMS = ((9483.450051, 9642.606551, 9846.355640), (6158.393458, 6447.298931, 6895.147453))
 
 
 def digest(tensor: torch.Tensor) -> str:
@@ -35,9 +38,12 @@ def test_approximations_are_off_by_default_and_leave_cached_settings_as_they_wer
     assert not {"difference_space", "one_step_estimate"} & set(result_settings(params))
 
 
-def test_the_exact_path_gives_the_same_bytes_as_before_the_approximations(tiny_components, photo):
+def test_the_exact_path_gives_the_same_labels_and_maps_as_before_the_approximations(tiny_components, photo):
     out = tiny_segmentor(tiny_components, keep_diff_maps=True, **SMALL).segment(photo)
-    assert (digest(out.labels), digest(out.diff_maps)) == (MAIN_LABELS, MAIN_MAPS)
+    maps = out.diff_maps.double()
+    sums = torch.stack([maps.sum(dim=(1, 2)), maps.square().sum(dim=(1, 2))])
+    assert digest(out.labels) == MAIN_LABELS
+    torch.testing.assert_close(sums, torch.tensor(MAIN_MAP_SUMS, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 def test_one_step_estimate_is_the_ddim_x0_formula_on_the_modulated_steps_noise_estimate(tiny_components, photo):
