@@ -13,8 +13,8 @@ world by emerdiff-train-toy (docs/toyworld.md). Measured on these 8 scenes with 
         random:  mIoU -0.9, Boundary IoU +0.7, pixel accuracy -1.3, 68% (an earlier random draw: 64%)
 
 With either difference EmerDiff beats bilinear in this world, so each path's tests hold margins of half
-the measured gap, and mask-id agreement about half-way between trained and random. A bug that scrambles the masks
-(a wrong mask modulated, a transposed grid, the wrong variants compared) fails them.
+the measured gap, and mask-id agreement about half-way between trained and random. A bug that scrambles
+the masks (a wrong mask modulated, a transposed grid, the wrong variants compared) fails them.
 Naming EmerDiff's masks does not beat MaskCLIP alone in this world; naming the ground-truth regions does
 (mmseg mIoU 40.1 against 34.2), which holds the naming path (mask averaging, cells, text side) to a margin.
 """
@@ -47,9 +47,10 @@ class Bounds:
     mask_agreement: float
 
 
+# margins: half the measured gap over bilinear; mask-id agreement: about half-way between trained and random
 BOUNDS = {
-    "pixel": Bounds(miou=0.024, boundary=0.026, pixel_acc=0.039, mask_agreement=0.66),  # half the gap; agreement
-    "latent": Bounds(miou=0.035, boundary=0.030, pixel_acc=0.040, mask_agreement=0.74),  # half-way to random
+    "pixel": Bounds(miou=0.024, boundary=0.026, pixel_acc=0.039, mask_agreement=0.66),
+    "latent": Bounds(miou=0.035, boundary=0.030, pixel_acc=0.040, mask_agreement=0.74),
 }
 NAMING_MARGIN = 0.029  # ground-truth regions named minus MaskCLIP per patch, mmseg mIoU: half of 0.059
 
