@@ -85,9 +85,15 @@ class RandomCrops(Dataset):
         return crop.flip(-1) if torch.rand(()) < 0.5 else crop
 
 
-def warmup(steps: int) -> Any:
-    """Learning-rate factor: linear warm-up over `steps`, then constant (a run stopped early stays usable)."""
-    return lambda step: min(1.0, (step + 1) / steps)
+def warmup(steps: int, restarts: Sequence[int] = ()) -> Any:
+    """Learning-rate factor: linear warm-up over `steps` from the start and from each restart step, then constant
+    (a run stopped early stays usable)."""
+
+    def factor(step: int) -> float:
+        since = step - max((r for r in restarts if r <= step), default=0)
+        return min(1.0, (since + 1) / steps)
+
+    return factor
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +170,11 @@ def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
 
 
 class UNetTraining(pl.LightningModule):
-    """The UNet on SD's epsilon objective; an exponential moving average of its weights is what gets saved."""
+    """The UNet on SD's epsilon objective; an exponential moving average of its weights is what gets saved.
+
+    At each step in `restarts` the run restarts warm from that average, as a run continued with --unet-from does:
+    the UNet takes the averaged weights, and the optimizer's moments, the warm-up and the average start afresh.
+    """
 
     def __init__(
         self,
@@ -172,6 +182,7 @@ class UNetTraining(pl.LightningModule):
         lr: float = 1e-3,
         warmup_steps: int = 200,
         seed: int = 0,
+        restarts: Sequence[int] = (),
         init_unet: torch.nn.Module | None = None,
         init_text_encoder: torch.nn.Module | None = None,
     ) -> None:
@@ -202,12 +213,25 @@ class UNetTraining(pl.LightningModule):
         self.log("unet/loss", loss, prog_bar=True)
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step in self.hparams["restarts"]:
+            self.restart()
+
+    def restart(self) -> None:
+        """Continue from the moving average with fresh optimizer moments; the average restarts at the next update
+        (the warm-up's restart is in the learning-rate schedule)."""
+        self.unet.load_state_dict(self.ema.module.state_dict())
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()
+        self.ema.n_averaged.zero_()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.ema.update_parameters(self.unet)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams["lr"], weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(self.hparams["warmup_steps"]))
+        factor = warmup(self.hparams["warmup_steps"], self.hparams["restarts"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -26,6 +26,43 @@ def test_the_learning_rate_warms_up_linearly_then_stays():
     assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
+def test_the_learning_rate_warms_up_again_from_each_restart_step():
+    factor = warmup(2, restarts=(3, 6))
+    assert [factor(s) for s in range(9)] == [0.5, 1.0, 1.0, 0.5, 1.0, 1.0, 0.5, 1.0, 1.0]
+
+
+def test_a_restart_happens_at_each_restart_step_and_continues_from_the_moving_average_with_fresh_moments():
+    """What a run continued with --unet-from does, inside one run: the UNet takes the averaged weights, AdamW's
+    moments and the average start afresh (the first update after it copies the UNet)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from emerdiff.models import build_random_sd
+    from emerdiff.toy_training import LatentScenes, UNetTraining, tokenize
+
+    module = UNetTraining(0.5, seed=0, restarts=(2, 4))
+    ids = tokenize(build_random_sd("toyworld", seed=0).tokenizer, ["a photo of sky."] * 4)
+    latents = LatentScenes(torch.randn(4, 4, 16, 16), torch.full((4, 4, 16, 16), 0.1), ids)
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            state = trainer.optimizers[0].state
+            seen.append((trainer.global_step, min(int(s["step"]) for s in state.values()), int(module.ema.n_averaged)))
+
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[Watch()])
+    trainer.fit(module, DataLoader(latents, batch_size=2))
+    # after each batch: (steps done, AdamW's own step count, updates in the average before this batch's own)
+    assert seen == [(1, 1, 0), (2, 2, 1), (3, 1, 0), (4, 2, 1), (5, 1, 0), (6, 2, 1)]
+
+    average = module.ema.module.state_dict()
+    module.restart()
+    assert all(torch.equal(mine, average[name]) for name, mine in module.unet.state_dict().items())
+    assert not trainer.optimizers[0].state and int(module.ema.n_averaged) == 0
+
+
 def test_the_scene_bank_is_drawn_once_then_read_back(tmp_path):
     cache = tmp_path / "scenes.npz"
     drawn = SceneBank.load_or_draw(3, cache)

@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="pipeline folder whose UNet starts the unet stage (continue a stopped or shorter run)",
     )
+    parser.add_argument(
+        "--unet-restarts",
+        nargs="*",
+        type=int,
+        default=[],
+        metavar="STEP",
+        help="UNet steps at which training restarts warm from the moving average (fresh optimizer and warm-up)",
+    )
     parser.add_argument("--save-every", type=int, default=500, help="UNet steps between saved pipeline folders")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the training")
     parser.add_argument(
@@ -73,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         args.stages = [stage for stage in STAGES if stage != "decoder" or args.decoder_steps]
     elif "decoder" in args.stages and not args.decoder_steps:
         parser.error("--stages decoder needs --decoder-steps N above 0 (the decoder stage's length)")
+    if any(not 0 < step < args.unet_steps for step in args.unet_restarts):
+        parser.error(f"--unet-restarts steps must lie between 0 and --unet-steps ({args.unet_steps}), both excluded")
     with reported_errors():
         return train(args)
 
@@ -195,7 +205,13 @@ def train_unet(args: argparse.Namespace, scenes: SceneBank) -> None:
     if args.unet_from:  # the continued run's UNet and the frozen text encoder it learned the captions through
         start = UNet2DConditionModel.from_pretrained(args.unet_from / "unet")
         encoder = CLIPTextModel.from_pretrained(args.unet_from / "text_encoder")
-    module = UNetTraining(vae.config.scaling_factor, seed=args.seed, init_unet=start, init_text_encoder=encoder)
+    module = UNetTraining(
+        vae.config.scaling_factor,
+        seed=args.seed,
+        restarts=tuple(args.unet_restarts),
+        init_unet=start,
+        init_text_encoder=encoder,
+    )
     parts = build_random_sd(ARCH, seed=args.seed)
     parts.vae, parts.text_encoder = freeze_vae(vae), module.text_encoder
     ids = tokenize(parts.tokenizer, scenes.captions)
