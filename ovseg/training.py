@@ -73,10 +73,27 @@ class CaptionedCrops(Dataset):
         return (image - self.mean) / self.std, caption
 
 
+def learning_rate_factor(warmup_steps: int, cosine_steps: int | None = None) -> Callable[[int], float]:
+    """Linear warm-up, then constant; with `cosine_steps` (the run's length), a cosine decay reaching zero at that
+    step after the warm-up (open_clip's cosine schedule)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if cosine_steps is None:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, cosine_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class ClipTraining(pl.LightningModule):
     """CLIP's symmetric contrastive loss (open_clip's ClipLoss) on the crop-caption pairs of a batch."""
 
-    def __init__(self, lr: float = 1e-3, warmup_steps: int = 100, seed: int = 0) -> None:
+    def __init__(
+        self, lr: float = 1e-3, warmup_steps: int = 100, seed: int = 0, cosine_steps: int | None = None
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         register_model_configs()
@@ -98,16 +115,22 @@ class ClipTraining(pl.LightningModule):
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.hparams["lr"], weight_decay=0.1)
-        warm = self.hparams["warmup_steps"]
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
+        factor = learning_rate_factor(self.hparams["warmup_steps"], self.hparams["cosine_steps"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def train_toy_clip(
-    scenes: Any, path: Path, make_trainer: Callable[[int, list], pl.Trainer], steps: int, batch_size: int = 64
+    scenes: Any,
+    path: Path,
+    make_trainer: Callable[[int, list], pl.Trainer],
+    steps: int,
+    batch_size: int = 64,
+    cosine: bool = False,
 ) -> None:
-    """Train `toyworld-clip` on the scenes (images, labels, captions) for `steps` steps; weights to `path`."""
-    module = ClipTraining()
+    """Train `toyworld-clip` on the scenes (images, labels, captions) for `steps` steps; weights to `path`.
+    `cosine` decays the learning rate to zero over the run instead of keeping it constant after the warm-up."""
+    module = ClipTraining(cosine_steps=steps if cosine else None)
     preprocess = module.model.visual.preprocess_cfg
     crops = CaptionedCrops(
         scenes.images,

@@ -63,6 +63,14 @@ def test_a_restart_happens_at_each_restart_step_and_continues_from_the_moving_av
     assert not trainer.optimizers[0].state and int(module.ema.n_averaged) == 0
 
 
+def test_the_clip_learning_rate_warms_up_then_stays_or_decays_along_a_cosine_to_zero_at_the_last_step():
+    from ovseg.training import learning_rate_factor
+
+    constant, cosine = learning_rate_factor(2), learning_rate_factor(2, cosine_steps=6)
+    assert [constant(s) for s in range(7)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert [cosine(s) for s in range(7)] == pytest.approx([0.5, 1.0, 1.0, 0.5 + 0.5**1.5, 0.5, 0.5 - 0.5**1.5, 0.0])
+
+
 def test_the_scene_bank_is_drawn_once_then_read_back(tmp_path):
     cache = tmp_path / "scenes.npz"
     drawn = SceneBank.load_or_draw(3, cache)

@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-steps", type=int, default=8000, help="UNet steps, batch 32")
     parser.add_argument("--clip-steps", type=int, default=1000, help="CLIP steps, batch 64")
     parser.add_argument(
+        "--clip-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="CLIP learning rate after the warm-up: constant (the shipped CLIP's), or a cosine decay to zero",
+    )
+    parser.add_argument(
         "--unet-from",
         type=Path,
         default=None,
@@ -245,6 +251,7 @@ def train_clip(args: argparse.Namespace, scenes: SceneBank) -> None:
         args.output / "clip.safetensors",
         lambda steps, callbacks: trainer(args, "clip", steps, callbacks),
         args.clip_steps,
+        cosine=args.clip_schedule == "cosine",
     )
 
 
