@@ -172,3 +172,13 @@ def test_the_decoder_stage_runs_by_default_is_left_out_by_zero_decoder_steps_and
     with pytest.raises(SystemExit) as stop:
         train_toy.main(["--output", str(tmp_path / "c"), "--stages", "decoder", "--decoder-steps", "0"])
     assert stop.value.code == 2 and "--stages decoder needs --decoder-steps N above 0" in capsys.readouterr().err
+
+
+def test_unet_restarts_outside_the_unet_run_are_refused(tmp_path, capsys):
+    from emerdiff.cli import train_toy
+
+    for steps in (["0"], ["100", "8000"]):
+        with pytest.raises(SystemExit) as stop:
+            train_toy.main(["--output", str(tmp_path), "--stages", "unet", "--unet-restarts", *steps])
+        assert stop.value.code == 2
+        assert "--unet-restarts steps must lie between 0 and --unet-steps (8000)" in capsys.readouterr().err
