@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,7 +85,7 @@ class RandomCrops(Dataset):
         return crop.flip(-1) if torch.rand(()) < 0.5 else crop
 
 
-def warmup(steps: int, restarts: Sequence[int] = ()) -> Any:
+def warmup(steps: int, restarts: Sequence[int] = ()) -> Callable[[int], float]:
     """Learning-rate factor: linear warm-up over `steps` from the start and from each restart step, then constant
     (a run stopped early stays usable)."""
 

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from emerdiff.data.toyworld import CLASSES
+from emerdiff.toy_training import warmup
 from ovseg.clip_model import register_model_configs
 from ovseg.text import MASKCLIP_TEMPLATES
 
@@ -74,16 +75,15 @@ class CaptionedCrops(Dataset):
 
 
 def learning_rate_factor(warmup_steps: int, cosine_steps: int | None = None) -> Callable[[int], float]:
-    """Linear warm-up, then constant; with `cosine_steps` (the run's length), a cosine decay reaching zero at that
-    step after the warm-up (open_clip's cosine schedule)."""
+    """The toy UNet's warm-up (linear, then constant); with `cosine_steps` (the run's length), times a cosine
+    decay from the warm-up's end to zero at that step (open_clip's cosine schedule)."""
+    warm = warmup(warmup_steps)
+    if cosine_steps is None:
+        return warm
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if cosine_steps is None:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, cosine_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, cosine_steps - warmup_steps))
+        return warm(step) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
