@@ -1,6 +1,6 @@
 """Train the toy world's miniature models on the CPU: VAE, UNet (a diffusers folder) and the tiny CLIP.
 
-    python tools/train_toy.py --output runs/toy        # about 73 min on an idle 2-core CPU (docs/toyworld.md)
+    python tools/train_toy.py --output runs/toy        # about 77 min on an idle 2-core CPU (docs/toyworld.md)
 
 Stages run in order; one that finished (its time is in OUTPUT/training.json) is skipped when the command runs
 again, except the unet stage continued with --unet-from:
@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         help="steps of the decoder stage (VAE decoder alone, batch 16 of 64 px crops); 0: no decoder stage",
     )
     parser.add_argument("--unet-steps", type=int, default=8000, help="UNet steps, batch 32")
-    parser.add_argument("--clip-steps", type=int, default=1000, help="CLIP steps, batch 64")
+    parser.add_argument("--clip-steps", type=int, default=2000, help="CLIP steps, batch 64")
     parser.add_argument(
         "--clip-schedule",
         choices=("constant", "cosine"),
-        default="constant",
-        help="CLIP learning rate after the warm-up: constant (the shipped CLIP's), or a cosine decay to zero",
+        default="cosine",
+        help="CLIP learning rate after the warm-up: a cosine decay to zero (the shipped CLIP's), or constant",
     )
     parser.add_argument(
         "--unet-from",
